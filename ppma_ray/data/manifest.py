@@ -1,0 +1,182 @@
+"""Manifest readers: every supported list format becomes one canonical Arrow table.
+
+Canonical columns: ``path`` (str), ``label`` (int64), ``line`` (int64, the 1-based line or row of
+the source file, so later errors and reject lists can point back at it), plus ``source`` (str),
+``start_s`` and ``end_s`` (float64) when the file has them.
+
+Formats are auto-detected:
+
+* PPMA split files ``relative/path;label``; the label is after the *last* ``;`` because some
+  HMDB51 file names contain ``;``. CRLF endings and a missing final newline are fine.
+* VideoMAE lists ``path label`` (whitespace) and ``path,label`` (CSV) without a header.
+* CSV with a header naming the columns (``path``, ``label``, optional ``source``, ``start_s``,
+  ``end_s``), and Parquet files with those columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REQUIRED = ("path", "label")
+OPTIONAL = {"source": pa.string(), "start_s": pa.float64(), "end_s": pa.float64()}
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read; the message names the file, the line and the problem."""
+
+    def __init__(self, file: str | os.PathLike, line: int | None, problem: str):
+        self.file, self.line, self.problem = str(file), line, problem
+        where = f"{self.file}:{line}" if line is not None else self.file
+        super().__init__(f"{where}: {problem}")
+
+
+def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None) -> pa.Table:
+    """Read a manifest of any supported format into the canonical table.
+
+    Args:
+        path: the manifest file (``.parquet`` is read as Parquet, anything else as text).
+        root: directory that relative video paths are joined to. With a root, an absolute path or
+            a ``..`` that leaves the root is an error (a manifest must not reach outside its data).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(path, None, "manifest file does not exist")
+    if path.suffix.lower() == ".parquet":
+        rows = _parquet_rows(path)
+    else:
+        rows = _text_rows(path)
+    if not rows:
+        raise ManifestError(path, None, "manifest has no rows")
+    return _to_table(path, rows, root)
+
+
+def write_ppma_manifest(table: pa.Table, out: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
+    """Write ``path;label`` lines (paths relative to ``root`` when given), the PPMA split format."""
+    lines = []
+    for p, label in zip(table.column("path").to_pylist(), table.column("label").to_pylist()):
+        rel = os.path.relpath(p, root) if root is not None else p
+        lines.append(f"{rel};{label}\n")
+    Path(out).write_text("".join(lines), encoding="utf-8")
+
+
+def _text_rows(path: Path) -> list[dict]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ManifestError(path, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = text.splitlines()  # handles \n, \r\n and a missing final newline
+    while lines and not lines[-1].strip():
+        lines.pop()  # trailing blank lines are harmless
+    if not lines:
+        return []
+    if _is_header(lines[0]):
+        return _named_csv_rows(path, text)
+    sep = ";" if ";" in lines[0] else "," if "," in lines[0] else None
+    rows = []
+    for i, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line:
+            raise ManifestError(path, i, "empty line in the middle of the manifest")
+        parts = line.rsplit(sep, 1) if sep else line.rsplit(None, 1)
+        if len(parts) != 2 or not parts[0].strip():
+            raise ManifestError(path, i, f"expected 'path{sep or ' '}label', got {line!r}")
+        rows.append({"path": parts[0].strip(), "label": parts[1].strip(), "line": i})
+    return rows
+
+
+def _is_header(first_line: str) -> bool:
+    fields = [f.strip().lower() for f in next(csv.reader([first_line]))]
+    return "path" in fields
+
+
+def _named_csv_rows(path: Path, text: str) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(text))
+    fields = [f.strip() for f in reader.fieldnames or []]
+    reader.fieldnames = fields
+    for col in REQUIRED:
+        if col not in fields:
+            raise ManifestError(path, 1, f"header has no '{col}' column (columns: {fields})")
+    rows = []
+    for i, rec in enumerate(reader, start=2):
+        if not any((v or "").strip() for v in rec.values()):
+            raise ManifestError(path, i, "empty line in the middle of the manifest")
+        rec = {k: (v.strip() if isinstance(v, str) else v) for k, v in rec.items() if k in REQUIRED or k in OPTIONAL}
+        rec["line"] = i
+        rows.append(rec)
+    return rows
+
+
+def _parquet_rows(path: Path) -> list[dict]:
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise ManifestError(path, None, f"not a readable Parquet file ({e})") from None
+    for col in REQUIRED:
+        if col not in table.column_names:
+            raise ManifestError(path, None, f"no '{col}' column (columns: {table.column_names})")
+    keep = [c for c in table.column_names if c in REQUIRED or c in OPTIONAL]
+    rows = table.select(keep).to_pylist()
+    for i, rec in enumerate(rows, start=1):
+        rec["line"] = i
+    return rows
+
+
+def _to_table(path: Path, rows: list[dict], root) -> pa.Table:
+    root_abs = os.path.abspath(root) if root is not None else None
+    out: dict[str, list] = {"path": [], "label": [], "line": []}
+    optional = [c for c in OPTIONAL if c in rows[0]]
+    for c in optional:
+        out[c] = []
+    for rec in rows:
+        i = rec["line"]
+        out["path"].append(_resolve(path, i, str(rec.get("path") or ""), root_abs))
+        out["label"].append(_as_int(path, i, "label", rec.get("label")))
+        out["line"].append(i)
+        for c in optional:
+            out[c].append(_as_optional(path, i, c, rec.get(c)))
+    schema = pa.schema(
+        [("path", pa.string()), ("label", pa.int64()), ("line", pa.int64())] + [(c, OPTIONAL[c]) for c in optional]
+    )
+    return pa.table(out, schema=schema)
+
+
+def _resolve(path: Path, line: int, p: str, root_abs: str | None) -> str:
+    if not p:
+        raise ManifestError(path, line, "field 'path' is empty")
+    if root_abs is None:
+        return p
+    if os.path.isabs(p):
+        raise ManifestError(path, line, f"field 'path' is absolute ({p!r}) but a root was given")
+    full = os.path.normpath(os.path.join(root_abs, p))
+    if os.path.commonpath([full, root_abs]) != root_abs:
+        raise ManifestError(path, line, f"field 'path' escapes the root ({p!r})")
+    return full
+
+
+def _as_int(path: Path, line: int, field: str, value) -> int:
+    try:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        out = int(value) if not isinstance(value, str) else int(value.strip())
+    except (TypeError, ValueError):
+        raise ManifestError(path, line, f"field '{field}' is not an integer ({value!r})") from None
+    if out < 0:
+        raise ManifestError(path, line, f"field '{field}' is negative ({out})")
+    return out
+
+
+def _as_optional(path: Path, line: int, field: str, value):
+    if value is None or value == "":
+        return None
+    if OPTIONAL[field] == pa.string():
+        return str(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ManifestError(path, line, f"field '{field}' is not a number ({value!r})") from None

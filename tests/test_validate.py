@@ -1,0 +1,45 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ppma_ray.data.manifest import read_manifest
+from ppma_ray.data.validate import validate_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = ["good0.mp4", "good1.mp4", "frames_ok", "good2.mp4"]
+BAD = ["empty.mp4", "truncated.mp4", "text.mp4", "missing.mp4", "frames_gap"]
+
+
+@pytest.fixture
+def mixed_manifest(video_dir, tmp_path):
+    names = [GOOD[0], BAD[0], GOOD[1], BAD[1], BAD[2], GOOD[2], BAD[3], BAD[4], GOOD[3]]
+    f = tmp_path / "mixed.csv"
+    f.write_text("".join(f"{n};{i % 3}\r\n" for i, n in enumerate(names)))
+    return f
+
+
+def test_validator_keeps_every_good_row_and_rejects_every_bad_one(ray_session, video_dir, mixed_manifest):
+    clean, rejected = validate_manifest(read_manifest(mixed_manifest, root=video_dir))
+    assert [Path(p).name for p in clean.column("path").to_pylist()] == GOOD
+    assert sorted(Path(p).name for p in rejected.column("path").to_pylist()) == sorted(BAD)
+    assert all(rejected.column("reason").to_pylist())
+    assert min(clean.column("num_frames").to_pylist()) == 12
+
+
+def test_validate_data_job_writes_clean_manifest_and_reject_list(video_dir, mixed_manifest, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/validate_data.py"), str(mixed_manifest), "--root", str(video_dir),
+         "--out", str(out), "--num-cpus", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 1, r.stderr  # rows were rejected
+    assert "9 rows, 4 ok, 5 rejected" in r.stdout
+    clean = read_manifest(out / "clean.csv", root=video_dir)
+    assert [Path(p).name for p in clean.column("path").to_pylist()] == GOOD
+    with open(out / "rejects.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == sorted(BAD) and all(r["reason"] for r in rows)
