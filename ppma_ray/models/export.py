@@ -1,0 +1,162 @@
+"""Hugging Face ``transformers`` VideoMAE interop (optional extra ``hf``).
+
+Exports a classifier to ``VideoMAEForVideoClassification`` and a pretraining model to
+``VideoMAEForPreTraining`` (``config.json`` + ``model.safetensors``), and imports them back.
+Only what HF reproduces exactly is exported:
+
+* HF's decoder projects to decoder width *before* adding positions; a PPMA-style decoder
+  (``decoder_style="ppma"``) adds them before, so it cannot be exported as a pretraining model
+  (its encoder can, as a classifier trunk).
+* A classifier must have exactly one head (HF has one ``classifier``).
+* HF builds ``fc_norm`` and the decoder's ``norm`` with LayerNorm's default eps 1e-5 (ours: 1e-6);
+  the resulting difference is ~1e-6 relative and documented, not hidden.
+* HF takes ``pixel_values`` as (B, T, C, H, W); ours is (B, C, T, H, W).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ppma_ray.models.heads import VideoClassifier
+from ppma_ray.models.mae import PretrainVideoMAE
+from ppma_ray.models.vit import ViTConfig
+
+HF_BLOCK = {
+    "norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+    "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
+}
+
+
+def _hf_config(cfg: ViTConfig, pretraining: bool, id2label: dict[int, str] | None = None):
+    from transformers import VideoMAEConfig
+
+    kw = dict(
+        image_size=cfg.img_size, patch_size=cfg.patch_size, num_channels=cfg.in_chans, num_frames=cfg.num_frames,
+        tubelet_size=cfg.tubelet_size, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads, intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio),
+        hidden_act="gelu", qkv_bias=True, layer_norm_eps=1e-6, use_mean_pooling=not pretraining,
+        decoder_num_attention_heads=cfg.decoder_num_heads, decoder_hidden_size=cfg.decoder_embed_dim,
+        decoder_num_hidden_layers=cfg.decoder_depth, decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.mlp_ratio),
+        norm_pix_loss=True,
+    )
+    if id2label is not None:
+        kw.update(id2label={int(k): v for k, v in id2label.items()}, label2id={v: int(k) for k, v in id2label.items()})
+    return VideoMAEConfig(**kw)
+
+
+def _blocks_to_hf(state: dict, src: str, dst: str, depth: int) -> dict:
+    out = {}
+    for i in range(depth):
+        s, d = f"{src}{i}.", f"{dst}{i}."
+        q, k, v = state[s + "attn.qkv.weight"].chunk(3)
+        out[d + "attention.attention.query.weight"] = q
+        out[d + "attention.attention.key.weight"] = k
+        out[d + "attention.attention.value.weight"] = v
+        out[d + "attention.attention.query.bias"] = state[s + "attn.q_bias"]
+        out[d + "attention.attention.value.bias"] = state[s + "attn.v_bias"]
+        for ours, theirs in HF_BLOCK.items():
+            for wb in ("weight", "bias"):
+                out[f"{d}{theirs}.{wb}"] = state[f"{s}{ours}.{wb}"]
+    return out
+
+
+def _blocks_from_hf(state: dict, src: str, dst: str, depth: int) -> dict:
+    out = {}
+    for i in range(depth):
+        s, d = f"{src}{i}.", f"{dst}{i}."
+        a = s + "attention.attention."
+        out[d + "attn.qkv.weight"] = torch.cat([state[a + "query.weight"], state[a + "key.weight"], state[a + "value.weight"]])
+        out[d + "attn.q_bias"] = state[a + "query.bias"]
+        out[d + "attn.v_bias"] = state[a + "value.bias"]
+        for ours, theirs in HF_BLOCK.items():
+            for wb in ("weight", "bias"):
+                out[f"{d}{ours}.{wb}"] = state[f"{s}{theirs}.{wb}"]
+    return out
+
+
+def to_hf(model: VideoClassifier | PretrainVideoMAE, out_dir: str | os.PathLike,
+          id2label: dict[int, str] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` loadable by ``transformers``' VideoMAE classes."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if isinstance(model, PretrainVideoMAE):
+        if cfg.decoder_style != "videomae":
+            raise ValueError("a decoder_style='ppma' MAE adds positions before its projection, which HF's "
+                             "VideoMAEForPreTraining cannot express; export the trunk as a classifier instead")
+        trunk = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        hf = _trunk_to_hf(trunk, cfg)
+        hf["videomae.layernorm.weight"], hf["videomae.layernorm.bias"] = trunk["norm.weight"], trunk["norm.bias"]
+        hf["encoder_to_decoder.weight"] = state["encoder_to_decoder.weight"]
+        hf["mask_token"] = state["mask_token"]
+        hf.update(_blocks_to_hf(state, "decoder.blocks.", "decoder.decoder_layers.", cfg.decoder_depth))
+        for name in ("norm", "head"):
+            for wb in ("weight", "bias"):
+                hf[f"decoder.{name}.{wb}"] = state[f"decoder.{name}.{wb}"]
+        hf_cfg = _hf_config(cfg, pretraining=True)
+        hf_cfg.architectures = ["VideoMAEForPreTraining"]
+    else:
+        if len(model.heads) != 1:
+            raise ValueError(f"HF classifiers have one head; this model has {list(model.heads)}")
+        name = model.default_head
+        hf = _trunk_to_hf(state, cfg)
+        for wb in ("weight", "bias"):
+            hf[f"fc_norm.{wb}"] = state[f"fc_norm.{wb}"]
+            hf[f"classifier.{wb}"] = state[f"heads.{name}.{wb}"]
+        n = model.num_classes[name]
+        hf_cfg = _hf_config(cfg, pretraining=False, id2label=id2label or {i: f"LABEL_{i}" for i in range(n)})
+        hf_cfg.architectures = ["VideoMAEForVideoClassification"]
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf_cfg.to_json_file(str(out / "config.json"))
+    return out
+
+
+def _trunk_to_hf(state: dict, cfg: ViTConfig) -> dict:
+    hf = {
+        "videomae.embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+        "videomae.embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+    }
+    hf.update(_blocks_to_hf(state, "blocks.", "videomae.encoder.layer.", cfg.depth))
+    return hf
+
+
+def from_hf(path: str | os.PathLike) -> VideoClassifier | PretrainVideoMAE:
+    """Build our model from a HF VideoMAE directory (``config.json`` + ``model.safetensors``)."""
+    path = Path(path)
+    c = json.loads((path / "config.json").read_text())
+    hf = load_file(str(path / "model.safetensors"))
+    pretraining = "decoder.head.weight" in hf
+    cfg = ViTConfig(
+        img_size=c["image_size"], num_frames=c["num_frames"], tubelet_size=c["tubelet_size"], patch_size=c["patch_size"],
+        in_chans=c["num_channels"], embed_dim=c["hidden_size"], depth=c["num_hidden_layers"],
+        num_heads=c["num_attention_heads"], mlp_ratio=c["intermediate_size"] / c["hidden_size"],
+        decoder_embed_dim=c["decoder_hidden_size"], decoder_depth=c["decoder_num_hidden_layers"],
+        decoder_num_heads=c["decoder_num_attention_heads"], decoder_style="videomae",
+    ).validate()
+    trunk = {"patch_embed.proj.weight": hf["videomae.embeddings.patch_embeddings.projection.weight"],
+             "patch_embed.proj.bias": hf["videomae.embeddings.patch_embeddings.projection.bias"]}
+    trunk.update(_blocks_from_hf(hf, "videomae.encoder.layer.", "blocks.", cfg.depth))
+    if pretraining:
+        model = PretrainVideoMAE(cfg)
+        state = {f"encoder.{k}": v for k, v in trunk.items()}
+        state["encoder.norm.weight"], state["encoder.norm.bias"] = hf["videomae.layernorm.weight"], hf["videomae.layernorm.bias"]
+        state["encoder_to_decoder.weight"] = hf["encoder_to_decoder.weight"]
+        state["mask_token"] = hf["mask_token"]
+        state.update(_blocks_from_hf(hf, "decoder.decoder_layers.", "decoder.blocks.", cfg.decoder_depth))
+        for name in ("norm", "head"):
+            for wb in ("weight", "bias"):
+                state[f"decoder.{name}.{wb}"] = hf[f"decoder.{name}.{wb}"]
+    else:
+        model = VideoClassifier(cfg, num_classes=hf["classifier.weight"].shape[0])
+        state = dict(trunk)
+        for wb in ("weight", "bias"):
+            state[f"fc_norm.{wb}"] = hf[f"fc_norm.{wb}"]
+            state[f"heads.{model.default_head}.{wb}"] = hf[f"classifier.{wb}"]
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,245 @@
+"""Video ViT trunk with VideoMAE parameter names and timm's model interface.
+
+Tokens come from a Conv3d tubelet embedding (kernel = stride = t x p x p), get a fixed 1-D sinusoid
+table over the flattened (t, h, w) raster, and run through pre-norm blocks. There is no CLS token.
+The trunk can run on a subset of tokens: ``forward_features(x, mask)`` drops the masked tokens
+*before* the blocks, which is what makes MAE pretraining cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ViTConfig:
+    """Architecture of the trunk (and, for MAE, the decoder). Defaults are PPMA's ViT-B/16."""
+
+    img_size: int = 224
+    num_frames: int = 16
+    tubelet_size: int = 2
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    # MAE decoder (PPMA: 4 blocks, width 384, 16 heads)
+    decoder_embed_dim: int = 384
+    decoder_depth: int = 4
+    decoder_num_heads: int = 16
+    mask_ratio: float = 0.9
+    masking: str = "random"  # "random" (PPMA) | "tube" (VideoMAE)
+    # "ppma": the decoder adds its sinusoid table at encoder width, then projects, and the mask
+    # token has encoder width (the released code). "videomae": project, then add a table at
+    # decoder width (VideoMAE / Hugging Face; needed to export a pretraining model to HF).
+    decoder_style: str = "ppma"
+    # classifier
+    head_names: tuple[str, ...] = field(default_factory=lambda: ("default",))
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid (T', H', W')."""
+        return self.num_frames // self.tubelet_size, self.img_size // self.patch_size, self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+    @property
+    def patch_dim(self) -> int:
+        """Pixels per token: in_chans * t * p * p."""
+        return self.in_chans * self.tubelet_size * self.patch_size**2
+
+    def validate(self) -> "ViTConfig":
+        if self.num_frames % self.tubelet_size or self.img_size % self.patch_size:
+            raise ValueError(
+                f"num_frames={self.num_frames} must be a multiple of tubelet_size={self.tubelet_size} and "
+                f"img_size={self.img_size} of patch_size={self.patch_size}"
+            )
+        if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError("embed_dim / decoder_embed_dim must be divisible by their number of heads")
+        if self.masking not in ("random", "tube") or self.decoder_style not in ("ppma", "videomae"):
+            raise ValueError(f"unknown masking={self.masking!r} or decoder_style={self.decoder_style!r}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["head_names"] = list(self.head_names)
+        return d
+
+
+PRESETS: dict[str, dict] = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=192, decoder_num_heads=6),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=192, decoder_num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_num_heads=16),
+}
+
+
+def preset_config(name: str, **overrides) -> ViTConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    unknown = set(overrides) - set(ViTConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown model override(s) {sorted(unknown)}")
+    if "head_names" in overrides:
+        overrides["head_names"] = tuple(overrides["head_names"])
+    return replace(ViTConfig(**PRESETS[name]), **overrides).validate()
+
+
+def sinusoid_table(n_position: int, dim: int) -> torch.Tensor:
+    """The fixed 1-D sinusoid table of VideoMAE / HF: ``(1, n_position, dim)`` float32."""
+    pos = torch.arange(n_position, dtype=torch.float64)[:, None]
+    j = torch.arange(dim, dtype=torch.float64)[None, :]
+    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
+    table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.float()[None]
+
+
+class PatchEmbed3d(nn.Module):
+    """Tubelet embedding: ``(B, C, T, H, W) -> (B, N, D)``, N = T/t * H/p * W/p in (t, h, w) raster."""
+
+    def __init__(self, cfg: ViTConfig, embed_dim: int):
+        super().__init__()
+        k = (cfg.tubelet_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_chans, embed_dim, kernel_size=k, stride=k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with VideoMAE's split q/v biases (k has none), through SDPA."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, D) -> (B, N, D)."""
+        b, n, d = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm ``Block`` layout, LayerNorm eps 1e-6, GELU MLP)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    for blk in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = blk(x)
+    return x
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE-style init: xavier-uniform Linear with zero bias, LayerNorm (1, 0), Conv3d as a Linear."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv3d):
+        nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+        nn.init.zeros_(module.bias)
+
+
+class VisionTransformer(nn.Module):
+    """Video ViT trunk.
+
+    ``global_pool=False`` (MAE encoder): tokens end with ``norm``.
+    ``global_pool=True`` (classifier): ``norm`` is Identity; tokens are mean-pooled and the pooled
+    vector goes through ``fc_norm``, as in VideoMAE fine-tuning and PPMA stage 2.
+    """
+
+    def __init__(self, cfg: ViTConfig, global_pool: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.global_pool = global_pool
+        self.num_features = self.embed_dim = cfg.embed_dim
+        self.patch_embed = PatchEmbed3d(cfg, cfg.embed_dim)
+        # non-persistent: a fixed table is recomputed from the config, never read from a checkpoint
+        self.register_buffer("pos_embed", sinusoid_table(cfg.num_patches, cfg.embed_dim), persistent=False)
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, dpr[i]) for i in range(cfg.depth))
+        self.norm = nn.Identity() if global_pool else nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6) if global_pool else None
+        self.grad_checkpointing = False
+        self.apply(init_weights)
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, T, H, W); mask: (B, N) bool, True = dropped (same count per clip).
+
+        Returns the visible tokens after the last block (and ``norm``): (B, N_visible, D).
+        """
+        x = self.patch_embed(x) + self.pos_embed.to(dtype=x.dtype)
+        if mask is not None:
+            b, _, d = x.shape
+            x = x[~mask].reshape(b, -1, d)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
+        return self.norm(x)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, N, D) -> pooled, normalized feature (B, D)."""
+        return self.fc_norm(tokens.mean(dim=1))
+
+    # timm interface -----------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}  # biases and norms are excluded by timm's ndim <= 1 rule
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^patch_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+
+def count_masked(cfg: ViTConfig, mask_ratio: float | None = None) -> int:
+    """Tokens dropped per clip: floor(ratio * N) (random) or T' * floor(ratio * H'W') (tube)."""
+    ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
+    t, h, w = cfg.grid
+    if cfg.masking == "tube":
+        return t * int(math.floor(ratio * h * w))
+    return int(math.floor(ratio * t * h * w))
