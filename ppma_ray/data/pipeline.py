@@ -1,0 +1,188 @@
+"""Ray Data input pipeline: plan -> decode + augment on CPU tasks -> uint8 clip batches.
+
+Each plan slot (one video) is decoded once and augmented ``repeats`` times (PPMA's repeated
+augmentation, k = 4 in stage 1), so one slot yields ``repeats`` clips. Decoding runs in Ray Data
+tasks, which Ray may schedule on any node with free CPUs (CPU-only nodes included), separately
+from the GPU workers that consume the batches.
+
+A video that fails to decode is retried ``max_retries`` times (with another window); if it still
+fails its clips come out flagged ``ok == 0`` (zero pixels) instead of disappearing, so batch
+alignment (single-source batches, equal batch counts across DDP ranks) is kept and the consumer
+counts, reports and drops them (``FailureTracker``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from ppma_ray.data.transforms import AugmentConfig, TrainTransform
+from ppma_ray.data.video import VideoDecodeError, sample_clip
+
+
+@dataclass
+class ClipConfig:
+    """How a slot becomes clips."""
+
+    num_frames: int = 16
+    clip_seconds: float = 2.7
+    repeats: int = 1
+    max_retries: int = 2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class DecodeResources:
+    """Ray Data scheduling of the decode stage."""
+
+    num_cpus_per_task: float = 1.0
+    max_concurrency: int | None = None  # decode tasks in flight (None: as many as CPUs allow)
+    rows_per_task: int = 4  # videos per map_batches call
+    cpu_limit: float | None = None  # cap on CPUs Ray Data may use, to leave some for training
+
+
+@dataclass
+class Source:
+    """One manifest taking part in a mix. ``fps`` is for frame-folder videos."""
+
+    name: str
+    table: pa.Table
+    fps: float | None = None
+
+
+class DataFailureError(RuntimeError):
+    """Too many videos failed to decode."""
+
+
+def plan_to_table(sources: list[Source], plan: np.ndarray, first_slot: int = 0) -> pa.Table:
+    """Join a ``(n, 2)`` plan with the manifests: one row per slot, ``slot`` numbered from
+    ``first_slot`` (the seed of each slot's randomness)."""
+    n = len(plan)
+    paths = np.empty(n, dtype=object)
+    labels = np.empty(n, dtype=np.int64)
+    fps = np.full(n, np.nan)
+    start = np.full(n, np.nan)
+    end = np.full(n, np.nan)
+    for k, src in enumerate(sources):
+        sel = np.flatnonzero(plan[:, 0] == k)
+        if not len(sel):
+            continue
+        rows = plan[sel, 1]
+        t = src.table
+        paths[sel] = np.asarray(t.column("path").to_pylist(), dtype=object)[rows]
+        labels[sel] = t.column("label").to_numpy()[rows]
+        if src.fps:
+            fps[sel] = src.fps
+        for col, arr in (("start_s", start), ("end_s", end)):
+            if col in t.column_names:
+                arr[sel] = t.column(col).to_numpy(zero_copy_only=False).astype(float)[rows]
+    return pa.table({
+        "slot": np.arange(first_slot, first_slot + n, dtype=np.int64),
+        "source": plan[:, 0].astype(np.int64), "row": plan[:, 1].astype(np.int64),
+        "path": pa.array(paths.tolist(), pa.string()), "label": labels,
+        "fps": fps, "start_s": start, "end_s": end,
+    })
+
+
+def decode_batch(batch: dict[str, np.ndarray], clip: ClipConfig, seed: int) -> dict[str, np.ndarray]:
+    """``map_batches`` UDF: n slots -> n * repeats clips ``video: (n*k, T, S, S, C)`` uint8."""
+    transform = TrainTransform(clip.augment)
+    k, s = clip.repeats, clip.augment.crop_size
+    n = len(batch["slot"])
+    video = np.zeros((n * k, clip.num_frames, s, s, 3), dtype=np.uint8)
+    ok = np.ones(n * k, dtype=np.int64)
+    for i in range(n):
+        slot = int(batch["slot"][i])
+        rng = np.random.default_rng([seed, slot])
+        frames = None
+        for _ in range(1 + clip.max_retries):
+            try:
+                frames = sample_clip(
+                    batch["path"][i], clip.num_frames, clip.clip_seconds, rng=rng,
+                    fps=_opt(batch["fps"][i]), start_s=_opt(batch["start_s"][i]), end_s=_opt(batch["end_s"][i]),
+                )
+                break
+            except VideoDecodeError:
+                continue
+        if frames is None:
+            ok[i * k:(i + 1) * k] = 0
+            continue
+        for r in range(k):  # each replica gets its own crop
+            video[i * k + r] = transform(frames, seed=int(rng.integers(2**62)))
+    rep = lambda col: np.repeat(np.asarray(batch[col], dtype=np.int64), k)  # noqa: E731
+    return {"video": video, "label": rep("label"), "source": rep("source"), "row": rep("row"),
+            "slot": rep("slot"), "ok": ok}
+
+
+def _opt(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
+
+
+def build_dataset(plan_table: pa.Table, clip: ClipConfig, seed: int,
+                  resources: DecodeResources | None = None) -> "ray.data.Dataset":
+    """The Ray Dataset of augmented clips for the slots of ``plan_table``, in plan order."""
+    res = resources or DecodeResources()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # plan order = batch composition
+    if res.cpu_limit is not None:
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=res.cpu_limit)
+    blocks = max(1, min(plan_table.num_rows // res.rows_per_task, 200))
+    ds = ray.data.from_arrow(plan_table).repartition(blocks)
+    return ds.map_batches(
+        decode_batch, fn_kwargs={"clip": clip, "seed": seed}, batch_size=res.rows_per_task,
+        batch_format="numpy", num_cpus=res.num_cpus_per_task,
+        compute=ray.data.TaskPoolStrategy(size=res.max_concurrency) if res.max_concurrency else None,
+    )
+
+
+class FailureTracker:
+    """Counts clips per source and the failed ones; raises ``DataFailureError`` above the threshold.
+
+    ``max_failure_rate`` is checked once at least ``min_seen`` clips were seen, so a single early
+    failure does not stop a run.
+    """
+
+    def __init__(self, sources: list[Source], max_failure_rate: float = 0.05, min_seen: int = 50):
+        self.sources, self.max_failure_rate, self.min_seen = sources, max_failure_rate, min_seen
+        self.seen = np.zeros(len(sources), dtype=np.int64)
+        self.failed = np.zeros(len(sources), dtype=np.int64)
+        self.rejects: dict[tuple[int, int], str] = {}
+
+    def update(self, batch: dict) -> dict:
+        """Count a batch and return it without its failed clips."""
+        ok = np.asarray(batch["ok"]).astype(bool)
+        src = np.asarray(batch["source"])
+        np.add.at(self.seen, src, 1)
+        if ok.all():
+            self._check()
+            return batch
+        bad = ~ok
+        np.add.at(self.failed, src[bad], 1)
+        for s, r in zip(src[bad].tolist(), np.asarray(batch["row"])[bad].tolist()):
+            self.rejects[(s, r)] = self.sources[s].table.column("path")[r].as_py()
+        self._check()
+        keep = np.flatnonzero(ok)
+        return {key: value[keep] for key, value in batch.items()}
+
+    def _check(self) -> None:
+        total = int(self.seen.sum())
+        rate = self.failed.sum() / max(total, 1)
+        if total >= self.min_seen and rate > self.max_failure_rate:
+            raise DataFailureError(
+                f"{int(self.failed.sum())} of {total} clips failed to decode ({rate:.1%} > "
+                f"max_failure_rate {self.max_failure_rate:.1%}); per source: {self.summary()}; "
+                f"first rejected: {list(self.rejects.values())[:5]}"
+            )
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        return {s.name: {"seen": int(n), "failed": int(f)} for s, n, f in zip(self.sources, self.seen, self.failed)}
+
+    def write_rejects(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            f.write("source,row,path\n")
+            for (s, r), p in sorted(self.rejects.items()):
+                f.write(f"{self.sources[s].name},{r},{p}\n")

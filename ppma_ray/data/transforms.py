@@ -1,0 +1,75 @@
+"""Video augmentation with ``torchvision.transforms.v2`` on uint8 clips (CPU side).
+
+Clips enter and leave as ``(T, H, W, C)`` uint8; one set of random parameters is drawn per clip
+and applied to all of its frames (a ``tv_tensors.Video`` is transformed as one unit). Conversion to
+float and ImageNet normalization happen on the training device, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+
+@dataclass
+class AugmentConfig:
+    """PPMA §2.5: short side 256, RandomResizedCrop 224 with torchvision's default scale/ratio."""
+
+    crop_size: int = 224
+    short_side: int = 256
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = False  # PPMA uses no flip (it would swap left/right motion classes)
+
+
+def _to_video(clip: np.ndarray) -> tv_tensors.Video:
+    """(T, H, W, C) uint8 numpy -> (T, C, H, W) Video."""
+    return tv_tensors.Video(torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2))
+
+
+def _to_numpy(video: torch.Tensor) -> np.ndarray:
+    return video.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+class TrainTransform:
+    """Random-crop augmentation: ``__call__(clip, seed=None) -> (T, crop, crop, C)`` uint8."""
+
+    def __init__(self, cfg: AugmentConfig):
+        steps = [
+            v2.Resize(cfg.short_side, antialias=True),
+            v2.RandomResizedCrop(cfg.crop_size, scale=cfg.scale, ratio=cfg.ratio, antialias=True),
+        ]
+        if cfg.flip:
+            steps.append(v2.RandomHorizontalFlip())
+        self.transform = v2.Compose(steps)
+
+    def __call__(self, clip: np.ndarray, seed: int | None = None) -> np.ndarray:
+        if seed is None:
+            return _to_numpy(self.transform(_to_video(clip)))
+        with torch.random.fork_rng(devices=[]):  # v2 draws from torch's global generator
+            torch.manual_seed(seed)
+            return _to_numpy(self.transform(_to_video(clip)))
+
+
+class EvalTransform:
+    """Test-time views: short side -> ``crop_size``, then 3 crops (left/top, center, right/bottom)
+    along the long side: ``(T, H, W, C) -> (3, T, crop, crop, C)`` uint8."""
+
+    def __init__(self, crop_size: int = 224, num_crops: int = 3):
+        self.crop_size, self.num_crops = crop_size, num_crops
+        self.resize = v2.Resize(crop_size, antialias=True)
+
+    def __call__(self, clip: np.ndarray) -> np.ndarray:
+        video = self.resize(_to_video(clip))
+        h, w = video.shape[-2:]
+        s = self.crop_size
+        offsets = np.linspace(0, max(h, w) - s, self.num_crops).round().astype(int) if self.num_crops > 1 else [(max(h, w) - s) // 2]
+        crops = []
+        for o in offsets:
+            top, left = (o, (w - s) // 2) if h > w else ((h - s) // 2, o)
+            crops.append(_to_numpy(v2.functional.crop(video, int(top), int(left), s, s)))
+        return np.stack(crops)
