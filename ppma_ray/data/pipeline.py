@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from ppma_ray.data.transforms import AugmentConfig, TrainTransform
-from ppma_ray.data.video import VideoDecodeError, sample_clip
+from ppma_ray.data.transforms import AugmentConfig, EvalTransform, TrainTransform
+from ppma_ray.data.video import VideoDecodeError, sample_clip, sample_clips
 
 
 @dataclass
@@ -58,9 +58,9 @@ class DataFailureError(RuntimeError):
     """Too many videos failed to decode."""
 
 
-def plan_to_table(sources: list[Source], plan: np.ndarray, first_slot: int = 0) -> pa.Table:
-    """Join a ``(n, 2)`` plan with the manifests: one row per slot, ``slot`` numbered from
-    ``first_slot`` (the seed of each slot's randomness)."""
+def plan_to_table(sources: list[Source], plan: np.ndarray, slots: np.ndarray | None = None) -> pa.Table:
+    """Join a ``(n, 2)`` plan with the manifests: one row per slot. ``slots`` (default 0..n-1) are
+    the slots' run-wide ids, which seed each slot's randomness."""
     n = len(plan)
     paths = np.empty(n, dtype=object)
     labels = np.empty(n, dtype=np.int64)
@@ -81,7 +81,7 @@ def plan_to_table(sources: list[Source], plan: np.ndarray, first_slot: int = 0) 
             if col in t.column_names:
                 arr[sel] = t.column(col).to_numpy(zero_copy_only=False).astype(float)[rows]
     return pa.table({
-        "slot": np.arange(first_slot, first_slot + n, dtype=np.int64),
+        "slot": np.arange(n, dtype=np.int64) if slots is None else np.asarray(slots, dtype=np.int64),
         "source": plan[:, 0].astype(np.int64), "row": plan[:, 1].astype(np.int64),
         "path": pa.array(paths.tolist(), pa.string()), "label": labels,
         "fps": fps, "start_s": start, "end_s": end,
@@ -122,21 +122,57 @@ def _opt(x) -> float | None:
     return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
 
 
-def build_dataset(plan_table: pa.Table, clip: ClipConfig, seed: int,
-                  resources: DecodeResources | None = None) -> "ray.data.Dataset":
-    """The Ray Dataset of augmented clips for the slots of ``plan_table``, in plan order."""
-    res = resources or DecodeResources()
+def decode_eval_batch(batch: dict[str, np.ndarray], clip: ClipConfig, num_clips: int,
+                      num_crops: int) -> dict[str, np.ndarray]:
+    """Deterministic test views of each video: ``video: (n, num_clips * num_crops, T, S, S, C)``.
+
+    A video that cannot be decoded is flagged ``ok == 0``: evaluation excludes and reports it,
+    it is never replaced by another clip."""
+    s, n = clip.augment.crop_size, len(batch["row"])
+    views = EvalTransform(crop_size=s, num_crops=num_crops)
+    video = np.zeros((n, num_clips * num_crops, clip.num_frames, s, s, 3), dtype=np.uint8)
+    ok = np.ones(n, dtype=np.int64)
+    for i in range(n):
+        try:
+            clips = sample_clips(batch["path"][i], num_clips, clip.num_frames, clip.clip_seconds,
+                                 fps=_opt(batch["fps"][i]), start_s=_opt(batch["start_s"][i]), end_s=_opt(batch["end_s"][i]))
+        except VideoDecodeError:
+            ok[i] = 0
+            continue
+        video[i] = np.concatenate([views(c) for c in clips])
+    return {"video": video, "label": np.asarray(batch["label"], dtype=np.int64),
+            "source": np.asarray(batch["source"], dtype=np.int64), "row": np.asarray(batch["row"], dtype=np.int64), "ok": ok}
+
+
+def _configure(res: DecodeResources) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # plan order = batch composition
     if res.cpu_limit is not None:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=res.cpu_limit)
-    blocks = max(1, min(plan_table.num_rows // res.rows_per_task, 200))
-    ds = ray.data.from_arrow(plan_table).repartition(blocks)
-    return ds.map_batches(
-        decode_batch, fn_kwargs={"clip": clip, "seed": seed}, batch_size=res.rows_per_task,
-        batch_format="numpy", num_cpus=res.num_cpus_per_task,
+
+
+def _map(table: pa.Table, fn, fn_kwargs: dict, res: DecodeResources) -> "ray.data.Dataset":
+    _configure(res)
+    # one input block per task: no repartition (all-to-all) stage in front of the decode
+    step = max(1, res.rows_per_task)
+    blocks = [table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)]
+    return ray.data.from_arrow(blocks).map_batches(
+        fn, fn_kwargs=fn_kwargs, batch_size=res.rows_per_task, batch_format="numpy", num_cpus=res.num_cpus_per_task,
         compute=ray.data.TaskPoolStrategy(size=res.max_concurrency) if res.max_concurrency else None,
     )
+
+
+def build_dataset(plan_table: pa.Table, clip: ClipConfig, seed: int,
+                  resources: DecodeResources | None = None) -> "ray.data.Dataset":
+    """The Ray Dataset of augmented clips for the slots of ``plan_table``, in plan order."""
+    return _map(plan_table, decode_batch, {"clip": clip, "seed": seed}, resources or DecodeResources())
+
+
+def build_eval_dataset(table: pa.Table, clip: ClipConfig, num_clips: int = 2, num_crops: int = 3,
+                       resources: DecodeResources | None = None) -> "ray.data.Dataset":
+    """Multi-view evaluation clips of every row of ``table`` (a ``plan_to_table`` table), in order."""
+    kw = {"clip": clip, "num_clips": num_clips, "num_crops": num_crops}
+    return _map(table, decode_eval_batch, kw, resources or DecodeResources())
 
 
 class FailureTracker:

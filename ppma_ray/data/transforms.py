@@ -24,6 +24,9 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = False  # PPMA uses no flip (it would swap left/right motion classes)
+    randaug_ops: int = 0  # stage 2 / fine-tuning: RandAugment with 4 ops, magnitude 7, p 0.5
+    randaug_magnitude: int = 7
+    randaug_prob: float = 0.5
 
 
 def _to_video(clip: np.ndarray) -> tv_tensors.Video:
@@ -45,6 +48,9 @@ class TrainTransform:
         ]
         if cfg.flip:
             steps.append(v2.RandomHorizontalFlip())
+        if cfg.randaug_ops:
+            randaug = v2.RandAugment(num_ops=cfg.randaug_ops, magnitude=cfg.randaug_magnitude)
+            steps.append(v2.RandomApply([randaug], p=cfg.randaug_prob))
         self.transform = v2.Compose(steps)
 
     def __call__(self, clip: np.ndarray, seed: int | None = None) -> np.ndarray:

@@ -15,7 +15,10 @@ from ppma_ray.models.vit import ViTConfig, VisionTransformer
 
 
 class VideoClassifier(VisionTransformer):
-    """``forward(video, head=None) -> logits (B, num_classes)``; video: (B, C, T, H, W)."""
+    """``forward(video, head=None) -> logits (B, num_classes)``; video: (B, C, T, H, W).
+
+    ``head="all"`` returns ``{name: logits}`` for every head from one trunk pass (stage 2 with
+    per-source heads, so that DDP sees every head take part in each step)."""
 
     def __init__(self, cfg: ViTConfig, num_classes: int | dict[str, int]):
         super().__init__(cfg, global_pool=True)
@@ -32,16 +35,22 @@ class VideoClassifier(VisionTransformer):
     def default_head(self) -> str:
         return next(iter(self.heads))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, head: str | None = None) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, head: str | None = None):
         """x: tokens (B, N, D) -> logits (B, C), or the pooled feature (B, D) with ``pre_logits``."""
-        feat = self.pool(x)
-        return feat if pre_logits else self.heads[head or self.default_head](feat)
+        return self._heads(self.pool(x), pre_logits, head)
 
-    def forward(self, video: torch.Tensor, head: str | None = None) -> torch.Tensor:
+    def _heads(self, feat: torch.Tensor, pre_logits: bool, head: str | None):
+        if pre_logits:
+            return feat
+        if head == "all":
+            return {name: h(feat) for name, h in self.heads.items()}
+        return self.heads[head or self.default_head](feat)
+
+    def forward(self, video: torch.Tensor, head: str | None = None):
         if self.linear_probe:
             with torch.no_grad():
                 feat = self.pool(self.forward_features(video))
-            return self.heads[head or self.default_head](feat)
+            return self._heads(feat, False, head)
         return self.forward_head(self.forward_features(video), head=head)
 
     def features(self, video: torch.Tensor) -> torch.Tensor:

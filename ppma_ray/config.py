@@ -1,0 +1,252 @@
+"""Typed configuration of a PPMA run: YAML files plus dotted command-line overrides.
+
+    cfg = load_config("jobs/configs/demo.yaml", ["align.mix.synthetic=0.7", "run.name=p07"])
+
+Unknown keys and values of the wrong type raise ``ConfigError`` naming the dotted key (and the file).
+``to_dict(cfg)`` gives the plain resolved config that is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message names the key."""
+
+
+@dataclass
+class SourceConfig:
+    """A video collection. ``manifest: demo:<name>`` uses the generated demo set of that name."""
+
+    manifest: str = ""
+    root: str | None = None  # relative paths in the manifest are under this directory
+    val_manifest: str | None = None  # held-out rows, for per-source validation in stage 2
+    fps: float | None = None  # frame-folder videos only
+
+
+@dataclass
+class ClipSettings:
+    num_frames: int = 16
+    clip_seconds: float = 2.7
+    img_size: int = 224  # crop size fed to the model
+    short_side: int = 256
+    flip: bool = False
+
+
+@dataclass
+class DecodeSettings:
+    num_cpus_per_task: float = 1.0
+    max_concurrency: int | None = None
+    rows_per_task: int = 4
+    cpu_limit: float | None = None  # CPUs Ray Data may use; None: cluster CPUs minus the trainers'
+    max_retries: int = 2
+    max_failure_rate: float = 0.05
+
+
+@dataclass
+class DataConfig:
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    demo_root: str = "demo_data"
+    demo_seed: int = 0
+    clip: ClipSettings = field(default_factory=ClipSettings)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "vit_base"
+    depth: int | None = None
+    embed_dim: int | None = None
+    num_heads: int | None = None
+    patch_size: int = 16
+    tubelet_size: int = 2
+    decoder_depth: int = 4
+    decoder_embed_dim: int = 384
+    decoder_num_heads: int = 16
+    decoder_style: str = "ppma"
+    masking: str = "random"
+    mask_ratio: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 8e-4  # peak learning rate for the global batch (already scaled)
+    min_lr: float = 0.0
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    layer_decay: float | None = None  # e.g. 0.75 for stage 2 / fine-tuning
+    clip_grad: float | None = None
+    # reproduce the released code's bug: the cosine starts at peak / lr_bug_scale (§7 #2); 1 = fixed
+    lr_bug_scale: float = 1.0
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 1
+    batch_size: int = 128  # global, in clips
+    samples_per_epoch: int | None = None  # clips; None: the used sources' sizes x repeats
+    repeats: int = 1  # repeated augmentations per decoded video
+    mix: dict[str, float] = field(default_factory=dict)  # source name -> weight
+    granularity: str = "sample"  # "sample" (mixed batches) | "batch" (single-source batches)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+    # stage 2 only
+    heads: str = "separate"  # "separate" (one head per source) | "shared" (the released code)
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    randaug_ops: int = 0  # RandAugment ops per clip (0: off); PPMA: 4 ops, magnitude 7, p 0.5
+    randaug_magnitude: int = 7
+    random_erase: float = 0.0
+
+
+@dataclass
+class ScalingSettings:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int | None = None  # CPU training: intra-op threads per worker
+
+
+@dataclass
+class RunSettings:
+    storage_path: str = "runs"
+    name: str = "ppma"
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
+    keep: int = 2
+    max_failures: int = 0
+    log_every: int = 10
+    max_steps: int | None = None  # stop after this many steps (the schedule still spans all epochs)
+    fail_at_step: int | None = None  # test hook: rank 0 raises once at this step
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mae: StageConfig = field(default_factory=StageConfig)
+    align: StageConfig = field(default_factory=StageConfig)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+
+def from_dict(cls, data, where: str = "", file: str | None = None):
+    """Build dataclass ``cls`` from plain data, checking keys and types."""
+    return _convert(cls, data, where, file)
+
+
+def _err(where: str, file: str | None, problem: str) -> ConfigError:
+    prefix = f"{file}: " if file else ""
+    return ConfigError(f"{prefix}{where or '<root>'}: {problem}")
+
+
+def _convert(tp, value, where: str, file: str | None):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise _err(where, file, f"expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        for key in value:
+            if key not in names:
+                raise _err(_join(where, key), file, f"unknown key (known: {', '.join(sorted(names))})")
+        return tp(**{k: _convert(hints[k], v, _join(where, k), file) for k, v in value.items()})
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, where, file)
+            except ConfigError:
+                continue
+        raise _err(where, file, f"expected {_name(tp)}, got {value!r}")
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise _err(where, file, f"expected a mapping, got {value!r}")
+        return {str(k): _convert(vt, v, _join(where, str(k)), file) for k, v in value.items()}
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise _err(where, file, f"expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(a, v, f"{where}[{i}]", file) for i, (a, v) in enumerate(zip(args, value)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _err(where, file, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _err(where, file, f"expected an integer, got {value!r}")
+        return value
+    if tp in (bool, str):
+        if not isinstance(value, tp):
+            raise _err(where, file, f"expected {tp.__name__}, got {value!r}")
+        return value
+    raise _err(where, file, f"unsupported type {tp}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _name(tp) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp) if a is not type(None))
+
+
+def to_dict(cfg) -> dict:
+    """Plain, YAML/JSON-ready dict (tuples become lists)."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_override(data: dict, item: str) -> None:
+    """``a.b.c=value`` into nested ``data``; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {p} is not a mapping")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, cls=PretrainConfig):
+    """YAML file (or defaults) + overrides -> typed config."""
+    data: dict = {}
+    file = None
+    if path is not None:
+        file = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides or []:
+        apply_override(data, item)
+    return from_dict(cls, data, file=file)

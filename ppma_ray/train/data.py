@@ -1,0 +1,122 @@
+"""From the config to per-rank batches: sources, epoch plans, Ray Data streams.
+
+Each Ray Train worker builds the Ray Data stream of *its own* slice of the epoch plan, starting at
+the step it resumes from. The plan is a pure function of (seed, epoch), so all ranks agree on it
+without communication, each rank gets exactly ``steps_per_epoch`` batches (DDP all-reduces never
+wait on a rank that ran out), and a resumed or restarted worker neither repeats nor skips samples.
+The decode tasks are ordinary Ray Data tasks that Ray schedules on any node with free CPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ppma_ray.config import DataConfig, StageConfig
+from ppma_ray.data.demo import make_demo
+from ppma_ray.data.manifest import read_manifest
+from ppma_ray.data.mixing import plan_epoch
+from ppma_ray.data.pipeline import ClipConfig, DecodeResources, Source, build_dataset, build_eval_dataset, plan_to_table
+from ppma_ray.data.transforms import AugmentConfig
+
+
+@dataclass
+class ResolvedSource:
+    train: Source
+    val: Source | None
+
+
+def resolve_sources(data: DataConfig, names: list[str]) -> list[ResolvedSource]:
+    """Read the manifests of ``names`` (generating the demo data for ``demo:<name>`` sources)."""
+    out = []
+    for name in names:
+        if name not in data.sources:
+            raise KeyError(f"mix names source {name!r}, but data.sources has {sorted(data.sources)}")
+        sc = data.sources[name]
+        if sc.manifest.startswith("demo:"):
+            kind = sc.manifest.split(":", 1)[1]
+            manifests = make_demo(data.demo_root, seed=data.demo_seed)
+            if kind not in manifests:
+                raise KeyError(f"data.sources.{name}.manifest: no demo set {kind!r} (have {sorted(manifests)})")
+            root = str(Path(data.demo_root) / kind)
+            train_m, val_m = manifests[kind]["train"], manifests[kind]["val"]
+        else:
+            root, train_m, val_m = sc.root, sc.manifest, sc.val_manifest
+        train = Source(name, read_manifest(train_m, root=root), fps=sc.fps)
+        val = Source(name, read_manifest(val_m, root=root), fps=sc.fps) if val_m else None
+        out.append(ResolvedSource(train, val))
+    return out
+
+
+def clip_config(data: DataConfig, repeats: int, randaug_ops: int = 0, randaug_magnitude: int = 7) -> ClipConfig:
+    c = data.clip
+    aug = AugmentConfig(crop_size=c.img_size, short_side=c.short_side, flip=c.flip,
+                        randaug_ops=randaug_ops, randaug_magnitude=randaug_magnitude)
+    return ClipConfig(num_frames=c.num_frames, clip_seconds=c.clip_seconds, repeats=repeats,
+                      max_retries=data.decode.max_retries, augment=aug)
+
+
+def decode_resources(data: DataConfig, cpu_limit: float | None) -> DecodeResources:
+    d = data.decode
+    return DecodeResources(num_cpus_per_task=d.num_cpus_per_task, max_concurrency=d.max_concurrency,
+                           rows_per_task=d.rows_per_task, cpu_limit=d.cpu_limit if d.cpu_limit is not None else cpu_limit)
+
+
+class EpochStream:
+    """The training batches of one rank, epoch by epoch.
+
+    A step consumes ``batch_size / repeats`` videos globally, ``videos_per_rank`` of them on each
+    rank; each video yields ``repeats`` clips.
+    """
+
+    def __init__(self, sources: list[Source], stage: StageConfig, clip: ClipConfig, resources: DecodeResources,
+                 seed: int, world: int, rank: int):
+        self.sources, self.clip, self.resources, self.seed = sources, clip, resources, seed
+        self.world, self.rank = world, rank
+        self.weights = [stage.mix[s.name] for s in sources]
+        self.granularity = stage.granularity
+        if stage.batch_size % (stage.repeats * world):
+            raise ValueError(f"batch_size {stage.batch_size} must be a multiple of repeats x workers = {stage.repeats * world}")
+        self.videos_per_step = stage.batch_size // stage.repeats
+        self.videos_per_rank = self.videos_per_step // world
+        sizes = [s.table.num_rows for s in sources]
+        clips = stage.samples_per_epoch or sum(n for n, w in zip(sizes, self.weights) if w > 0)
+        self.steps_per_epoch = (clips // stage.repeats) // self.videos_per_step
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"an epoch of {clips} clips is less than one batch of {stage.batch_size}")
+        self.sizes = sizes
+
+    @property
+    def videos_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.videos_per_step
+
+    def rank_table(self, epoch: int, start_step: int = 0):
+        """This rank's slots of ``epoch`` from ``start_step`` on, as a decode-ready table."""
+        n = self.videos_per_epoch
+        plan = plan_epoch(self.sizes, self.weights, n, self.seed, epoch, self.granularity, self.videos_per_step)
+        slots = np.arange(epoch * n, (epoch + 1) * n, dtype=np.int64)  # run-wide slot ids
+        shape = (self.steps_per_epoch, self.world, self.videos_per_rank)
+        mine = plan.reshape(*shape, 2)[start_step:, self.rank].reshape(-1, 2)
+        my_slots = slots.reshape(shape)[start_step:, self.rank].reshape(-1)
+        return plan_to_table(self.sources, mine, my_slots)
+
+    def batches(self, epoch: int, start_step: int = 0):
+        """Yields dicts of torch tensors, one per step: video (b, T, H, W, C) uint8, label, source, ok."""
+        table = self.rank_table(epoch, start_step)
+        if table.num_rows == 0:
+            return iter(())
+        ds = build_dataset(table, self.clip, self.seed, self.resources)
+        return ds.iter_torch_batches(batch_size=self.videos_per_rank * self.clip.repeats, drop_last=False, prefetch_batches=2)
+
+
+def eval_stream(source: Source, clip: ClipConfig, resources: DecodeResources, world: int, rank: int,
+                num_clips: int = 1, num_crops: int = 1, batch_size: int = 8):
+    """This rank's share of a validation list (every row exactly once across ranks)."""
+    rows = np.arange(rank, source.table.num_rows, world, dtype=np.int64)
+    table = plan_to_table([source], np.stack([np.zeros_like(rows), rows], 1))
+    if table.num_rows == 0:
+        return iter(())
+    ds = build_eval_dataset(table, clip, num_clips, num_crops, resources)
+    return ds.iter_torch_batches(batch_size=batch_size, drop_last=False)

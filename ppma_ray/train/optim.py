@@ -1,0 +1,45 @@
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule (set every step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from torch import nn
+
+from ppma_ray.config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms, positional tables and the mask token.
+
+    With ``layer_decay`` the groups carry timm's ``lr_scale`` (patch embedding smallest, each block
+    larger, the head 1.0). ``schedule_lr`` multiplies every group's lr by its ``lr_scale``.
+    """
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    if cfg.layer_decay:
+        groups = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Linear warmup from 0 to ``lr`` over ``warmup_frac`` of the steps, then cosine to ``min_lr``.
+
+    ``lr_bug_scale`` != 1 reproduces the released code, whose cosine starts at ``lr / scale``.
+    """
+    warmup = int(round(cfg.warmup_frac * total_steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    start = cfg.lr / cfg.lr_bug_scale
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return cfg.min_lr + (start - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def schedule_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g["lr_scale"]

@@ -1,0 +1,116 @@
+"""Driver side: one ``TorchTrainer`` per stage, and the two-stage PPMA pretraining."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ppma_ray.config import PretrainConfig, to_dict
+from ppma_ray.data.demo import make_demo
+from ppma_ray.train.loop import train_loop
+
+
+def resolve_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """Absolute local paths (workers do not share the driver's working directory), and the demo
+    data generated once, here, before any worker needs it."""
+    cfg = copy.deepcopy(cfg)
+    absolute = lambda p: p if p is None or "://" in p else os.path.abspath(p)  # noqa: E731
+    cfg.run.storage_path = absolute(cfg.run.storage_path)
+    cfg.data.demo_root = absolute(cfg.data.demo_root)
+    for src in cfg.data.sources.values():
+        if src.manifest.startswith("demo:"):
+            continue
+        src.manifest, src.root, src.val_manifest = absolute(src.manifest), absolute(src.root), absolute(src.val_manifest)
+    if any(s.manifest.startswith("demo:") for s in cfg.data.sources.values()):
+        make_demo(cfg.data.demo_root, seed=cfg.data.demo_seed)
+    return cfg
+
+
+def decode_cpu_budget(cfg: PretrainConfig) -> float:
+    """CPUs left to Ray Data after the training workers took theirs. Without this, workers that
+    reserve every CPU leave the decode tasks unscheduled and the job hangs."""
+    total = ray.cluster_resources().get("CPU", 1.0)
+    left = total - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    if left < 1.0:
+        raise ValueError(
+            f"the training workers reserve {cfg.scaling.num_workers} x {cfg.scaling.cpus_per_worker} of {total:g} "
+            f"CPUs, leaving {left:g} for decoding; lower scaling.cpus_per_worker (fractions are fine)"
+        )
+    return left
+
+
+def run_stage(cfg: PretrainConfig, stage_name: str, init_from: str | None = None) -> dict:
+    """Train one stage on Ray Train; returns its summary (steps, final loss, clips/s, wall time,
+    checkpoint directory, and per-source validation top-1 for stage 2)."""
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": to_dict(cfg), "stage": stage_name, "init_from": init_from,
+                           "cpu_limit": decode_cpu_budget(cfg)},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            storage_path=cfg.run.storage_path, name=f"{cfg.run.name}-{stage_name}",
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    m = result.metrics or {}
+    summary = {
+        "steps": int(m.get("step", 0)),
+        "final_loss": m.get("loss"),
+        "clips_per_s": m.get("stage_clips_per_s"),
+        "wall_s": wall,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "failed_clips": m.get("failed_clips", 0),
+    }
+    if stage_name == "align":
+        summary["val_top1"] = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("val_top1/")}
+        summary["train_top1"] = m.get("train_top1")
+    return summary
+
+
+def pretrain(cfg: PretrainConfig, stages: tuple[str, ...] = ("mae", "align"), init_from: str | None = None) -> dict:
+    """Stage 1 (MAE) then stage 2 (alignment, initialised from stage 1's last checkpoint)."""
+    cfg = resolve_paths(cfg)
+    out: dict = {}
+    for stage in stages:
+        out[stage] = run_stage(cfg, stage, init_from=init_from if stage == stages[0] else out[stages[0]]["checkpoint"])
+    return out
+
+
+def run_dir(cfg: PretrainConfig) -> Path:
+    return Path(cfg.run.storage_path).resolve() / cfg.run.name
+
+
+def check_config(cfg: PretrainConfig) -> None:
+    """Cheap checks before any worker starts; each error names the config key."""
+    for stage_name in ("mae", "align"):
+        stage = getattr(cfg, stage_name)
+        if not stage.mix:
+            raise ValueError(f"{stage_name}.mix: no sources to train on")
+        for name, w in stage.mix.items():
+            if name not in cfg.data.sources:
+                raise ValueError(f"{stage_name}.mix.{name}: no such source in data.sources ({sorted(cfg.data.sources)})")
+            if not (w >= 0):
+                raise ValueError(f"{stage_name}.mix.{name}: weight must be >= 0, got {w}")
+        if sum(stage.mix.values()) <= 0:
+            raise ValueError(f"{stage_name}.mix: at least one weight must be > 0")
+    for name, src in cfg.data.sources.items():
+        if src.manifest.startswith("demo:"):
+            continue
+        for key in ("manifest", "val_manifest"):
+            path = getattr(src, key)
+            if path and "://" not in path and not Path(path).is_file():
+                raise FileNotFoundError(f"data.sources.{name}.{key}: {path} does not exist")
