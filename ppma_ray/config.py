@@ -186,6 +186,11 @@ def _convert(tp, value, where: str, file: str | None):
             raise _err(where, file, f"expected a list of {len(args)} values, got {value!r}")
         return tuple(_convert(a, v, f"{where}[{i}]", file) for i, (a, v) in enumerate(zip(args, value)))
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads "2e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _err(where, file, f"expected a number, got {value!r}")
         return float(value)

@@ -99,6 +99,7 @@ def train_loop(loop_config: dict) -> None:
 
     resolved = resolve_sources(cfg.data, list(stage.mix))
     sources = [r.train for r in resolved]
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and every run
     if stage_name == "mae":
         model, loss_fn = build_model(cfg, stage_name), mae_loss
     else:
