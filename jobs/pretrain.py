@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     from ppma_ray.train.report import print_results
     from ppma_ray.train.runner import pretrain, resolve_paths, run_dir
 
+    def probe_tasks(cfg, checkpoint: str) -> list[dict]:
+        """Linear probes (cached features) of the PPMA trunk and of a random-init trunk."""
+        from ppma_ray.train.downstream import evaluate
+
+        models = [("ppma", [checkpoint])] + ([("random_init", [])] if cfg.eval.compare_random_init else [])
+        return [evaluate(cfg, task, "lp", name, ckpts, cache_features=True) for task in cfg.eval.tasks for name, ckpts in models]
+
     init_ray()
     cfg = resolve_paths(cfg)
     out_dir = Path(args.output_dir) if args.output_dir else run_dir(cfg)
@@ -52,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     stages = (args.stage,) if args.stage else ("mae", "align")
     results = {"config": str(out_dir / "config.json"), "stages": pretrain(cfg, stages, init_from=args.init_from)}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if "align" in results["stages"] and cfg.eval.tasks:
+        results["eval"] = probe_tasks(cfg, results["stages"]["align"]["checkpoint"])
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     print_results(results)
     print(f"results: {out_dir / 'results.json'}")
     return 0

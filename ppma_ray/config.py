@@ -131,11 +131,30 @@ class RunSettings:
 
 
 @dataclass
+class EvalSettings:
+    """Downstream evaluation (PPMA §5). A task is ``demo:<name>``, a catalog name (``ucf101``,
+    ``diving48``, ...; videos under ``task_root``), or a source name in ``data.sources``."""
+
+    tasks: list[str] = field(default_factory=list)
+    task_root: str | None = None
+    test_clips: int = 2
+    test_crops: int = 3
+    # linear probe on cached features: one pass of feature extraction, then the head alone
+    lp_epochs: int = 100
+    lp_lr: float = 1.0e-2
+    lp_weight_decay: float = 1.0e-4
+    compare_random_init: bool = True  # the default pretrain run also probes a random-init trunk
+
+
+@dataclass
 class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mae: StageConfig = field(default_factory=StageConfig)
     align: StageConfig = field(default_factory=StageConfig)
+    lp: StageConfig = field(default_factory=StageConfig)  # downstream linear probe (Ray Train)
+    ft: StageConfig = field(default_factory=StageConfig)  # downstream fine-tuning
+    eval: EvalSettings = field(default_factory=EvalSettings)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     run: RunSettings = field(default_factory=RunSettings)
 
@@ -180,6 +199,11 @@ def _convert(tp, value, where: str, file: str | None):
         if not isinstance(value, dict):
             raise _err(where, file, f"expected a mapping, got {value!r}")
         return {str(k): _convert(vt, v, _join(where, str(k)), file) for k, v in value.items()}
+    if origin is list:
+        (it,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise _err(where, file, f"expected a list, got {value!r}")
+        return [_convert(it, v, f"{where}[{i}]", file) for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -4,7 +4,8 @@ Keys are first brought to one canonical form, the classifier's trunk names (``pa
 ``blocks.N.*``, ``norm.*``, ``fc_norm.*``): wrappers (``model`` / ``module`` / ``state_dict``) and
 prefixes (DDP ``module.``, VideoMAE ``encoder.``, omnivision ``trunk.``) are removed. Then the
 method's transfer rule (PPMA §4.1, §5.1) drops the decoder, the mask token, the heads and the final
-``norm`` (which becomes the re-initialised ``fc_norm`` on the pooled vector).
+norm (``norm`` of an MAE encoder, ``fc_norm`` of a classifier): the pooled-feature ``fc_norm`` is
+re-initialised at every transfer.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def canonical_trunk(state: dict[str, torch.Tensor], keep_final_norm: bool = Fals
             for p in PREFIXES:
                 if k.startswith(p):
                     k, changed = k[len(p):], True
-        if k.startswith(NOT_TRUNK) or (k.startswith("norm.") and not keep_final_norm):
+        if k.startswith(NOT_TRUNK) or (k.startswith(("norm.", "fc_norm.")) and not keep_final_norm):
             dropped.append(key)
             continue
         out[k] = value
@@ -75,7 +76,7 @@ def load_trunk(model: nn.Module, source: str | os.PathLike | dict, keep_final_no
     """Load the trunk of ``source`` (a path or a state dict from any stage) into ``model``.
 
     ``model`` is a ``VideoClassifier`` or a ``PretrainVideoMAE`` (whose trunk is ``encoder``).
-    ``keep_final_norm`` keeps ``norm`` (for MAE -> MAE resumption or weight averaging).
+    ``keep_final_norm`` keeps ``norm`` / ``fc_norm`` (for weight averaging, which averages them too).
     Raises ``ValueError`` naming the cause when shapes do not match.
     """
     state = read_state_dict(source) if not isinstance(source, dict) else unwrap(source)

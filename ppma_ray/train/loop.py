@@ -25,7 +25,9 @@ from ppma_ray.data.pipeline import FailureTracker
 from ppma_ray.models import create_model
 from ppma_ray.models.checkpoint import load_trunk
 from ppma_ray.train.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint, step_seed
-from ppma_ray.train.data import EpochStream, clip_config, decode_resources, eval_stream, resolve_sources
+from ppma_ray.models.averaging import LearnedAverage, load_trunks
+from ppma_ray.train.data import EpochStream, clip_config, decode_resources, resolve_sources
+from ppma_ray.train.evaluate import multiview_test
 from ppma_ray.train.optim import build_optimizer, lr_at, schedule_lr
 from ppma_ray.train.stages import AlignLoss, mae_loss, to_model_input
 
@@ -109,6 +111,13 @@ def train_loop(loop_config: dict) -> None:
                             stage.cutmix_alpha, stage.random_erase, device=device)
     model.set_grad_checkpointing(stage.grad_checkpointing)
     model.to(device)
+
+    init_from = loop_config.get("init_from")
+    if loop_config.get("average"):  # learned weight averaging of K checkpoints, trained with the LP head
+        avg = loop_config["average"]
+        model = LearnedAverage(model, load_trunks(avg["checkpoints"]), per_layer=avg.get("per_layer", False)).to(device)
+    elif loop_config.get("linear_probe"):
+        model.set_linear_probe(True)
     optimizer = build_optimizer(model, stage.optim)
 
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "seed": cfg.run.seed, "skipped_steps": 0}
@@ -116,11 +125,10 @@ def train_loop(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d, model, optimizer)
-    elif loop_config.get("init_from"):
-        with ray.train.Checkpoint(loop_config["init_from"]).as_directory() as d:
-            report = load_trunk(model, Path(d) / MODEL_FILE)
+    elif init_from:
+        report = _load_init(getattr(model, "classifier", model), init_from)
         if rank == 0:
-            print(f"[{stage_name}] initialised from {loop_config['init_from']}: {report}", flush=True)
+            print(f"[{stage_name}] initialised from {init_from}: {report}", flush=True)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
 
     clip = clip_config(cfg.data, stage.repeats, stage.randaug_ops, stage.randaug_magnitude)
@@ -128,12 +136,12 @@ def train_loop(loop_config: dict) -> None:
     stream = EpochStream(sources, stage, clip, resources, cfg.run.seed, world, rank)
     tracker = FailureTracker(sources, cfg.data.decode.max_failure_rate)
     total_steps = stage.epochs * stream.steps_per_epoch
-    log = MetricsLog(_local_dir(cfg, stage_name) if rank == 0 else None, stage_name)
+    log_dir = _local_dir(cfg, loop_config.get("run_name") or f"{cfg.run.name}-{stage_name}")
+    log = MetricsLog(log_dir if rank == 0 else None, stage_name)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else torch.autocast("cpu", enabled=False)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    if state["epoch"] >= stage.epochs:  # finished before: report its final metrics again
-        ray.train.report(state.get("metrics", {}))
+    if state["epoch"] >= stage.epochs:  # finished before; the driver reads the checkpoint's metrics
         return
     t_start = time.perf_counter()
     clips_done = 0
@@ -191,13 +199,21 @@ def train_loop(loop_config: dict) -> None:
                 state.update(epoch=epoch + 1, step_in_epoch=0)
             if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or end_of_epoch or stop:
                 if end_of_epoch and stage_name == "align":
-                    metrics.update(_validate(ddp_model, resolved, head_of_source, clip, resources, world, rank, device, autocast))
+                    last = epoch + 1 == stage.epochs
+                    if loop_config.get("test_views"):  # downstream: the test protocol once, at the end
+                        if last:
+                            metrics.update(_final_test(ddp_model, resolved, head_of_source, clip, resources, world,
+                                                       rank, device, autocast, loop_config["test_views"], log_dir))
+                    else:
+                        metrics.update(_validate(ddp_model, resolved, head_of_source, clip, resources, world, rank, device, autocast))
+                    if isinstance(model, LearnedAverage):
+                        metrics["learned_alpha"] = model.alphas().detach().mean(0).tolist()
                     ddp_model.train()
-                    log.write(step, {k: v for k, v in metrics.items() if k.startswith("val")})
+                    log.write(step, {k: v for k, v in metrics.items() if k.startswith(("val", "test"))})
                 wall = time.perf_counter() - t_start
                 metrics.update(stage_clips_per_s=clips_done / wall, stage_wall_s=wall, step=step, epoch=state["epoch"],
                                failed_clips=int(tracker.failed.sum()))
-                state["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                state["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
                 _report(metrics, model, optimizer, state, loop_config["config"], rank)
             if stop:
                 log.close()
@@ -219,33 +235,36 @@ def _log_line(stage, w, step, total, epoch, epochs, lr, grad_norm, tracker, extr
     return m
 
 
-@torch.no_grad()
 def _validate(model, resolved, head_of_source, clip, resources, world, rank, device, autocast) -> dict:
     """Top-1 per source on its held-out rows (one centre view per video)."""
-    model.eval()
     out = {}
     for k, r in enumerate(resolved):
         if r.val is None:
             continue
-        counts = torch.zeros(3, dtype=torch.float64)  # correct, seen, failed
-        for batch in eval_stream(r.val, clip, resources, world, rank):
-            ok = batch["ok"].bool()
-            counts[2] += (~ok).sum()
-            if ok.any():
-                video = batch["video"][ok][:, 0].to(device)  # (b, T, H, W, C), the only view
-                with autocast:
-                    logits = model(to_model_input(video), head=head_of_source[k])
-                counts[0] += (logits.argmax(-1).cpu() == batch["label"][ok]).sum()
-                counts[1] += ok.sum()
-        if world > 1:
-            counts = counts.to(device)
-            dist.all_reduce(counts)
-            counts = counts.cpu()
-        out[f"val_top1/{r.train.name}"] = float(counts[0] / max(1, counts[1]))
-        out[f"val_failed/{r.train.name}"] = int(counts[2])
+        res = multiview_test(model, r.val, clip, resources, world, rank, device, autocast,
+                             head=head_of_source[k], num_clips=1, num_crops=1, batch_size=8)
+        out[f"val_top1/{r.train.name}"] = res["top1"]
+        out[f"val_failed/{r.train.name}"] = res["failed"]
     if rank == 0 and out:
         print("  validation: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items() if "top1" in k), flush=True)
     return out
+
+
+def _final_test(model, resolved, head_of_source, clip, resources, world, rank, device, autocast, views, run_dir) -> dict:
+    """The downstream testing protocol on the (single) task's test list: clips x crops views."""
+    r = resolved[0]
+    res = multiview_test(model, r.val, clip, resources, world, rank, device, autocast,
+                         head=head_of_source[0], num_clips=views[0], num_crops=views[1])
+    if rank == 0:
+        if res["failed"]:
+            print(f"  WARNING: {res['failed']} of {res['failed'] + res['videos']} test videos could not be decoded "
+                  f"and were excluded (rows {res['failed_rows'][:20]}...)", flush=True)
+            if run_dir is not None:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "test_failed_rows.json").write_text(json.dumps(res["failed_rows"]))
+        print(f"  test ({views[0]}x{views[1]} views): top-1 {res['top1']:.4f} top-5 {res['top5']:.4f} "
+              f"on {res['videos']} videos", flush=True)
+    return {"test_top1": res["top1"], "test_top5": res["top5"], "test_videos": res["videos"], "test_failed": res["failed"]}
 
 
 def _report(metrics: dict, model, optimizer, state: dict, config: dict, rank: int) -> None:
@@ -258,10 +277,20 @@ def _report(metrics: dict, model, optimizer, state: dict, config: dict, rank: in
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _local_dir(cfg: PretrainConfig, stage: str) -> Path | None:
+def _local_dir(cfg: PretrainConfig, run_name: str) -> Path | None:
     if "://" in cfg.run.storage_path:
         return None  # object storage: metrics still reach Ray through ray.train.report
-    return Path(cfg.run.storage_path).resolve() / f"{cfg.run.name}-{stage}"
+    return Path(cfg.run.storage_path).resolve() / run_name
+
+
+def _load_init(model, init_from: str):
+    """Trunk from a weights file, a checkpoint directory, or a checkpoint URI (cloud storage)."""
+    if init_from.endswith((".safetensors", ".pth", ".pt")):
+        return load_trunk(model, init_from)
+    if "://" in init_from:
+        with ray.train.Checkpoint(init_from).as_directory() as d:
+            return load_trunk(model, Path(d) / MODEL_FILE)
+    return load_trunk(model, Path(init_from) / MODEL_FILE)
 
 
 def _fail_once(cfg: PretrainConfig, stage: str, step: int) -> None:

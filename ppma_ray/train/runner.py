@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ppma_ray.config import PretrainConfig, to_dict
 from ppma_ray.data.demo import make_demo
+from ppma_ray.train.checkpoint import STATE_FILE
 from ppma_ray.train.loop import train_loop
 
 
@@ -45,9 +47,14 @@ def decode_cpu_budget(cfg: PretrainConfig) -> float:
     return left
 
 
-def run_stage(cfg: PretrainConfig, stage_name: str, init_from: str | None = None) -> dict:
+def run_stage(cfg: PretrainConfig, stage_name: str, init_from: str | None = None, run_name: str | None = None,
+              **loop_options) -> dict:
     """Train one stage on Ray Train; returns its summary (steps, final loss, clips/s, wall time,
-    checkpoint directory, and per-source validation top-1 for stage 2)."""
+    checkpoint directory, and per-source validation top-1 for stage 2).
+
+    ``loop_options`` go to the worker loop: ``linear_probe``, ``average`` (learned weight
+    averaging), ``test_views`` (clips, crops) for the final multi-view test."""
+    run_name = run_name or f"{cfg.run.name}-{stage_name}"
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
@@ -55,10 +62,10 @@ def run_stage(cfg: PretrainConfig, stage_name: str, init_from: str | None = None
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": to_dict(cfg), "stage": stage_name, "init_from": init_from,
-                           "cpu_limit": decode_cpu_budget(cfg)},
+                           "cpu_limit": decode_cpu_budget(cfg), "run_name": run_name, **loop_options},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            storage_path=cfg.run.storage_path, name=f"{cfg.run.name}-{stage_name}",
+            storage_path=cfg.run.storage_path, name=run_name,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         ),
@@ -67,6 +74,9 @@ def run_stage(cfg: PretrainConfig, stage_name: str, init_from: str | None = None
     result = trainer.fit()
     wall = time.perf_counter() - t0
     m = result.metrics or {}
+    if "step" not in m and result.checkpoint:  # the stage had finished before: its last checkpoint knows
+        with result.checkpoint.as_directory() as d:
+            m = torch.load(Path(d) / STATE_FILE, weights_only=True).get("metrics", {})
     summary = {
         "steps": int(m.get("step", 0)),
         "final_loss": m.get("loss"),
@@ -78,6 +88,9 @@ def run_stage(cfg: PretrainConfig, stage_name: str, init_from: str | None = None
     if stage_name == "align":
         summary["val_top1"] = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("val_top1/")}
         summary["train_top1"] = m.get("train_top1")
+        for key in ("test_top1", "test_top5", "test_videos", "test_failed", "learned_alpha"):
+            if key in m:
+                summary[key] = m[key]
     return summary
 
 

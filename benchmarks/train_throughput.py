@@ -1,0 +1,119 @@
+"""Ray Train overhead: the same MAE steps in a plain PyTorch loop and inside a Ray Train worker.
+
+    python benchmarks/train_throughput.py [--model vit_tiny --img-size 64 --num-frames 16 --batch 8 --steps 30]
+
+Both run the identical step (uint8 batch -> device -> normalize -> autocast -> MAE loss -> backward
+-> AdamW) on the same in-memory batches, so only the framework differs. Prints clips/s of both
+and the ratio (target: Ray overhead <= 5%, i.e. ratio >= 0.95); on CUDA also the MFU (bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ppma_ray.models import create_model, flops  # noqa: E402
+from ppma_ray.train.stages import mae_loss  # noqa: E402
+
+
+def run_steps(args: dict) -> dict:
+    """Warm up, then time ``steps`` MAE steps; returns clips/s and forward FLOPs per clip."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(0)
+    model = create_model(args["model"], "mae", img_size=args["img_size"], num_frames=args["num_frames"]).to(device)
+    try:  # inside Ray Train: the same DDP wrapping as the real loop
+        import ray.train.torch
+
+        if ray.train.get_context().get_world_size() >= 1:
+            model = ray.train.torch.prepare_model(model, move_to_device=False)
+    except Exception:
+        pass
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    video = torch.randint(0, 255, (args["batch"], args["num_frames"], args["img_size"], args["img_size"], 3), dtype=torch.uint8)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            loss, _ = mae_loss(model, {"video": video.to(device, non_blocking=True)})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args["steps"]):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    inner = model.module if hasattr(model, "module") else model
+    return {"clips_per_s": args["steps"] * args["batch"] / elapsed, "flops": flops(inner), "device": str(device)}
+
+
+def _ray_worker(config: dict) -> None:
+    import tempfile
+
+    import ray.train
+
+    metrics = run_steps(config)
+    with tempfile.TemporaryDirectory() as d:  # Ray keeps a result's metrics with its checkpoint
+        Path(d, "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="vit_tiny")
+    ap.add_argument("--img-size", type=int, default=64)
+    ap.add_argument("--num-frames", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    args = {"model": a.model, "img_size": a.img_size, "num_frames": a.num_frames, "batch": a.batch, "steps": a.steps, "threads": a.threads}
+
+    plain = run_steps(args)
+
+    import tempfile
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ppma_ray.ray_env import init_ray
+
+    init_ray(log_to_driver=False)
+    gpu = torch.cuda.is_available()
+    trainer = TorchTrainer(_ray_worker, train_loop_config=args,
+                           scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker={"CPU": 1}),
+                           run_config=RunConfig(storage_path=tempfile.mkdtemp(), name="bench"))
+    in_ray = trainer.fit().metrics
+    ratio = in_ray["clips_per_s"] / plain["clips_per_s"]
+    out = {"plain_clips_per_s": plain["clips_per_s"], "ray_clips_per_s": in_ray["clips_per_s"], "ray_over_plain": ratio,
+           "device": plain["device"], **{k: v for k, v in args.items()}}
+    print(f"{a.model} {a.num_frames}x{a.img_size}^2 batch {a.batch} on {plain['device']}")
+    print(f"  plain PyTorch {plain['clips_per_s']:.2f} clips/s   Ray Train {in_ray['clips_per_s']:.2f} clips/s   ratio {ratio:.3f}")
+    if gpu:
+        mfu = 3 * plain["flops"] * in_ray["clips_per_s"] / (a.peak_tflops * 1e12)
+        out["ray_mae_mfu"] = mfu
+        print(f"  MAE MFU in Ray Train (bf16): {mfu:.1%}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Weight-space averaging of K checkpoints that share an initialisation (PPMA §6).
+
+* Fixed: theta = sum_k alpha_k * theta_k over every trunk tensor, the final norm included; heads
+  are not averaged (a downstream task trains its own).
+* Learned: alpha = softmax(w), ``w`` initialised to ones (alpha uniform), one set of logits for the
+  whole trunk or one per parameter tensor. Every forward rebuilds theta(alpha) and runs the
+  classifier functionally with it (``torch.func.functional_call``), so the gradient reaches alpha
+  through the network; only the logits and the head train.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ppma_ray.models.checkpoint import canonical_trunk, read_state_dict
+from ppma_ray.models.heads import VideoClassifier
+
+
+def load_trunks(sources: list) -> list[dict[str, torch.Tensor]]:
+    """Canonical trunk tensors (final norm kept) of each checkpoint path or state dict."""
+    trunks = []
+    for src in sources:
+        state = read_state_dict(src) if not isinstance(src, dict) else src
+        trunks.append(canonical_trunk(state, keep_final_norm=True)[0])
+    keys = set(trunks[0])
+    for i, t in enumerate(trunks[1:], start=1):
+        if set(t) != keys:
+            raise ValueError(f"checkpoint {i} has other trunk tensors than checkpoint 0: {sorted(set(t) ^ keys)[:5]}")
+    return trunks
+
+
+def average_state_dicts(trunks: list[dict[str, torch.Tensor]], alphas) -> dict[str, torch.Tensor]:
+    """theta = sum_k alphas[k] * trunks[k] (alphas need not sum to 1, but usually do)."""
+    if len(alphas) != len(trunks):
+        raise ValueError(f"{len(trunks)} checkpoints but {len(alphas)} coefficients")
+    out = {}
+    for key in trunks[0]:
+        ref = trunks[0][key]
+        if not ref.is_floating_point():
+            out[key] = ref.clone()
+            continue
+        acc = torch.zeros_like(ref, dtype=torch.float64)
+        for a, t in zip(alphas, trunks):
+            acc += float(a) * t[key].double()
+        out[key] = acc.to(ref.dtype)
+    return out
+
+
+def _to_classifier_names(trunk: dict, model: VideoClassifier) -> dict:
+    """A trunk's ``norm.*`` is the MAE encoder's final norm; a classifier's pooled-feature norm is
+    ``fc_norm``. Stage-2 checkpoints already carry ``fc_norm``; keep whatever the model has."""
+    own = set(model.state_dict())
+    return {k: v for k, v in trunk.items() if k in own}
+
+
+class LearnedAverage(nn.Module):
+    """Classifier whose trunk is the softmax(w)-weighted average of K frozen trunks.
+
+    ``forward(video, head=None)`` as ``VideoClassifier``. ``per_layer`` gives one coefficient set
+    per parameter tensor (``learned_average_layer_softmax``)."""
+
+    def __init__(self, classifier: VideoClassifier, trunks: list[dict[str, torch.Tensor]], per_layer: bool = False):
+        super().__init__()
+        self.classifier = classifier
+        names = sorted(_to_classifier_names(trunks[0], classifier))
+        self.names = [n for n in names if trunks[0][n].is_floating_point()]
+        for k, t in enumerate(trunks):  # frozen constants that move with the module
+            for i, n in enumerate(self.names):
+                self.register_buffer(f"theta_{k}_{i}", t[n].detach().clone(), persistent=False)
+        self.num_models = len(trunks)
+        rows = len(self.names) if per_layer else 1
+        self.mix_logits = nn.Parameter(torch.ones(rows, self.num_models))
+        for name, p in classifier.named_parameters():  # only the heads (and the logits) train
+            p.requires_grad_(name.startswith("heads."))
+        self.cfg = classifier.cfg
+        self.train(self.training)
+
+    def alphas(self) -> torch.Tensor:
+        """(rows, K) mixing coefficients on the simplex."""
+        return self.mix_logits.softmax(dim=-1)
+
+    def mixed_params(self) -> dict[str, torch.Tensor]:
+        a = self.alphas()
+        out = {}
+        for i, n in enumerate(self.names):
+            row = a[i] if a.shape[0] > 1 else a[0]
+            out[n] = sum(row[k] * getattr(self, f"theta_{k}_{i}") for k in range(self.num_models))
+        return out
+
+    def forward(self, video: torch.Tensor, head: str | None = None):
+        # parameters not given (the heads) come from the classifier itself
+        return functional_call(self.classifier, self.mixed_params(), (video,), {"head": head}, strict=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name, module in self.classifier.named_children():  # trunk frozen: always eval mode
+            module.train(mode and name == "heads")
+        return self
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()

@@ -1,0 +1,124 @@
+"""Downstream evaluation of a representation: linear probe (LP) or fine-tuning (FT) on a task,
+from any checkpoint, from random init, or from a weight average of several checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ppma_ray.config import PretrainConfig, from_dict
+from ppma_ray.models.averaging import average_state_dicts, load_trunks
+from ppma_ray.models.checkpoint import read_state_dict
+from ppma_ray.train.checkpoint import CONFIG_FILE, MODEL_FILE
+from ppma_ray.train.data import clip_config, decode_resources, resolve_sources, task_source
+from ppma_ray.train.linear_probe import linear_probe_cached
+from ppma_ray.train.loop import build_model
+from ppma_ray.train.runner import decode_cpu_budget, resolve_paths, run_stage
+
+CSV_FIELDS = ["model", "task", "protocol", "top1", "top5", "videos", "failed", "wall_s", "checkpoint"]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A weights file, a checkpoint directory, or a Ray run directory (its newest checkpoint)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if (p / MODEL_FILE).is_file():
+        return p / MODEL_FILE
+    ckpts = sorted(c for c in p.glob("checkpoint_*") if (c / MODEL_FILE).is_file())
+    if ckpts:
+        return ckpts[-1] / MODEL_FILE
+    raise FileNotFoundError(f"--checkpoint {path}: no weights file, checkpoint or run directory there")
+
+
+def config_for_checkpoint(cfg: PretrainConfig, weights: Path | None) -> PretrainConfig:
+    """Take the architecture and clip geometry from the checkpoint's own config.json, if any."""
+    if weights is None or not (weights.parent / CONFIG_FILE).is_file():
+        return cfg
+    saved = json.loads((weights.parent / CONFIG_FILE).read_text())
+    cfg = copy.deepcopy(cfg)
+    own = from_dict(PretrainConfig, {"model": saved.get("model", {}), "data": {"clip": saved.get("data", {}).get("clip", {})}})
+    cfg.model, cfg.data.clip = own.model, own.data.clip
+    return cfg
+
+
+def task_name(task: str) -> str:
+    return task.split(":", 1)[1] if task.startswith("demo:") else task
+
+
+def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, checkpoints: list[str] | None = None,
+             alphas: list[float] | None = None, learned_alpha: bool = False, per_layer: bool = False,
+             cache_features: bool = False) -> dict:
+    """One (model, task, protocol) evaluation -> a results entry.
+
+    ``checkpoints``: none (random init), one, or K >= 2 to average with fixed ``alphas`` or a
+    learned alpha (LP only)."""
+    weights = [resolve_checkpoint(c) for c in checkpoints or []]
+    cfg = config_for_checkpoint(cfg, weights[0] if weights else None)
+    name = task_name(task)
+    cfg.data.sources = {**cfg.data.sources, name: task_source(task, cfg.data, cfg.eval)}
+    cfg = resolve_paths(cfg)
+    stage = copy.deepcopy(cfg.lp if protocol == "lp" else cfg.ft)
+    stage.mix, stage.heads = {name: 1.0}, "shared"
+    cfg.align = stage
+    run_name = f"{cfg.run.name}-{model_name}-{name}-{protocol}"
+    run_dir = Path(cfg.run.storage_path) / run_name
+    t0 = time.perf_counter()
+
+    init_state, init_from, average = None, None, None
+    if len(weights) == 1:
+        init_from = str(weights[0])
+    elif len(weights) > 1:
+        if learned_alpha:
+            if protocol != "lp":
+                raise ValueError("a learned averaging coefficient is trained with the linear probe (--protocol lp)")
+            average = {"checkpoints": [str(w) for w in weights], "per_layer": per_layer}
+        else:
+            alphas = alphas or [1.0 / len(weights)] * len(weights)
+            init_state = average_state_dicts(load_trunks([str(w) for w in weights]), alphas)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            init_from = str(run_dir / "averaged.safetensors")
+            save_file({k: v.contiguous() for k, v in init_state.items()}, init_from)
+
+    if protocol == "lp" and cache_features and average is None:
+        (src,) = resolve_sources(cfg.data, [name])
+        n_classes = int(max(src.train.table.column("label").to_numpy().max(), src.val.table.column("label").to_numpy().max())) + 1
+        model_cfg = build_model(cfg, "align", {"default": n_classes}).cfg
+        state = read_state_dict(init_from) if init_from else None
+        clip = clip_config(cfg.data, 1)
+        res = linear_probe_cached(model_cfg, state, src.train, src.val, n_classes, clip,
+                                  decode_resources(cfg.data, decode_cpu_budget(cfg)), cfg.eval.test_clips,
+                                  cfg.eval.test_crops, cfg.eval.lp_epochs, cfg.eval.lp_lr, cfg.eval.lp_weight_decay, cfg.run.seed)
+        top1, top5, videos, failed = res["top1"], res["top5"], res["videos"], res["failed"]
+        extra = {}
+    else:
+        out = run_stage(cfg, "align", init_from=init_from, run_name=run_name, linear_probe=protocol == "lp",
+                        average=average, test_views=[cfg.eval.test_clips, cfg.eval.test_crops])
+        top1, top5, videos, failed = out["test_top1"], out["test_top5"], out["test_videos"], out["test_failed"]
+        extra = {"learned_alpha": out["learned_alpha"]} if "learned_alpha" in out else {}
+    return {"model": model_name, "task": name, "protocol": protocol, "top1": top1, "top5": top5, "videos": videos,
+            "failed": failed, "wall_s": time.perf_counter() - t0,
+            "checkpoint": ",".join(str(w) for w in weights) or "random_init", **extra}
+
+
+def write_results(out_dir: str | Path, entries: list[dict], extra: dict | None = None) -> None:
+    """``results.json`` (with ``eval`` entries) and one appended CSV row per entry."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.update(extra or {})
+    results["eval"] = results.get("eval", []) + entries
+    path.write_text(json.dumps(results, indent=2))
+    table = out / "results.csv"
+    new = not table.is_file()
+    with open(table, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(entries)
