@@ -126,6 +126,7 @@ class RunSettings:
     keep: int = 2
     max_failures: int = 0
     log_every: int = 10
+    val_every: int = 1  # epochs between stage-2 validations (the last epoch always validates)
     max_steps: int | None = None  # stop after this many steps (the schedule still spans all epochs)
     fail_at_step: int | None = None  # test hook: rank 0 raises once at this step
 

@@ -69,4 +69,4 @@ def test_ray_job_submit_runs_pretrain(head_node, tmp_path):
     import json
 
     results = json.loads((out / "results.json").read_text())
-    assert results["stages"]["mae"]["steps"] == 6 and results["stages"]["align"]["steps"] == 12
+    assert results["stages"]["mae"]["steps"] == 6 and results["stages"]["align"]["steps"] == 15

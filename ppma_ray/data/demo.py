@@ -28,12 +28,12 @@ import numpy as np
 
 from ppma_ray.data.video import write_video
 
-VERSION = 1
+VERSION = 2
 SIZE, FRAMES, FPS = 64, 40, 25
 NUM_CLASSES = 6
 MOTIONS = ("wave", "jump", "walk_right", "walk_left", "squat", "jumping_jacks")
 # (dataset, per-class train, per-class val)
-LAYOUT = {"nohuman": (32, 8), "synthetic": (32, 8), "motion": (16, 10), "scene_motion": (16, 10)}
+LAYOUT = {"nohuman": (32, 8), "synthetic": (48, 8), "motion": (16, 10), "scene_motion": (16, 10)}
 GROUP_SIZE = 2  # videos per group (same scene instance and actor)
 
 
@@ -60,21 +60,21 @@ def figure_pose(motion: int, t: int, phase: float, x0: float) -> tuple[dict, flo
     w = 2 * math.pi * t / 16 + phase  # one cycle per 16 frames
     s = math.sin(w)
     pose = {"arm_l": 0.35, "arm_r": -0.35, "leg_l": 0.15, "leg_r": -0.15, "knee": 0.0}
-    cx, cy = x0, 40.0
-    if motion == 0:  # wave: right arm raised, swinging
-        pose["arm_r"] = -(2.4 + 0.5 * s)
+    cx, cy = x0, 38.0
+    if motion == 0:  # wave: right arm raised, swinging wide
+        pose["arm_r"] = -(2.2 + 0.8 * s)
     elif motion == 1:  # jump
-        cy -= 7 * abs(s)
+        cy -= 12 * abs(s)
         pose["leg_l"], pose["leg_r"] = 0.05, -0.05
     elif motion in (2, 3):  # walk: translate and swing the legs and arms
         d = 1 if motion == 2 else -1
-        cx += d * 0.9 * t
-        pose["leg_l"], pose["leg_r"] = 0.5 * s, -0.5 * s
-        pose["arm_l"], pose["arm_r"] = -0.4 * s, 0.4 * s
+        cx += d * 1.1 * t
+        pose["leg_l"], pose["leg_r"] = 0.6 * s, -0.6 * s
+        pose["arm_l"], pose["arm_r"] = -0.5 * s, 0.5 * s
     elif motion == 4:  # squat: hips go down, knees bend
         depth = (1 - math.cos(w)) / 2
-        cy += 7 * depth
-        pose["knee"] = 1.2 * depth
+        cy += 10 * depth
+        pose["knee"] = 1.4 * depth
     elif motion == 5:  # jumping jacks: arms and legs open and close
         o = (1 + s) / 2
         pose["arm_l"], pose["arm_r"] = 0.3 + 2.4 * o, -(0.3 + 2.4 * o)
@@ -85,7 +85,7 @@ def figure_pose(motion: int, t: int, phase: float, x0: float) -> tuple[dict, flo
 def draw_figure(img: np.ndarray, motion: int, t: int, phase: float, x0: float, color, thick: float) -> tuple[float, float]:
     """Draw the stick figure in place; returns the hip position."""
     pose, cx, cy = figure_pose(motion, t, phase, x0)
-    neck = (cy - 13, cx)
+    neck = (cy - 15, cx)
     pts_y, pts_x = [], []
 
     def limb(start, angle, length, knee=0.0):
@@ -98,12 +98,12 @@ def draw_figure(img: np.ndarray, motion: int, t: int, phase: float, x0: float, c
 
     ys, xs = _segment_points((cy, cx), neck)
     pts_y.extend(ys), pts_x.extend(xs)
-    limb(neck, pose["arm_l"], 10)
-    limb(neck, pose["arm_r"], 10)
-    limb((cy, cx), pose["leg_l"], 13, pose["knee"])
-    limb((cy, cx), pose["leg_r"], 13, pose["knee"])
+    limb(neck, pose["arm_l"], 13)
+    limb(neck, pose["arm_r"], 13)
+    limb((cy, cx), pose["leg_l"], 16, pose["knee"])
+    limb((cy, cx), pose["leg_r"], 16, pose["knee"])
     _disc_stamp(img, np.array(pts_y), np.array(pts_x), thick, color)
-    _disc_stamp(img, np.array([cy - 18]), np.array([cx]), 4.0, color)
+    _disc_stamp(img, np.array([cy - 20]), np.array([cx]), 5.0, color)
     return cx, cy
 
 
@@ -140,18 +140,16 @@ def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
 
 def render(kind: str, label: int, rng: np.random.Generator) -> np.ndarray:
     """One demo video ``(FRAMES, SIZE, SIZE, 3)`` uint8."""
-    if kind == "synthetic":
-        if rng.random() < 0.5:
-            bg = np.full((SIZE + 16, SIZE + 16, 3), rng.integers(0, 255, size=3), dtype=np.uint8)
-        else:
-            bg = rng.integers(0, 255, size=(SIZE + 16, SIZE + 16, 3), dtype=np.uint8)
+    if kind == "synthetic":  # rendered: a plain backdrop with a little texture, the scene says nothing
+        tint = rng.integers(0, 120, size=3)
+        bg = np.clip(tint + rng.normal(0, 8, size=(SIZE + 16, SIZE + 16, 3)), 0, 255).astype(np.uint8)
     else:
         layout = label if kind == "nohuman" or (kind == "scene_motion" and rng.random() < 0.8) else int(rng.integers(NUM_CLASSES))
         bg = scene(layout, rng)
     motion = int(rng.integers(NUM_CLASSES)) if kind == "nohuman" else label
-    color = rng.integers(0, 255, size=3) if kind == "synthetic" else _hsv(rng.random(), 0.9, 1.0)
-    phase, thick = rng.uniform(0, 2 * math.pi), (1.6 if kind == "synthetic" else 2.0)
-    x0 = {2: 18.0, 3: 46.0}.get(motion, rng.uniform(24, 40))
+    color = _hsv(rng.random(), 0.7, 1.0)  # bright figure
+    phase, thick = rng.uniform(0, 2 * math.pi), rng.uniform(2.0, 2.8)
+    x0 = {2: 12.0, 3: 52.0}.get(motion, rng.uniform(24, 40))
     pan = rng.uniform(-0.2, 0.2, size=2)
     frames = np.empty((FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
     for t in range(FRAMES):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from ppma_ray.config import DataConfig, EvalSettings, StageConfig, SourceConfig
 from ppma_ray.data.catalog import CATALOG, split_file
@@ -119,13 +120,24 @@ class EpochStream:
         my_slots = slots.reshape(shape)[start_step:, self.rank].reshape(-1)
         return plan_to_table(self.sources, mine, my_slots)
 
-    def batches(self, epoch: int, start_step: int = 0):
-        """Yields dicts of torch tensors, one per step: video (b, T, H, W, C) uint8, label, source, ok."""
-        table = self.rank_table(epoch, start_step)
-        if table.num_rows == 0:
-            return iter(())
-        ds = build_dataset(table, self.clip, self.seed, self.resources)
-        return ds.iter_torch_batches(batch_size=self.videos_per_rank * self.clip.repeats, drop_last=False, prefetch_batches=2)
+    def iterate(self, epoch: int, start_step: int, epochs: int, min_rows: int = 20_000):
+        """Yields ``(epoch, step_in_epoch, batch)`` from (epoch, start_step) to the end of training.
+
+        Several short epochs share one Ray Data stream (at least ``min_rows`` slots per stream),
+        so the pipeline neither restarts nor drains at every epoch boundary of a small dataset.
+        batch: dict of torch tensors: video (b, T, H, W, C) uint8, label, source, row, slot, ok.
+        """
+        per_stream = max(1, min_rows // max(1, self.steps_per_epoch * self.videos_per_rank))
+        while epoch < epochs:
+            last = min(epochs, epoch + per_stream)
+            tables = [self.rank_table(e, start_step if e == epoch else 0) for e in range(epoch, last)]
+            steps = [(e, i) for e in range(epoch, last) for i in range(start_step if e == epoch else 0, self.steps_per_epoch)]
+            ds = build_dataset(pa.concat_tables(tables), self.clip, self.seed, self.resources)
+            batches = ds.iter_torch_batches(batch_size=self.videos_per_rank * self.clip.repeats, drop_last=False,
+                                            prefetch_batches=2)
+            for (e, i), batch in zip(steps, batches):
+                yield e, i, batch
+            epoch, start_step = last, 0
 
 
 def eval_stream(source: Source, clip: ClipConfig, resources: DecodeResources, world: int, rank: int,

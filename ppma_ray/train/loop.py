@@ -148,77 +148,74 @@ def train_loop(loop_config: dict) -> None:
     window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "clips": 0}
     metrics: dict = {}
     step = state["step"]
-    for epoch in range(state["epoch"], stage.epochs):
-        start = state["step_in_epoch"] if epoch == state["epoch"] else 0
-        ddp_model.train()
+    ddp_model.train()
+    t_fetch = time.perf_counter()
+    for epoch, i, batch in stream.iterate(state["epoch"], state["step_in_epoch"], stage.epochs):
+        batch = {k: v.numpy() for k, v in batch.items()}
+        kept = tracker.update(batch)
+        weight = 1.0
+        if len(kept["ok"]) == 0:  # every clip failed: keep the step (DDP) but learn nothing
+            kept, weight = batch, 0.0
+        window["wait"] += time.perf_counter() - t_fetch
+        if cfg.run.fail_at_step == step and rank == 0:
+            _fail_once(cfg, stage_name, step)
+        torch.manual_seed(step_seed(cfg.run.seed, rank, step))
+        lr = lr_at(step, total_steps, stage.optim)
+        schedule_lr(optimizer, lr)
+        dev = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in kept.items()}
+        with autocast:
+            loss, extra = loss_fn(ddp_model, dev)
+            loss = loss * weight
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.optim.clip_grad or math.inf)
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        if world > 1:  # all ranks must take (or skip) the step together
+            flag = finite.float().to(device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag > 0
+        if bool(finite):
+            optimizer.step()
+            state["skipped_steps"] = 0
+        else:
+            state["skipped_steps"] += 1
+            if state["skipped_steps"] > MAX_SKIPPED_STEPS:
+                raise FloatingPointError(f"{stage_name}: loss or gradient not finite for {MAX_SKIPPED_STEPS + 1} steps in a row (step {step})")
+        step += 1
+        clips = len(batch["ok"]) * world
+        clips_done += clips
+        window["clips"] += clips
+        window["loss"] += float(loss.detach()) if bool(finite) else 0.0
+        window["n"] += 1
+        state.update(step=step, epoch=epoch, step_in_epoch=i + 1)
+        if step % cfg.run.log_every == 0 or i + 1 == stream.steps_per_epoch:
+            metrics = _log_line(stage_name, window, step, total_steps, epoch, stage.epochs, lr, grad_norm, tracker, extra, rank)
+            log.write(step, metrics)
+        stop = cfg.run.max_steps is not None and step >= cfg.run.max_steps
+        end_of_epoch = i + 1 == stream.steps_per_epoch
+        if end_of_epoch:
+            state.update(epoch=epoch + 1, step_in_epoch=0)
+        if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or end_of_epoch or stop:
+            if end_of_epoch and stage_name == "align":
+                last = epoch + 1 == stage.epochs
+                if loop_config.get("test_views"):  # downstream: the test protocol once, at the end
+                    if last:
+                        metrics.update(_final_test(ddp_model, resolved, head_of_source, clip, resources, world,
+                                                   rank, device, autocast, loop_config["test_views"], log_dir))
+                elif last or (epoch + 1) % cfg.run.val_every == 0:
+                    metrics.update(_validate(ddp_model, resolved, head_of_source, clip, resources, world, rank, device, autocast))
+                if isinstance(model, LearnedAverage):
+                    metrics["learned_alpha"] = model.alphas().detach().mean(0).tolist()
+                ddp_model.train()
+                log.write(step, {k: v for k, v in metrics.items() if k.startswith(("val", "test"))})
+            wall = time.perf_counter() - t_start
+            metrics.update(stage_clips_per_s=clips_done / wall, stage_wall_s=wall, step=step, epoch=state["epoch"],
+                           failed_clips=int(tracker.failed.sum()))
+            state["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
+            _report(metrics, model, optimizer, state, loop_config["config"], rank)
+        if stop:
+            break
         t_fetch = time.perf_counter()
-        for i, batch in enumerate(stream.batches(epoch, start), start=start):
-            batch = {k: v.numpy() for k, v in batch.items()}
-            kept = tracker.update(batch)
-            weight = 1.0
-            if len(kept["ok"]) == 0:  # every clip failed: keep the step (DDP) but learn nothing
-                kept, weight = batch, 0.0
-            window["wait"] += time.perf_counter() - t_fetch
-            if cfg.run.fail_at_step == step and rank == 0:
-                _fail_once(cfg, stage_name, step)
-            torch.manual_seed(step_seed(cfg.run.seed, rank, step))
-            lr = lr_at(step, total_steps, stage.optim)
-            schedule_lr(optimizer, lr)
-            dev = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in kept.items()}
-            with autocast:
-                loss, extra = loss_fn(ddp_model, dev)
-                loss = loss * weight
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.optim.clip_grad or math.inf)
-            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-            if world > 1:  # all ranks must take (or skip) the step together
-                flag = finite.float().to(device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                finite = flag > 0
-            if bool(finite):
-                optimizer.step()
-                state["skipped_steps"] = 0
-            else:
-                state["skipped_steps"] += 1
-                if state["skipped_steps"] > MAX_SKIPPED_STEPS:
-                    raise FloatingPointError(f"{stage_name}: loss or gradient not finite for {MAX_SKIPPED_STEPS + 1} steps in a row (step {step})")
-            step += 1
-            clips = len(batch["ok"]) * world
-            clips_done += clips
-            window["clips"] += clips
-            window["loss"] += float(loss.detach()) if bool(finite) else 0.0
-            window["n"] += 1
-            state.update(step=step, epoch=epoch, step_in_epoch=i + 1)
-            if step % cfg.run.log_every == 0 or i + 1 == stream.steps_per_epoch:
-                metrics = _log_line(stage_name, window, step, total_steps, epoch, stage.epochs, lr, grad_norm, tracker, extra, rank)
-                log.write(step, metrics)
-            stop = cfg.run.max_steps is not None and step >= cfg.run.max_steps
-            end_of_epoch = i + 1 == stream.steps_per_epoch
-            if end_of_epoch:
-                state.update(epoch=epoch + 1, step_in_epoch=0)
-            if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or end_of_epoch or stop:
-                if end_of_epoch and stage_name == "align":
-                    last = epoch + 1 == stage.epochs
-                    if loop_config.get("test_views"):  # downstream: the test protocol once, at the end
-                        if last:
-                            metrics.update(_final_test(ddp_model, resolved, head_of_source, clip, resources, world,
-                                                       rank, device, autocast, loop_config["test_views"], log_dir))
-                    else:
-                        metrics.update(_validate(ddp_model, resolved, head_of_source, clip, resources, world, rank, device, autocast))
-                    if isinstance(model, LearnedAverage):
-                        metrics["learned_alpha"] = model.alphas().detach().mean(0).tolist()
-                    ddp_model.train()
-                    log.write(step, {k: v for k, v in metrics.items() if k.startswith(("val", "test"))})
-                wall = time.perf_counter() - t_start
-                metrics.update(stage_clips_per_s=clips_done / wall, stage_wall_s=wall, step=step, epoch=state["epoch"],
-                               failed_clips=int(tracker.failed.sum()))
-                state["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
-                _report(metrics, model, optimizer, state, loop_config["config"], rank)
-            if stop:
-                log.close()
-                return
-            t_fetch = time.perf_counter()
     log.close()
 
 

@@ -1,0 +1,118 @@
+"""Downstream evaluation: protocols, multi-view testing, weight averaging."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from ppma_ray.config import OptimConfig
+from ppma_ray.data.pipeline import ClipConfig, DecodeResources, Source
+from ppma_ray.data.transforms import AugmentConfig
+from ppma_ray.models import create_model
+from ppma_ray.models.averaging import LearnedAverage, average_state_dicts, load_trunks
+from ppma_ray.train.data import eval_stream
+from ppma_ray.train.evaluate import multiview_test, video_probs
+from ppma_ray.train.optim import build_optimizer
+from ppma_ray.train.stages import AlignLoss
+
+SMALL = dict(img_size=32, num_frames=4, patch_size=8, depth=2, drop_path_rate=0.2)
+CLIP = ClipConfig(num_frames=4, clip_seconds=0.4, augment=AugmentConfig(crop_size=32, short_side=32))
+
+
+def _train_a_few_steps(model):
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.05, layer_decay=0.75))
+    loss_fn = AlignLoss(["default"], {"default": 3}, label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, random_erase=0.25)
+    model.train()
+    for _ in range(3):
+        batch = {"video": torch.randint(0, 255, (4, 4, 32, 32, 3), dtype=torch.uint8),
+                 "label": torch.tensor([0, 1, 2, 1]), "source": torch.zeros(4, dtype=torch.long)}
+        loss, _ = loss_fn(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_linear_probe_leaves_the_trunk_bit_identical_and_fine_tuning_changes_it():
+    torch.manual_seed(0)
+    lp = create_model("vit_tiny", "classifier", num_classes=3, **SMALL)
+    lp.set_linear_probe(True)
+    before = {k: v.clone() for k, v in lp.state_dict().items()}
+    _train_a_few_steps(lp)
+    for k, v in lp.state_dict().items():
+        assert torch.equal(v, before[k]) != k.startswith("heads."), k  # trunk same, head changed
+    ft = create_model("vit_tiny", "classifier", num_classes=3, **SMALL)
+    before = {k: v.clone() for k, v in ft.state_dict().items()}
+    _train_a_few_steps(ft)
+    assert not torch.equal(ft.blocks[0].attn.qkv.weight, before["blocks.0.attn.qkv.weight"])
+
+
+def test_multiview_probability_is_the_mean_of_the_view_softmaxes():
+    logits = torch.randn(5, 6, 7)
+    direct = torch.stack([torch.stack([torch.softmax(logits[b, v], 0) for v in range(6)]).mean(0) for b in range(5)])
+    assert torch.allclose(video_probs(logits), direct)
+
+
+class _ConstModel(torch.nn.Module):
+    """Scores each view by its mean pixel: lets the test predict the answer independently."""
+
+    def forward(self, x, head=None):
+        m = x.mean(dim=(1, 2, 3, 4))
+        return torch.stack([m, -m, torch.zeros_like(m)], dim=1)
+
+
+def test_every_test_video_counts_once_and_a_broken_one_is_excluded_and_named(ray_session, video_dir):
+    paths = [str(video_dir / f"good{i}.mp4") for i in range(3)] + [str(video_dir / "text.mp4"), str(video_dir / "frames_ok")]
+    src = Source("t", pa.table({"path": paths, "label": [0, 1, 0, 1, 2]}))
+    res = DecodeResources(rows_per_task=2)
+    seen = []
+    for rank in range(2):  # two ranks split the list without overlap
+        for b in eval_stream(src, CLIP, res, world=2, rank=rank, num_clips=2, num_crops=3):
+            assert b["video"].shape[1:3] == (6, 4)  # 2 clips x 3 crops, 4 frames
+            seen += b["row"].tolist()
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+    out = multiview_test(_ConstModel(), src, CLIP, res, world=1, rank=0, device="cpu",
+                         autocast=torch.autocast("cpu", enabled=False))
+    assert out["videos"] == 4 and out["failed"] == 1 and out["failed_rows"] == [3]
+    assert out["top5"] == 1.0  # 3 classes: the true class is always in the top 5
+
+
+def _clf(seed):
+    torch.manual_seed(seed)
+    return create_model("vit_tiny", "classifier", num_classes=4, **{**SMALL, "drop_path_rate": 0.0}).eval()
+
+
+def test_fixed_alpha_endpoints_reproduce_each_checkpoint_exactly():
+    a, b = _clf(1), _clf(2)
+    trunks = load_trunks([a.state_dict(), b.state_dict()])
+    x = torch.randn(2, 3, 4, 32, 32)
+    for alphas, ref in (([1.0, 0.0], a), ([0.0, 1.0], b)):
+        m = _clf(3)
+        m.load_state_dict(average_state_dicts(trunks, alphas), strict=False)
+        m.heads.load_state_dict(ref.heads.state_dict())
+        with torch.no_grad():
+            assert torch.equal(m(x), ref(x))
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_learned_alpha_stays_on_the_simplex_and_gets_gradient(per_layer):
+    a, b, c = _clf(1), _clf(2), _clf(5)
+    avg = LearnedAverage(_clf(3), load_trunks([a.state_dict(), b.state_dict(), c.state_dict()]), per_layer=per_layer)
+    avg.train()
+    assert not avg.classifier.blocks.training
+    opt = torch.optim.AdamW([p for p in avg.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(avg(torch.randn(2, 3, 4, 32, 32)), torch.tensor([0, 3]))
+        opt.zero_grad()
+        loss.backward()
+        assert avg.mix_logits.grad is not None and avg.mix_logits.grad.abs().sum() > 0
+        opt.step()
+    alphas = avg.alphas()
+    assert torch.allclose(alphas.sum(-1), torch.ones(alphas.shape[0])) and (alphas >= 0).all()
+    assert alphas.shape == ((len(avg.names) if per_layer else 1), 3)
+    # uniform logits give the plain average
+    with torch.no_grad():
+        avg.mix_logits.fill_(1.0)
+        mixed = avg.mixed_params()
+        name = avg.names[0]
+        expected = (a.state_dict()[name] + b.state_dict()[name] + c.state_dict()[name]) / 3
+        assert torch.allclose(mixed[name], expected, atol=1e-6)
