@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray()
     cfg = resolve_paths(cfg)
+    from ppma_ray.preflight import cheap_checks, format_table
+
+    checks = cheap_checks(cfg)
+    if not all(c.ok for c in checks):
+        print(format_table(checks), file=sys.stderr)
+        print("error: preflight failed (python jobs/preflight.py runs every check)", file=sys.stderr)
+        return 1
     out_dir = Path(args.output_dir) if args.output_dir else run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))

@@ -8,7 +8,8 @@ show up in minutes on a CPU:
   that moves where the actor was. Scene carries the label; there is no human motion to see.
 * ``synthetic`` (like SynAPT): a rendered stick figure performs one of six motions on a plain or
   noise background. Motion carries the label; the background does not.
-* ``motion`` (downstream, like Diving48): the figure's motion is the label, scenes are random.
+* ``motion`` (downstream, like Diving48): the figure's motion is the label; scenes are random and
+  faded into a plain tint, so they look alike across classes.
 * ``scene_motion`` (downstream, like UCF101): scene and motion both carry the label (class k
   shows scene k and motion k, 80% of the time; otherwise a random scene).
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from ppma_ray.data.video import write_video
 
-VERSION = 2
+VERSION = 3
 SIZE, FRAMES, FPS = 64, 40, 25
 NUM_CLASSES = 6
 MOTIONS = ("wave", "jump", "walk_right", "walk_left", "squat", "jumping_jacks")
@@ -146,6 +147,9 @@ def render(kind: str, label: int, rng: np.random.Generator) -> np.ndarray:
     else:
         layout = label if kind == "nohuman" or (kind == "scene_motion" and rng.random() < 0.8) else int(rng.integers(NUM_CLASSES))
         bg = scene(layout, rng)
+        if kind == "motion":  # like Diving48: similar, low-contrast settings; the scene says nothing
+            tint = rng.integers(0, 120, size=3)
+            bg = (0.3 * bg + 0.7 * tint).astype(np.uint8)
     motion = int(rng.integers(NUM_CLASSES)) if kind == "nohuman" else label
     color = _hsv(rng.random(), 0.7, 1.0)  # bright figure
     phase, thick = rng.uniform(0, 2 * math.pi), rng.uniform(2.0, 2.8)

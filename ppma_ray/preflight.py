@@ -1,0 +1,120 @@
+"""Checks on the connected Ray cluster before a long run: resources, shared storage, data reachability.
+
+``cheap_checks`` needs no tasks (``jobs/pretrain.py`` runs it before training); ``full_checks`` also
+runs a probe task on every alive node. Each check gives a ``Check(name, ok, detail)``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ppma_ray.config import PretrainConfig
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _alive_nodes() -> list[dict]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def cheap_checks(cfg: PretrainConfig) -> list[Check]:
+    s = cfg.scaling
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    out = []
+    if s.use_gpu:
+        out.append(Check("GPUs", gpus >= s.num_workers, f"{s.num_workers} workers x 1 GPU needed, cluster has {gpus:g}"))
+    need = s.num_workers * s.cpus_per_worker + 1
+    out.append(Check("CPUs", cpus >= need,
+                     f"{s.num_workers} x {s.cpus_per_worker} CPUs for training + >= 1 for decoding = {need:g}; cluster has {cpus:g}"))
+    nodes = _alive_nodes()
+    if len(nodes) > 1 and "://" not in cfg.run.storage_path:
+        # several nodes write checkpoints: a local path must be one shared filesystem (NFS, ...)
+        out += storage_checks(cfg.run.storage_path)
+    return out
+
+
+@ray.remote(num_cpus=0)
+def _probe_node(storage_path: str, marker: str, sample_paths: list[str]) -> dict:
+    """Runs on one node: can it write to storage, does it see the driver's marker, and the data?"""
+    import pyarrow.fs as pafs
+
+    out = {"node": ray.get_runtime_context().get_node_id()[:8], "write": "", "marker": False, "missing": []}
+    try:
+        fs, root = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(), storage_path)
+        fs.create_dir(root, recursive=True)
+        probe = f"{root.rstrip('/')}/.preflight-{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+        out["marker"] = fs.get_file_info(f"{root.rstrip('/')}/{marker}").type != pafs.FileType.NotFound
+    except Exception as e:  # any failure is the answer
+        out["write"] = f"{type(e).__name__}: {e}"
+    out["missing"] = [p for p in sample_paths if not os.path.exists(p)]
+    return out
+
+
+def storage_checks(path: str, samples: list[str] | None = None) -> list[Check]:
+    """A probe on every node: ``path`` writable there and shared with the driver (a marker written
+    here is visible there); with ``samples``, also whether those data files exist there."""
+    import pyarrow.fs as pafs
+
+    out: list[Check] = []
+    samples = samples or []
+    marker = f".preflight-marker-{uuid.uuid4().hex}"
+    try:
+        fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(f"{root.rstrip('/')}/{marker}") as f:
+            f.write(b"ok")
+    except Exception as e:
+        out.append(Check("storage writable (driver)", False, f"{path} is not writable: {type(e).__name__}: {e}"))
+        return out
+    try:
+        refs = [_probe_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path, marker, samples)
+                for n in _alive_nodes()]
+        results = ray.get(refs, timeout=300)
+    finally:
+        try:
+            fs.delete_file(f"{root.rstrip('/')}/{marker}")
+        except Exception:
+            pass
+    for r in results:
+        out.append(Check(f"storage writable on node {r['node']}", not r["write"], r["write"] or path))
+        out.append(Check(f"storage shared with node {r['node']}", r["marker"],
+                         "sees the driver's files" if r["marker"] else f"{path} on that node is not the driver's {path}"))
+    if samples:
+        missing = sorted({p for r in results for p in r["missing"]})
+        out.append(Check("data reachable from workers", not missing,
+                         f"{len(samples)} sampled files on {len(results)} node(s)" + (f"; missing: {missing[:5]}" if missing else "")))
+    return out
+
+
+def full_checks(cfg: PretrainConfig, sample_per_source: int = 20) -> list[Check]:
+    """Resources, storage on every node, and a sample of every source's files from every node."""
+    from ppma_ray.train.data import resolve_sources
+
+    out = [c for c in cheap_checks(cfg) if not c.name.startswith("storage")]
+    samples: list[str] = []
+    try:
+        for r in resolve_sources(cfg.data, sorted(set(cfg.mae.mix) | set(cfg.align.mix))):
+            samples += r.train.table.column("path").to_pylist()[:sample_per_source]
+    except Exception as e:
+        out.append(Check("manifests", False, str(e)))
+    return out + storage_checks(cfg.run.storage_path, samples)
+
+
+def format_table(checks: list[Check]) -> str:
+    lines = ["| check | result | detail |", "|---|---|---|"]
+    lines += [f"| {c.name} | {'PASS' if c.ok else 'FAIL'} | {c.detail} |" for c in checks]
+    return "\n".join(lines)
