@@ -148,6 +148,28 @@ class EvalSettings:
 
 
 @dataclass
+class TuneSettings:
+    """``jobs/tune_mix.py``: stage-2 proportion p of the synthetic source (the no-human source gets
+    1 - p), the averaging coefficient alpha of the p = 1 and p = 0 models, any other key."""
+
+    p_values: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    search: str = "grid"  # grid | random | optuna | hyperopt (p = 0 and 1 are always run)
+    num_samples: int = 2  # extra p samples for random / optuna / hyperopt
+    extra: dict[str, list[float]] = field(default_factory=dict)  # dotted key -> grid values
+    alpha_values: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    learned_alpha: bool = True
+    scheduler: str = "none"  # none | asha (early stopping on the stage-2 validation top-1)
+    align_epochs: int | None = None  # stage-2 epochs per trial (None: align.epochs)
+    max_concurrent_trials: int = 1  # cap by the GPUs you have: each trial uses scaling.num_workers
+    val_fraction: float = 0.2
+    split_seed: int = 42
+    group_regex: str = r"_g(\d+)"
+    nohuman: str = "nohuman"  # source names in data.sources
+    synthetic: str = "synthetic"
+    fail_p: float | None = None  # test hook: the trial with this p raises
+
+
+@dataclass
 class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -156,6 +178,7 @@ class PretrainConfig:
     lp: StageConfig = field(default_factory=StageConfig)  # downstream linear probe (Ray Train)
     ft: StageConfig = field(default_factory=StageConfig)  # downstream fine-tuning
     eval: EvalSettings = field(default_factory=EvalSettings)
+    tune: TuneSettings = field(default_factory=TuneSettings)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     run: RunSettings = field(default_factory=RunSettings)
 

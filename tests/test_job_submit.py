@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -11,14 +10,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import agent_ports, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -26,12 +20,12 @@ def head_node():
     """A separate single-node cluster. Its processes are found by its own temp dir on teardown,
     because `ray stop` would also stop the test session's local instance."""
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
-         f"--dashboard-port={dash}", "--include-dashboard=true", f"--temp-dir={temp}", "--block"],
+         f"--dashboard-port={dash}", "--include-dashboard=true", f"--temp-dir={temp}", "--block", *agent_ports()],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"

@@ -242,6 +242,9 @@ def _validate(model, resolved, head_of_source, clip, resources, world, rank, dev
                              head=head_of_source[k], num_clips=1, num_crops=1, batch_size=8)
         out[f"val_top1/{r.train.name}"] = res["top1"]
         out[f"val_failed/{r.train.name}"] = res["failed"]
+    top1 = [v for k, v in out.items() if k.startswith("val_top1/")]
+    if top1:
+        out["val_top1_mean"] = sum(top1) / len(top1)  # one number for schedulers (ASHA)
     if rank == 0 and out:
         print("  validation: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items() if "top1" in k), flush=True)
     return out

@@ -48,10 +48,11 @@ def decode_cpu_budget(cfg: PretrainConfig) -> float:
 
 
 def run_stage(cfg: PretrainConfig, stage_name: str, init_from: str | None = None, run_name: str | None = None,
-              **loop_options) -> dict:
+              callbacks: list | None = None, **loop_options) -> dict:
     """Train one stage on Ray Train; returns its summary (steps, final loss, clips/s, wall time,
     checkpoint directory, and per-source validation top-1 for stage 2).
 
+    ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a trial).
     ``loop_options`` go to the worker loop: ``linear_probe``, ``average`` (learned weight
     averaging), ``test_views`` (clips, crops) for the final multi-view test."""
     run_name = run_name or f"{cfg.run.name}-{stage_name}"
@@ -68,6 +69,7 @@ def run_stage(cfg: PretrainConfig, stage_name: str, init_from: str | None = None
             storage_path=cfg.run.storage_path, name=run_name,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks,
         ),
     )
     t0 = time.perf_counter()

@@ -1,0 +1,77 @@
+"""Ray Tune: tuning splits, a tiny experiment end to end, resume, a failing trial."""
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ppma_ray.config import load_config
+from ppma_ray.data.catalog import load_split
+from ppma_ray.data.demo import make_demo
+from ppma_ray.data.manifest import read_manifest
+from ppma_ray.tune.splits import group_keys, group_split
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("source", ["ucf101", "demo"])
+def test_tuning_split_keeps_groups_together_and_never_touches_the_test_list(source, tmp_path):
+    if source == "ucf101":
+        train, test = load_split("ucf101", "train"), load_split("ucf101", "val")
+    else:
+        m = make_demo(tmp_path, seed=0)
+        train, test = read_manifest(m["motion"]["train"]), read_manifest(m["motion"]["val"])
+    tr, va = group_split(train, 0.2, seed=42)
+    assert tr.num_rows + va.num_rows == train.num_rows and 0.15 < va.num_rows / train.num_rows < 0.3
+    assert not set(group_keys(tr)) & set(group_keys(va))
+    tuning = set(tr.column("path").to_pylist()) | set(va.column("path").to_pylist())
+    assert tuning == set(train.column("path").to_pylist()) and not tuning & set(test.column("path").to_pylist())
+    again = group_split(train, 0.2, seed=42)[1]
+    assert again.column("path").to_pylist() == va.column("path").to_pylist()
+
+
+TINY = [
+    "model.depth=2", "model.decoder_depth=1", "model.decoder_embed_dim=64", "model.decoder_num_heads=2",
+    "data.clip.num_frames=8", "data.clip.clip_seconds=0.64", "data.clip.img_size=32", "data.clip.short_side=36",
+    "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1", "mae.epochs=1", "tune.align_epochs=1",
+    "eval.tasks=[demo:motion]", "eval.test_clips=1", "eval.test_crops=1", "eval.lp_epochs=20",
+]
+
+
+def _rows(out):
+    with open(out / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_session, tmp_path):
+    from ppma_ray.tune.search import run_experiment
+
+    sets = TINY + [f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={tmp_path / 'demo'}", "run.name=t"]
+    first = load_config(ROOT / "jobs/configs/demo.yaml", sets + ["tune.p_values=[0.0, 0.5, 1.0]", "tune.fail_p=0.5",
+                                                                 "tune.alpha_values=[]", "tune.learned_alpha=false"])
+    out = tmp_path / "out"
+    run_experiment(first, out)
+    rows = _rows(out)
+    assert sorted((r["phase"], float(r["p"]), r["status"]) for r in rows) == [
+        ("mix", 0.0, "done"), ("mix", 0.5, "failed"), ("mix", 1.0, "done")]
+    stage2_dirs = sorted(p.name for p in (tmp_path / "runs").glob("t-mix_trial*"))
+    assert len(stage2_dirs) == 2
+
+    # the same command again, now with the averaging phase: finished trials are not run again
+    second = load_config(ROOT / "jobs/configs/demo.yaml", sets + ["tune.p_values=[0.0, 0.5, 1.0]", "tune.fail_p=0.5",
+                                                                  "tune.alpha_values=[0.5]", "tune.learned_alpha=false"])
+    mtimes = {d: os.path.getmtime(tmp_path / "runs" / d) for d in stage2_dirs}
+    run_experiment(second, out)
+    assert sorted(p.name for p in (tmp_path / "runs").glob("t-mix_trial*")) == stage2_dirs
+    assert {d: os.path.getmtime(tmp_path / "runs" / d) for d in stage2_dirs} == mtimes
+    rows = _rows(out)
+    assert [(r["phase"], float(r["alpha"])) for r in rows if r["phase"] == "avg"] == [("avg", 0.5)]
+    done = [r for r in rows if r["objective"]]
+    assert all(0.0 <= float(r["objective"]) <= 1.0 for r in done) and all(r["lp_top1/motion"] for r in done)
+    best = max(done, key=lambda r: float(r["objective"]))
+    header = (out / "best.yaml").read_text().splitlines()[0]
+    assert best["trial"] in header and f"{float(best['objective']):.4f}" in header
+    cfg = yaml.safe_load((out / "best.yaml").read_text())
+    assert set(cfg["align"]["mix"]) == {"nohuman", "synthetic"} and (out / "tune.png").stat().st_size > 1000
