@@ -44,7 +44,7 @@ def window_span(num_video_frames: int, fps: float, clip_seconds: float) -> int:
     return int(max(1, min(num_video_frames, round(clip_seconds * fps))))
 
 
-class _Source:
+class VideoSource:
     """Random access to the frames of one video file or frame folder."""
 
     def __init__(self, path: str | os.PathLike, fps: float | None = None):
@@ -98,7 +98,7 @@ def sample_clip(
         start_s, end_s: restrict the window to this segment of the video (manifest columns).
         seed / rng: the window position is drawn from ``rng`` or from ``default_rng(seed)``.
     """
-    src = _Source(path, fps)
+    src = VideoSource(path, fps)
     lo, hi = _segment(src, start_s, end_s)
     span = window_span(hi - lo, src.fps, clip_seconds)
     rng = rng if rng is not None else np.random.default_rng(seed)
@@ -117,7 +117,7 @@ def sample_clips(
 ) -> np.ndarray:
     """``num_clips`` evenly spaced windows (deterministic, for evaluation) ->
     ``(num_clips, num_frames, H, W, C)`` uint8. Frames shared by windows are decoded once."""
-    src = _Source(path, fps)
+    src = VideoSource(path, fps)
     lo, hi = _segment(src, start_s, end_s)
     span = window_span(hi - lo, src.fps, clip_seconds)
     starts = np.linspace(lo, hi - span, num_clips).round().astype(np.int64)
@@ -131,12 +131,12 @@ def probe_video(path: str | os.PathLike, fps: float | None = None) -> dict:
 
     Returns ``{"num_frames", "fps", "height", "width"}``; raises ``VideoDecodeError``.
     """
-    src = _Source(path, fps)
+    src = VideoSource(path, fps)
     frames = src.get(np.array([0, src.num_frames - 1]))
     return {"num_frames": src.num_frames, "fps": src.fps, "height": frames.shape[1], "width": frames.shape[2]}
 
 
-def _segment(src: _Source, start_s: float | None, end_s: float | None) -> tuple[int, int]:
+def _segment(src: VideoSource, start_s: float | None, end_s: float | None) -> tuple[int, int]:
     lo = 0 if start_s is None else int(round(start_s * src.fps))
     hi = src.num_frames if end_s is None else min(src.num_frames, int(round(end_s * src.fps)))
     lo = min(max(lo, 0), src.num_frames - 1)

@@ -45,6 +45,16 @@ def tuning_tasks(cfg: PretrainConfig, out_dir: Path) -> dict[str, SourceConfig]:
     return tasks
 
 
+TRIAL_CPU = 0.01  # the trial driver only waits on its TorchTrainer
+
+
+def _in_trial(cfg: PretrainConfig) -> PretrainConfig:
+    """Take the trial driver's sliver of CPU from the training worker's share: decode tasks need
+    whole free CPUs, and a node left with 0.99 CPU would never schedule one (the job would hang)."""
+    cfg.scaling.cpus_per_worker = max(TRIAL_CPU, cfg.scaling.cpus_per_worker - TRIAL_CPU)
+    return cfg
+
+
 def _score(cfg: PretrainConfig, tasks: dict, model_name: str, checkpoints: list[str], **kw) -> dict:
     """LP top-1 on every tuning split, and their mean (the objective)."""
     metrics, extra = {}, {}
@@ -73,7 +83,7 @@ def mix_trial(config: dict, base: dict, stage1: str, tasks: dict) -> None:
         apply_override(data, f"{key}={value}")
     if t.get("align_epochs"):
         data["align"]["epochs"] = t["align_epochs"]
-    cfg = from_dict(PretrainConfig, data)
+    cfg = _in_trial(from_dict(PretrainConfig, data))
     trial = tune.get_context().get_trial_name()
     out = run_stage(cfg, "align", init_from=stage1, run_name=f"{cfg.run.name}-{trial}",
                     callbacks=[TuneReportCallback()])
@@ -83,7 +93,7 @@ def mix_trial(config: dict, base: dict, stage1: str, tasks: dict) -> None:
 
 def avg_trial(config: dict, base: dict, tasks: dict, synthetic_ckpt: str, nohuman_ckpt: str) -> None:
     """Weight mixing: the p=1 and p=0 models averaged at a fixed alpha, or alpha learned."""
-    cfg = from_dict(PretrainConfig, base)
+    cfg = _in_trial(from_dict(PretrainConfig, base))
     trial = tune.get_context().get_trial_name()
     ckpts = [synthetic_ckpt, nohuman_ckpt]
     if config["alpha"] == "learned":
@@ -126,7 +136,7 @@ def _run(name: str, trainable, space: dict, cfg: PretrainConfig, search_alg=None
          scheduler=None) -> "tune.ResultGrid":
     """A Tune experiment under storage_path/name, restored (finished trials kept) when it exists."""
     path = f"{cfg.run.storage_path}/{name}"
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})  # the trial driver itself does no work
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, param_space=space, resume_errored=False)
     else:

@@ -1,0 +1,1 @@
+"""Build No-Human datasets: segment people, remove them from the video, audit the result."""

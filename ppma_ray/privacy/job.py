@@ -1,0 +1,136 @@
+"""Human removal and privacy audit as Ray Data jobs over a manifest.
+
+Videos stream through an actor pool (one segmenter per actor, on a GPU when asked); each actor
+decodes a whole video, segments every frame, removes the people (``inpaint.py``) and writes the
+No-Human mp4, returning one report row. A video that cannot be read is reported and the rest go on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from ppma_ray.data.video import VideoDecodeError, VideoSource, write_video
+from ppma_ray.privacy.inpaint import inpaint_video, person_mask
+
+
+def make_segmenter(spec: str):
+    """``torchvision[:ARCH][:none|PATH]`` (DEFAULT weights unless ``none`` or a weights file),
+    ``colorkey:R,G,B``, or ``package.module:Class`` (constructed without arguments)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "torchvision":
+        from ppma_ray.privacy.segment import ARCHS, TorchvisionSegmenter
+
+        parts = [p for p in rest.split(":") if p]
+        arch = parts.pop(0) if parts and parts[0] in ARCHS else "deeplabv3_mobilenet_v3_large"
+        weights = parts[0] if parts else "DEFAULT"
+        if weights == "none":
+            return TorchvisionSegmenter(arch, weights=None)
+        if os.path.exists(weights):
+            return TorchvisionSegmenter(arch, weights=None, weights_path=weights)
+        return TorchvisionSegmenter(arch, weights=weights)
+    if kind == "colorkey":
+        from ppma_ray.privacy.segment import ColorKeySegmenter
+
+        return ColorKeySegmenter(tuple(int(c) for c in rest.split(",")) if rest else (255, 0, 255))
+    module, _, cls = spec.rpartition(":")
+    if not module:
+        raise ValueError(f"unknown segmenter {spec!r}")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def read_all_frames(path: str, fps: float | None = None) -> tuple[np.ndarray, float]:
+    src = VideoSource(path, fps)
+    return src.get(np.arange(src.num_frames)), src.fps
+
+
+class RemoveHumans:
+    """Ray Data actor: one video per call -> the No-Human mp4 and a report row."""
+
+    def __init__(self, segmenter: str, out_dir: str, root: str | None, threshold: float, dilate: int, fps: float | None):
+        self.segment = make_segmenter(segmenter)
+        self.out_dir, self.root, self.threshold, self.dilate, self.fps = Path(out_dir), root, threshold, dilate, fps
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [self._one(str(p)) for p in batch["path"]]
+        return {**{k: np.asarray(v) for k, v in batch.items()},
+                **{k: np.asarray([r[k] for r in rows], dtype=object if k in ("out_path", "error") else None)
+                   for k in rows[0]}}
+
+    def _one(self, path: str) -> dict:
+        t0 = time.perf_counter()
+        row = {"out_path": "", "frames": 0, "person_frac_before": np.nan, "person_frac_after": np.nan,
+               "seconds": 0.0, "error": ""}
+        try:
+            frames, fps = read_all_frames(path, self.fps)
+            mask = person_mask(self.segment(frames), self.threshold, self.dilate)
+            clean = inpaint_video(frames, mask)
+            after = self.segment(clean) > self.threshold
+            rel = Path(os.path.relpath(path, self.root) if self.root else Path(path).name).with_suffix(".mp4")
+            target = self.out_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            h, w = clean.shape[1] // 2 * 2, clean.shape[2] // 2 * 2  # H.264 wants even sizes
+            write_video(target, np.ascontiguousarray(clean[:, :h, :w]), fps=fps)
+            row.update(out_path=str(rel), frames=len(frames), person_frac_before=float(mask.mean()),
+                       person_frac_after=float(after.mean()))
+        except VideoDecodeError as e:
+            row["error"] = e.reason
+        row["seconds"] = time.perf_counter() - t0
+        return row
+
+
+class AuditFrames:
+    """Ray Data actor: sampled frames of one video -> person statistics."""
+
+    def __init__(self, segmenter: str, threshold: float, frames_per_video: int, min_person_frac: float, fps: float | None):
+        self.segment = make_segmenter(segmenter)
+        self.threshold, self.n, self.min_frac, self.fps = threshold, frames_per_video, min_person_frac, fps
+
+    def __call__(self, batch: dict) -> dict:
+        stats = {"sampled_frames": [], "frames_with_person": [], "person_pixel_frac": [], "error": []}
+        for p in batch["path"]:
+            try:
+                src = VideoSource(str(p), self.fps)
+                idx = np.linspace(0, src.num_frames - 1, min(self.n, src.num_frames)).round().astype(np.int64)
+                person = self.segment(src.get(idx)) > self.threshold
+                per_frame = person.mean(axis=(1, 2))
+                stats["sampled_frames"].append(len(idx))
+                stats["frames_with_person"].append(int((per_frame > self.min_frac).sum()))
+                stats["person_pixel_frac"].append(float(person.mean()))
+                stats["error"].append("")
+            except VideoDecodeError as e:
+                for k, v in (("sampled_frames", 0), ("frames_with_person", 0), ("person_pixel_frac", np.nan), ("error", e.reason)):
+                    stats[k].append(v)
+        return {**{k: np.asarray(v) for k, v in batch.items()},
+                **{k: np.asarray(v, dtype=object if k == "error" else None) for k, v in stats.items()}}
+
+
+def _run(table: pa.Table, actor, kwargs: dict, num_actors: int, num_gpus: float) -> pa.Table:
+    blocks = [table.slice(i, 1) for i in range(table.num_rows)]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        actor, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=num_gpus or None, num_cpus=1,
+    )
+    return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("line")
+
+
+def remove_humans(table: pa.Table, out_dir: str | Path, root: str | None = None, segmenter: str = "torchvision",
+                  threshold: float = 0.5, dilate: int = 4, fps: float | None = None, num_actors: int = 1,
+                  num_gpus: float = 0.0) -> pa.Table:
+    """Write No-Human versions of every video of ``table`` under ``out_dir``; returns the report."""
+    kwargs = {"segmenter": segmenter, "out_dir": str(out_dir), "root": root, "threshold": threshold,
+              "dilate": dilate, "fps": fps}
+    return _run(table.select(["path", "label", "line"]), RemoveHumans, kwargs, num_actors, num_gpus)
+
+
+def audit(table: pa.Table, segmenter: str = "torchvision", threshold: float = 0.5, frames_per_video: int = 8,
+          min_person_frac: float = 0.001, fps: float | None = None, num_actors: int = 1, num_gpus: float = 0.0) -> pa.Table:
+    kwargs = {"segmenter": segmenter, "threshold": threshold, "frames_per_video": frames_per_video,
+              "min_person_frac": min_person_frac, "fps": fps}
+    return _run(table.select(["path", "label", "line"]), AuditFrames, kwargs, num_actors, num_gpus)
