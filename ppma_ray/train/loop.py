@@ -203,7 +203,8 @@ def train_loop(loop_config: dict) -> None:
                         metrics.update(_final_test(ddp_model, resolved, head_of_source, clip, resources, world,
                                                    rank, device, autocast, loop_config["test_views"], log_dir))
                 elif last or (epoch + 1) % cfg.run.val_every == 0:
-                    metrics.update(_validate(ddp_model, resolved, head_of_source, clip, resources, world, rank, device, autocast))
+                    metrics.update(_validate(ddp_model, resolved, head_of_source, clip, resources, world, rank, device,
+                                             autocast, stage.mix))
                 if isinstance(model, LearnedAverage):
                     metrics["learned_alpha"] = model.alphas().detach().mean(0).tolist()
                 ddp_model.train()
@@ -232,11 +233,12 @@ def _log_line(stage, w, step, total, epoch, epochs, lr, grad_norm, tracker, extr
     return m
 
 
-def _validate(model, resolved, head_of_source, clip, resources, world, rank, device, autocast) -> dict:
-    """Top-1 per source on its held-out rows (one centre view per video)."""
+def _validate(model, resolved, head_of_source, clip, resources, world, rank, device, autocast, mix) -> dict:
+    """Top-1 per source on its held-out rows (one centre view per video); sources the mix does not
+    train on (weight 0) are skipped."""
     out = {}
     for k, r in enumerate(resolved):
-        if r.val is None:
+        if r.val is None or mix[r.train.name] <= 0:
             continue
         res = multiview_test(model, r.val, clip, resources, world, rank, device, autocast,
                              head=head_of_source[k], num_clips=1, num_crops=1, batch_size=8)
