@@ -78,3 +78,14 @@ def test_known_split_sizes_and_missing_train_lists():
     assert load_split("sim150", "val").num_rows == 12547
     with pytest.raises(FileNotFoundError, match="not part of the PPMA release"):
         split_file("kinetics150", "train")
+
+
+def test_errors_survive_pickling_and_copying():
+    import copy
+    import pickle
+
+    from ppma_ray.data.video import VideoDecodeError
+
+    for e in (ManifestError("m.csv", 3, "bad label"), VideoDecodeError("v.mp4", "truncated")):
+        for clone in (pickle.loads(pickle.dumps(e)), copy.copy(e)):
+            assert type(clone) is type(e) and str(clone) == str(e)

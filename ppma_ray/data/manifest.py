@@ -35,6 +35,9 @@ class ManifestError(ValueError):
         where = f"{self.file}:{line}" if line is not None else self.file
         super().__init__(f"{where}: {problem}")
 
+    def __reduce__(self):  # pickle/copy (Ray moves exceptions between processes)
+        return type(self), (self.file, self.line, self.problem)
+
 
 def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None) -> pa.Table:
     """Read a manifest of any supported format into the canonical table.

@@ -30,6 +30,9 @@ class VideoDecodeError(RuntimeError):
         self.path, self.reason = str(path), reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self):  # pickle/copy (Ray moves exceptions between processes)
+        return type(self), (self.path, self.reason)
+
 
 def window_indices(
     num_video_frames: int, fps: float, num_frames: int, clip_seconds: float, start: int

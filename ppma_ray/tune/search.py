@@ -153,7 +153,7 @@ def _run(name: str, trainable, space: dict, cfg: PretrainConfig, search_alg=None
 def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None = None) -> dict:
     """Both experiments; writes trials.csv, best.yaml and tune.png to ``out_dir``."""
     cfg = resolve_paths(cfg)
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # trials run in their own working directories
     out.mkdir(parents=True, exist_ok=True)
     t = cfg.tune
     if stage1 is None:  # one MAE for every trial (resumes / returns at once when already done)
