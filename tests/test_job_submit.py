@@ -1,6 +1,7 @@
 """`ray job submit` of the main job against a real head node started (and stopped) by the test."""
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,7 +22,9 @@ def head_node():
     because `ray stop` would also stop the test session's local instance."""
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dash = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # token authentication with a token of the test's own: a fresh machine has no ~/.ray/auth_token
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
@@ -53,9 +56,8 @@ def test_ray_job_submit_runs_pretrain(head_node, tmp_path):
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
            "--", "python", "jobs/pretrain.py", "--stage", "mae", *[a for t in tiny for a in ("--set", t)],
            "--output-dir", str(out)]
-    # the head enables token authentication; the CLI sends the local token when told to
     for _ in range(30):  # the dashboard answers before its job agent is ready
-        r = subprocess.run(cmd, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in r.stderr + r.stdout:
             break
         time.sleep(2)
