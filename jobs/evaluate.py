@@ -69,12 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                                "avg" if len(args.checkpoint) > 1 else Path(args.checkpoint[0]).name)
     try:
         entry = evaluate(cfg, args.task, args.protocol, name, args.checkpoint, alphas, args.learned_alpha,
-                         args.per_layer, args.cache_features)
+                         args.per_layer, args.cache_features, args.num_classes)
     except (FileNotFoundError, KeyError, ValueError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.num_classes is not None and entry.get("num_classes", args.num_classes) != args.num_classes:
-        print(f"warning: --num-classes {args.num_classes} differs from the labels found", file=sys.stderr)
     out = Path(args.output_dir) if args.output_dir else Path(cfg.run.storage_path) / f"{cfg.run.name}-eval"
     write_results(out, [entry])
     print_results({"eval": [entry]})

@@ -116,3 +116,44 @@ def test_learned_alpha_stays_on_the_simplex_and_gets_gradient(per_layer):
         name = avg.names[0]
         expected = (a.state_dict()[name] + b.state_dict()[name] + c.state_dict()[name]) / 3
         assert torch.allclose(mixed[name], expected, atol=1e-6)
+
+
+def test_evaluate_job_linear_probe_on_ray_train_keeps_the_trunk(tmp_path):
+    """jobs/evaluate.py with a relative checkpoint path, LP through the Ray Train loop: the trunk of
+    the final checkpoint is bit-identical to the input (fc_norm re-initialised), the head trained."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from ppma_ray.config import load_config, to_dict
+    from ppma_ray.train.checkpoint import save_checkpoint
+    from ppma_ray.train.loop import build_model
+
+    root = Path(__file__).resolve().parents[1]
+    sets = ["model.depth=2", "data.clip.num_frames=8", "data.clip.clip_seconds=0.64", "data.clip.img_size=32",
+            "data.clip.short_side=36", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1", "lp.epochs=1",
+            "eval.test_clips=1", "eval.test_crops=1", "run.storage_path=runs", "data.demo_root=demo", "run.name=e"]
+    cfg = load_config(root / "jobs/configs/demo.yaml", sets)
+    torch.manual_seed(7)
+    model = build_model(cfg, "align", {"default": 6})
+    save_checkpoint(tmp_path / "ckpt", model, None, {"step": 0}, to_dict(cfg))
+    r = subprocess.run([sys.executable, str(root / "jobs/evaluate.py"), "--checkpoint", "ckpt", "--task", "demo:motion",
+                        "--protocol", "lp", "--output-dir", "out", *[a for s in sets for a in ("--set", s)]],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    import json
+
+    (entry,) = json.loads((tmp_path / "out/results.json").read_text())["eval"]
+    assert entry["protocol"] == "lp" and entry["task"] == "motion" and entry["videos"] == 60
+    assert len((tmp_path / "out/results.csv").read_text().splitlines()) == 2
+    (final,) = sorted(p for p in (tmp_path / "runs/e-ckpt-motion-lp").glob("checkpoint_*") if p.is_dir())[-1:]
+    after, before = load_file(str(final / "model.safetensors")), model.state_dict()
+    for k, v in after.items():
+        if k.startswith("heads."):
+            assert not torch.equal(v, before[k]), k
+        elif k.startswith("fc_norm."):
+            assert torch.equal(v, torch.ones_like(v) if k.endswith("weight") else torch.zeros_like(v))
+        else:
+            assert torch.equal(v, before[k]), k

@@ -15,8 +15,6 @@ cursor, and the mixing proportion is a plain number that Ray Tune can search.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 
@@ -90,15 +88,3 @@ def plan_epoch(source_sizes, weights, num_samples: int, seed: int, epoch: int, g
         if n:
             rows[sources == k] = _rows(seed, k, int(source_sizes[k]), epoch * int(n), int(n))
     return np.stack([sources.astype(np.int64), rows], axis=1)[start:]
-
-
-def samples_per_epoch(source_sizes, weights, epoch_size: int | None = None) -> int:
-    """Default epoch length: the sizes of the sources in use, summed (each seen about once)."""
-    if epoch_size:
-        return int(epoch_size)
-    w = _check_weights(source_sizes, weights)
-    return int(sum(n for n, wk in zip(source_sizes, w) if wk > 0))
-
-
-def ceil_to(n: int, multiple: int) -> int:
-    return int(math.ceil(n / multiple) * multiple)

@@ -24,8 +24,9 @@ CSV_FIELDS = ["model", "task", "protocol", "top1", "top5", "videos", "failed", "
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A weights file, a checkpoint directory, or a Ray run directory (its newest checkpoint)."""
-    p = Path(path)
+    """A weights file, a checkpoint directory, or a Ray run directory (its newest checkpoint);
+    absolute, since workers do not share the driver's working directory."""
+    p = Path(path).resolve()
     if p.is_file():
         return p
     if (p / MODEL_FILE).is_file():
@@ -53,11 +54,12 @@ def task_name(task: str) -> str:
 
 def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, checkpoints: list[str] | None = None,
              alphas: list[float] | None = None, learned_alpha: bool = False, per_layer: bool = False,
-             cache_features: bool = False) -> dict:
+             cache_features: bool = False, num_classes: int | None = None) -> dict:
     """One (model, task, protocol) evaluation -> a results entry.
 
     ``checkpoints``: none (random init), one, or K >= 2 to average with fixed ``alphas`` or a
-    learned alpha (LP only)."""
+    learned alpha (LP only). ``num_classes`` (default: the largest label + 1) is checked against
+    the labels."""
     weights = [resolve_checkpoint(c) for c in checkpoints or []]
     cfg = config_for_checkpoint(cfg, weights[0] if weights else None)
     name = task_name(task)
@@ -85,9 +87,14 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
             init_from = str(run_dir / "averaged.safetensors")
             save_file({k: v.contiguous() for k, v in init_state.items()}, init_from)
 
+    (src,) = resolve_sources(cfg.data, [name])
+    if src.val is None:
+        raise ValueError(f"task {task!r} has no test list (val_manifest)")
+    largest = int(max(src.train.table.column("label").to_numpy().max(), src.val.table.column("label").to_numpy().max()))
+    if num_classes is not None and largest >= num_classes:
+        raise ValueError(f"--num-classes {num_classes}, but task {task!r} has label {largest}")
+    n_classes = num_classes or largest + 1
     if protocol == "lp" and cache_features and average is None:
-        (src,) = resolve_sources(cfg.data, [name])
-        n_classes = int(max(src.train.table.column("label").to_numpy().max(), src.val.table.column("label").to_numpy().max())) + 1
         model_cfg = build_model(cfg, "align", {"default": n_classes}).cfg
         state = read_state_dict(init_from) if init_from else None
         clip = clip_config(cfg.data, 1)
@@ -102,7 +109,7 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
         top1, top5, videos, failed = out["test_top1"], out["test_top5"], out["test_videos"], out["test_failed"]
         extra = {"learned_alpha": out["learned_alpha"]} if "learned_alpha" in out else {}
     return {"model": model_name, "task": name, "protocol": protocol, "top1": top1, "top5": top5, "videos": videos,
-            "failed": failed, "wall_s": time.perf_counter() - t0,
+            "failed": failed, "num_classes": n_classes, "wall_s": time.perf_counter() - t0,
             "checkpoint": ",".join(str(w) for w in weights) or "random_init", **extra}
 
 
