@@ -49,8 +49,8 @@ def average_state_dicts(trunks: list[dict[str, torch.Tensor]], alphas) -> dict[s
 
 
 def _to_classifier_names(trunk: dict, model: VideoClassifier) -> dict:
-    """A trunk's ``norm.*`` is the MAE encoder's final norm; a classifier's pooled-feature norm is
-    ``fc_norm``. Stage-2 checkpoints already carry ``fc_norm``; keep whatever the model has."""
+    """The trunk tensors the classifier has: an MAE encoder's final ``norm`` has no counterpart (a
+    classifier's ``norm`` is Identity); a stage-2 checkpoint's ``fc_norm`` is kept and averaged."""
     own = set(model.state_dict())
     return {k: v for k, v in trunk.items() if k in own}
 

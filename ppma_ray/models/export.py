@@ -26,6 +26,14 @@ from ppma_ray.models.heads import VideoClassifier
 from ppma_ray.models.mae import PretrainVideoMAE
 from ppma_ray.models.vit import ViTConfig
 
+# one-to-one renames outside the blocks (ours -> HF), used in both directions
+PRETRAIN_RENAMES = {
+    **{f"encoder.norm.{wb}": f"videomae.layernorm.{wb}" for wb in ("weight", "bias")},
+    **{f"decoder.{n}.{wb}": f"decoder.{n}.{wb}" for n in ("norm", "head") for wb in ("weight", "bias")},
+    "encoder_to_decoder.weight": "encoder_to_decoder.weight",
+    "mask_token": "mask_token",
+}
+
 HF_BLOCK = {
     "norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
     "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
@@ -92,13 +100,8 @@ def to_hf(model: VideoClassifier | PretrainVideoMAE, out_dir: str | os.PathLike,
                              "VideoMAEForPreTraining cannot express; export the trunk as a classifier instead")
         trunk = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
         hf = _trunk_to_hf(trunk, cfg)
-        hf["videomae.layernorm.weight"], hf["videomae.layernorm.bias"] = trunk["norm.weight"], trunk["norm.bias"]
-        hf["encoder_to_decoder.weight"] = state["encoder_to_decoder.weight"]
-        hf["mask_token"] = state["mask_token"]
+        hf.update({theirs: state[ours] for ours, theirs in PRETRAIN_RENAMES.items()})
         hf.update(_blocks_to_hf(state, "decoder.blocks.", "decoder.decoder_layers.", cfg.decoder_depth))
-        for name in ("norm", "head"):
-            for wb in ("weight", "bias"):
-                hf[f"decoder.{name}.{wb}"] = state[f"decoder.{name}.{wb}"]
         hf_cfg = _hf_config(cfg, pretraining=True)
         hf_cfg.architectures = ["VideoMAEForPreTraining"]
     else:
@@ -145,13 +148,8 @@ def from_hf(path: str | os.PathLike) -> VideoClassifier | PretrainVideoMAE:
     if pretraining:
         model = PretrainVideoMAE(cfg)
         state = {f"encoder.{k}": v for k, v in trunk.items()}
-        state["encoder.norm.weight"], state["encoder.norm.bias"] = hf["videomae.layernorm.weight"], hf["videomae.layernorm.bias"]
-        state["encoder_to_decoder.weight"] = hf["encoder_to_decoder.weight"]
-        state["mask_token"] = hf["mask_token"]
+        state.update({ours: hf[theirs] for ours, theirs in PRETRAIN_RENAMES.items()})
         state.update(_blocks_from_hf(hf, "decoder.decoder_layers.", "decoder.blocks.", cfg.decoder_depth))
-        for name in ("norm", "head"):
-            for wb in ("weight", "bias"):
-                state[f"decoder.{name}.{wb}"] = hf[f"decoder.{name}.{wb}"]
     else:
         model = VideoClassifier(cfg, num_classes=hf["classifier.weight"].shape[0])
         state = dict(trunk)
