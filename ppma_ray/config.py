@@ -95,6 +95,9 @@ class StageConfig:
     samples_per_epoch: int | None = None  # clips; None: the used sources' sizes x repeats
     repeats: int = 1  # repeated augmentations per decoded video
     mix: dict[str, float] = field(default_factory=dict)  # source name -> weight
+    # [[epoch, mix], ...]: from that epoch on, ``mix`` is replaced (a PBT schedule, replayed);
+    # epochs before the first entry use ``mix``
+    mix_schedule: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     granularity: str = "sample"  # "sample" (mixed batches) | "batch" (single-source batches)
     optim: OptimConfig = field(default_factory=OptimConfig)
     drop_path_rate: float = 0.0
@@ -107,6 +110,22 @@ class StageConfig:
     randaug_ops: int = 0  # RandAugment ops per clip (0: off); PPMA: 4 ops, magnitude 7, p 0.5
     randaug_magnitude: int = 7
     random_erase: float = 0.0
+
+    def mix_at(self, epoch: int) -> dict[str, float]:
+        """The source weights of ``epoch`` (``mix``, or the schedule entry in force)."""
+        current = self.mix
+        for start, mix in self.mix_schedule:
+            if start <= epoch:
+                current = mix
+        return current
+
+    def source_names(self) -> list[str]:
+        """Every source the stage names, in first-mentioned order (one head each)."""
+        return list(dict.fromkeys([*self.mix, *(name for _, mix in self.mix_schedule for name in mix)]))
+
+    def trained_sources(self) -> set[str]:
+        """Sources with a positive weight in some epoch."""
+        return {n for mix in [self.mix, *(m for _, m in self.mix_schedule)] for n, w in mix.items() if w > 0}
 
 
 @dataclass
@@ -158,9 +177,16 @@ class TuneSettings:
     extra: dict[str, list[float]] = field(default_factory=dict)  # dotted key -> grid values
     alpha_values: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     learned_alpha: bool = True
-    scheduler: str = "none"  # none | asha (early stopping on the stage-2 validation top-1)
+    scheduler: str = "none"  # none | asha (early stopping on the stage-2 validation top-1) | pbt
+    # --scheduler pbt: a population whose p changes during stage 2 (exploit: copy a better trial's
+    # checkpoint; explore: p x 0.8 or 1.2, or resampled), every ``pbt_interval`` stage-2 epochs
+    pbt_population: int = 4  # initial p evenly spaced over [0, 1]
+    pbt_interval: int = 2
+    pbt_quantile: float = 0.25  # the bottom fraction copies the top fraction
+    pbt_resample: float = 0.25
     align_epochs: int | None = None  # stage-2 epochs per trial (None: align.epochs)
     max_concurrent_trials: int = 1  # cap by the GPUs you have: each trial uses scaling.num_workers
+    # (PBT: stage-2 rounds running at once; the whole population is live)
     val_fraction: float = 0.2
     split_seed: int = 42
     group_regex: str = r"_g(\d+)"

@@ -107,7 +107,7 @@ def full_checks(cfg: PretrainConfig, sample_per_source: int = 20) -> list[Check]
     out = [c for c in cheap_checks(cfg) if not c.name.startswith("storage")]
     samples: list[str] = []
     try:
-        for r in resolve_sources(cfg.data, sorted(set(cfg.mae.mix) | set(cfg.align.mix))):
+        for r in resolve_sources(cfg.data, sorted(set(cfg.mae.source_names()) | set(cfg.align.source_names()))):
             samples += r.train.table.column("path").to_pylist()[:sample_per_source]
     except Exception as e:
         out.append(Check("manifests", False, str(e)))

@@ -73,6 +73,36 @@ def test_resume_and_worker_failure_reach_the_uninterrupted_weights(ray_session, 
     assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w)
 
 
+SCHEDULE = "align.mix_schedule=[[1, {nohuman: 0.0, synthetic: 1.0}]]"
+
+
+def test_mix_schedule_sets_each_epochs_sources(tmp_path):
+    from ppma_ray.train.data import EpochStream, clip_config, decode_resources, resolve_sources
+
+    cfg = resolve_paths(tiny_config(tmp_path, "align.mix={nohuman: 1.0, synthetic: 0.0}", SCHEDULE))
+    sources = [r.train for r in resolve_sources(cfg.data, cfg.align.source_names())]
+    stream = EpochStream(sources, cfg.align, clip_config(cfg.data, 1), decode_resources(cfg.data, 1.0), 0, 1, 0)
+    assert stream.steps_per_epoch * 32 == sum(s.table.num_rows for s in sources)  # both sources are trained on
+    assert set(stream.rank_table(0).column("source").to_pylist()) == {0}  # nohuman only
+    assert set(stream.rank_table(1).column("source").to_pylist()) == {1}  # synthetic only
+
+
+def test_a_stage_run_in_rounds_equals_the_uninterrupted_run(ray_session, tmp_path):
+    """PBT's round trip: stop after epoch 1, continue the full state under another run name with
+    the schedule extended, and reach exactly the weights of one run with that schedule."""
+    common = ["align.epochs=2", "align.batch_size=8", "align.samples_per_epoch=48",
+              "align.mix={nohuman: 0.5, synthetic: 0.5}"]
+    reference = run_stage(resolve_paths(tiny_config(tmp_path, *common, SCHEDULE, "run.name=ref")), "align")
+    first = run_stage(resolve_paths(tiny_config(tmp_path, *common, "run.name=r1")), "align", stop_epoch=1)
+    assert first["steps"] == 6
+    second = run_stage(resolve_paths(tiny_config(tmp_path, *common, SCHEDULE, "run.name=r2")), "align",
+                       resume_from=first["checkpoint"])
+    assert second["steps"] == reference["steps"] == 12
+    assert [m["step"] for m in _metrics(tmp_path / "runs/r2-align", "align")][0] > 6  # continued, not restarted
+    ref_w, res_w = _final_weights(reference), _final_weights(second)
+    assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w)
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -80,6 +110,7 @@ def test_resume_and_worker_failure_reach_the_uninterrupted_weights(ray_session, 
         (["--set", "mae.batch_size=big"], "mae.batch_size: expected an integer"),
         (["--set", "data.sources.nohuman.manifest=/nope/train.csv"], "data.sources.nohuman.manifest: /nope/train.csv does not exist"),
         (["--set", "align.mix.people=1"], "align.mix.people: no such source"),
+        (["--set", "align.mix_schedule=[[2, {synthetic: 1.0}], [1, {nohuman: 1.0}]]"], "start epochs must be >= 0 and increasing"),
         (["--config", "/nope.yaml"], "/nope.yaml: config file does not exist"),
     ],
 )

@@ -93,14 +93,15 @@ class EpochStream:
                  seed: int, world: int, rank: int):
         self.sources, self.clip, self.resources, self.seed = sources, clip, resources, seed
         self.world, self.rank = world, rank
-        self.weights = [stage.mix[s.name] for s in sources]
+        self.stage = stage
         self.granularity = stage.granularity
         if stage.batch_size % (stage.repeats * world):
             raise ValueError(f"batch_size {stage.batch_size} must be a multiple of repeats x workers = {stage.repeats * world}")
         self.videos_per_step = stage.batch_size // stage.repeats
         self.videos_per_rank = self.videos_per_step // world
         sizes = [s.table.num_rows for s in sources]
-        clips = stage.samples_per_epoch or sum(n for n, w in zip(sizes, self.weights) if w > 0)
+        trained = stage.trained_sources()
+        clips = stage.samples_per_epoch or sum(n for n, s in zip(sizes, sources) if s.name in trained)
         self.steps_per_epoch = (clips // stage.repeats) // self.videos_per_step
         if self.steps_per_epoch < 1:
             raise ValueError(f"an epoch of {clips} clips is less than one batch of {stage.batch_size}")
@@ -113,7 +114,9 @@ class EpochStream:
     def rank_table(self, epoch: int, start_step: int = 0):
         """This rank's slots of ``epoch`` from ``start_step`` on, as a decode-ready table."""
         n = self.videos_per_epoch
-        plan = plan_epoch(self.sizes, self.weights, n, self.seed, epoch, self.granularity, self.videos_per_step)
+        mix = self.stage.mix_at(epoch)
+        weights = [mix.get(s.name, 0.0) for s in self.sources]
+        plan = plan_epoch(self.sizes, weights, n, self.seed, epoch, self.granularity, self.videos_per_step)
         slots = np.arange(epoch * n, (epoch + 1) * n, dtype=np.int64)  # run-wide slot ids
         shape = (self.steps_per_epoch, self.world, self.videos_per_rank)
         mine = plan.reshape(*shape, 2)[start_step:, self.rank].reshape(-1, 2)

@@ -99,7 +99,7 @@ def train_loop(loop_config: dict) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # our progress line is the readable one
     use_cuda = device.type == "cuda"
 
-    resolved = resolve_sources(cfg.data, list(stage.mix))
+    resolved = resolve_sources(cfg.data, stage.source_names())
     sources = [r.train for r in resolved]
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and every run
     if stage_name == "mae":
@@ -125,6 +125,8 @@ def train_loop(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d, model, optimizer)
+    elif loop_config.get("resume_from"):  # another run's full state (a PBT round continues its donor)
+        state = load_checkpoint(loop_config["resume_from"], model, optimizer)
     elif init_from:
         report = _load_init(getattr(model, "classifier", model), init_from)
         if rank == 0:
@@ -141,7 +143,9 @@ def train_loop(loop_config: dict) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else torch.autocast("cpu", enabled=False)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    if state["epoch"] >= stage.epochs:  # finished before; the driver reads the checkpoint's metrics
+    # the schedules span stage.epochs; ``stop_epoch`` ends this run early (a PBT round)
+    end = min(stage.epochs, loop_config.get("stop_epoch") or stage.epochs)
+    if state["epoch"] >= end:  # finished before; the driver reads the checkpoint's metrics
         return
     t_start = time.perf_counter()
     clips_done = 0
@@ -150,7 +154,7 @@ def train_loop(loop_config: dict) -> None:
     step = state["step"]
     ddp_model.train()
     t_fetch = time.perf_counter()
-    for epoch, i, batch in stream.iterate(state["epoch"], state["step_in_epoch"], stage.epochs):
+    for epoch, i, batch in stream.iterate(state["epoch"], state["step_in_epoch"], end):
         batch = {k: v.numpy() for k, v in batch.items()}
         kept = tracker.update(batch)
         weight = 1.0
@@ -204,7 +208,7 @@ def train_loop(loop_config: dict) -> None:
                                                    rank, device, autocast, loop_config["test_views"], log_dir))
                 elif last or (epoch + 1) % cfg.run.val_every == 0:
                     metrics.update(_validate(ddp_model, resolved, head_of_source, clip, resources, world, rank, device,
-                                             autocast, stage.mix))
+                                             autocast, stage.trained_sources()))
                 if isinstance(model, LearnedAverage):
                     metrics["learned_alpha"] = model.alphas().detach().mean(0).tolist()
                 ddp_model.train()
@@ -233,12 +237,12 @@ def _log_line(stage, w, step, total, epoch, epochs, lr, grad_norm, tracker, extr
     return m
 
 
-def _validate(model, resolved, head_of_source, clip, resources, world, rank, device, autocast, mix) -> dict:
-    """Top-1 per source on its held-out rows (one centre view per video); sources the mix does not
-    train on (weight 0) are skipped."""
+def _validate(model, resolved, head_of_source, clip, resources, world, rank, device, autocast, trained) -> dict:
+    """Top-1 per source on its held-out rows (one centre view per video); sources the stage never
+    trains on (weight 0 throughout) are skipped."""
     out = {}
     for k, r in enumerate(resolved):
-        if r.val is None or mix[r.train.name] <= 0:
+        if r.val is None or r.train.name not in trained:
             continue
         res = multiview_test(model, r.val, clip, resources, world, rank, device, autocast,
                              head=head_of_source[k], num_clips=1, num_crops=1, batch_size=8)

@@ -54,7 +54,8 @@ def run_stage(cfg: PretrainConfig, stage_name: str, init_from: str | None = None
 
     ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a trial).
     ``loop_options`` go to the worker loop: ``linear_probe``, ``average`` (learned weight
-    averaging), ``test_views`` (clips, crops) for the final multi-view test."""
+    averaging), ``test_views`` (clips, crops) for the final multi-view test, ``resume_from`` (a
+    checkpoint directory whose full state this run continues) and ``stop_epoch`` (end early)."""
     run_name = run_name or f"{cfg.run.name}-{stage_name}"
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}
@@ -115,13 +116,19 @@ def check_config(cfg: PretrainConfig) -> None:
         stage = getattr(cfg, stage_name)
         if not stage.mix:
             raise ValueError(f"{stage_name}.mix: no sources to train on")
-        for name, w in stage.mix.items():
-            if name not in cfg.data.sources:
-                raise ValueError(f"{stage_name}.mix.{name}: no such source in data.sources ({sorted(cfg.data.sources)})")
-            if not (w >= 0):
-                raise ValueError(f"{stage_name}.mix.{name}: weight must be >= 0, got {w}")
-        if sum(stage.mix.values()) <= 0:
-            raise ValueError(f"{stage_name}.mix: at least one weight must be > 0")
+        mixes = [(f"{stage_name}.mix", stage.mix)]
+        mixes += [(f"{stage_name}.mix_schedule[{i}]", m) for i, (_, m) in enumerate(stage.mix_schedule)]
+        for key, mix in mixes:
+            for name, w in mix.items():
+                if name not in cfg.data.sources:
+                    raise ValueError(f"{key}.{name}: no such source in data.sources ({sorted(cfg.data.sources)})")
+                if not (w >= 0):
+                    raise ValueError(f"{key}.{name}: weight must be >= 0, got {w}")
+            if sum(mix.values()) <= 0:
+                raise ValueError(f"{key}: at least one weight must be > 0")
+        starts = [start for start, _ in stage.mix_schedule]
+        if any(b <= a for a, b in zip(starts, starts[1:])) or any(s < 0 for s in starts):
+            raise ValueError(f"{stage_name}.mix_schedule: start epochs must be >= 0 and increasing, got {starts}")
     for name, src in cfg.data.sources.items():
         if src.manifest.startswith("demo:"):
             continue
