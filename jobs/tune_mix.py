@@ -6,6 +6,8 @@ Stage 1 runs once (or --stage1 gives its checkpoint); each trial runs stage 2 at
 synthetic data and is scored by linear probes on the group-aware tuning splits of the tasks in
 eval.tasks (never their test lists); then the p = 1 and p = 0 models are averaged at fixed and
 learned alpha. With no arguments: the demo data and a small experiment (about 10 minutes on 2 cores).
+--scheduler pbt instead trains a population whose p changes during stage 2 (Population Based
+Training) and reports the best trial's p-schedule; best.yaml then replays it (align.mix_schedule).
 Writes DIR/trials.csv, DIR/best.yaml (ready for jobs/pretrain.py) and DIR/tune.png; re-running the
 same command resumes without re-running finished trials.
 """
@@ -33,10 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        if args.scheduler == "pbt":
-            raise ConfigError("--scheduler pbt (p changing during stage 2) is not available yet; use none or asha")
         if args.scheduler:
             cfg.tune.scheduler = args.scheduler
+        if cfg.tune.scheduler == "pbt":
+            from ppma_ray.tune.pbt import check_pbt
+
+            check_pbt(cfg)
         if not cfg.eval.tasks:
             raise ConfigError("eval.tasks: the tuning objective needs at least one downstream task")
     except ConfigError as e:
@@ -49,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir) if args.output_dir else Path(cfg.run.storage_path) / f"{cfg.run.name}-tune"
     result = run_experiment(cfg, out, stage1=args.stage1)
     print(summary_table(result["rows"]))
+    pbt = [r for r in result["rows"] if r.get("p_schedule") and r.get("objective") is not None]
+    if pbt:
+        best = max(pbt, key=lambda r: r["objective"])
+        print(f"best PBT trial {best['trial']}: p-schedule [from epoch, to epoch, p] {best['p_schedule']}, "
+              f"trained by {best['lineage']}")
     print(f"wrote {out / 'trials.csv'}, {out / 'best.yaml'}, {out / 'tune.png'}")
     return 0
 

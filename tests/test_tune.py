@@ -75,3 +75,38 @@ def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_sessio
     assert best["trial"] in header and f"{float(best['objective']):.4f}" in header
     cfg = yaml.safe_load((out / "best.yaml").read_text())
     assert set(cfg["align"]["mix"]) == {"nohuman", "synthetic"} and (out / "tune.png").stat().st_size > 1000
+
+
+def test_pbt_changes_p_during_stage_2_and_best_yaml_replays_the_winning_schedule(ray_session, tmp_path):
+    import json
+
+    from ppma_ray.train.runner import check_config
+    from ppma_ray.tune.search import run_experiment
+
+    sets = TINY + [f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={tmp_path / 'demo'}", "run.name=pbt",
+                   "tune.scheduler=pbt", "tune.pbt_population=2", "tune.pbt_interval=1", "tune.align_epochs=2", "tune.pbt_resample=0.0"]
+    out = tmp_path / "out"
+    run_experiment(load_config(ROOT / "jobs/configs/demo.yaml", sets), out)
+    rows = _rows(out)
+    assert [(r["phase"], r["status"]) for r in rows] == [("pbt", "done")] * 2
+    for r in rows:  # every trial's schedule covers stage 2 without gaps
+        schedule = json.loads(r["p_schedule"])
+        assert schedule[0][0] == 0 and schedule[-1][1] == 2 and all(a[1] == b[0] for a, b in zip(schedule, schedule[1:]))
+        assert all(0.0 <= p <= 1.0 for _, _, p in schedule) and float(r["p"]) == schedule[-1][2]
+    # two trials, quantile 0.25: after round 1 the worse one continues from the better one's checkpoint
+    lineages = [r["lineage"].split(" > ") for r in rows]
+    assert len({name for lineage in lineages for name in lineage}) == 2
+    (clone,) = [r for r, lineage in zip(rows, lineages) if lineage[0] not in r["trial"]]
+    first, *_, last = json.loads(clone["p_schedule"])
+    assert first[2] in (0.0, 1.0) and last[2] == {0.0: 0.2, 1.0: 0.8}[first[2]]  # explored away from the donor's p
+    rounds = list(csv.DictReader(open(out / "pbt_rounds.csv")))
+    assert len(rounds) >= 4 and {int(float(r["epoch"])) for r in rounds} == {1, 2}
+
+    best = max(rows, key=lambda r: float(r["objective"]))
+    assert best["trial"] in (out / "best.yaml").read_text().splitlines()[0]
+    replay = load_config(out / "best.yaml")
+    check_config(replay)
+    trained = json.loads((Path(best["stage2_checkpoint"]) / "config.json").read_text())["align"]
+    assert [replay.align.mix, [[s, m] for s, m in replay.align.mix_schedule]] == [trained["mix"], trained["mix_schedule"]]
+    assert (replay.align.epochs, replay.align.samples_per_epoch) == (trained["epochs"], trained["samples_per_epoch"]) == (2, 480)
+    assert (out / "tune.png").stat().st_size > 1000

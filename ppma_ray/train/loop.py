@@ -126,7 +126,8 @@ def train_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d, model, optimizer)
     elif loop_config.get("resume_from"):  # another run's full state (a PBT round continues its donor)
-        state = load_checkpoint(loop_config["resume_from"], model, optimizer)
+        with ray.train.Checkpoint(loop_config["resume_from"]).as_directory() as d:  # a path or a URI
+            state = load_checkpoint(d, model, optimizer)
     elif init_from:
         report = _load_init(getattr(model, "classifier", model), init_from)
         if rank == 0:

@@ -48,10 +48,10 @@ def tuning_tasks(cfg: PretrainConfig, out_dir: Path) -> dict[str, SourceConfig]:
 TRIAL_CPU = 0.01  # the trial driver only waits on its TorchTrainer
 
 
-def _in_trial(cfg: PretrainConfig) -> PretrainConfig:
-    """Take the trial driver's sliver of CPU from the training worker's share: decode tasks need
-    whole free CPUs, and a node left with 0.99 CPU would never schedule one (the job would hang)."""
-    cfg.scaling.cpus_per_worker = max(TRIAL_CPU, cfg.scaling.cpus_per_worker - TRIAL_CPU)
+def _in_trial(cfg: PretrainConfig, live_trials: int) -> PretrainConfig:
+    """Take the live trial drivers' slivers of CPU from the training worker's share: decode tasks
+    need whole free CPUs, and a node left with 0.99 CPU would never schedule one (the job would hang)."""
+    cfg.scaling.cpus_per_worker = max(TRIAL_CPU, cfg.scaling.cpus_per_worker - live_trials * TRIAL_CPU)
     return cfg
 
 
@@ -83,7 +83,7 @@ def mix_trial(config: dict, base: dict, stage1: str, tasks: dict) -> None:
         apply_override(data, f"{key}={value}")
     if t.get("align_epochs"):
         data["align"]["epochs"] = t["align_epochs"]
-    cfg = _in_trial(from_dict(PretrainConfig, data))
+    cfg = _in_trial(from_dict(PretrainConfig, data), t["max_concurrent_trials"])
     trial = tune.get_context().get_trial_name()
     out = run_stage(cfg, "align", init_from=stage1, run_name=f"{cfg.run.name}-{trial}",
                     callbacks=[TuneReportCallback()])
@@ -93,7 +93,7 @@ def mix_trial(config: dict, base: dict, stage1: str, tasks: dict) -> None:
 
 def avg_trial(config: dict, base: dict, tasks: dict, synthetic_ckpt: str, nohuman_ckpt: str) -> None:
     """Weight mixing: the p=1 and p=0 models averaged at a fixed alpha, or alpha learned."""
-    cfg = _in_trial(from_dict(PretrainConfig, base))
+    cfg = _in_trial(from_dict(PretrainConfig, base), base["tune"]["max_concurrent_trials"])
     trial = tune.get_context().get_trial_name()
     ckpts = [synthetic_ckpt, nohuman_ckpt]
     if config["alpha"] == "learned":
@@ -133,8 +133,9 @@ def _search_alg(t, p_values: list[float]):
 
 
 def _run(name: str, trainable, space: dict, cfg: PretrainConfig, search_alg=None, num_samples: int = 1,
-         scheduler=None) -> "tune.ResultGrid":
-    """A Tune experiment under storage_path/name, restored (finished trials kept) when it exists."""
+         scheduler=None, max_concurrent: int | None = None) -> "tune.ResultGrid":
+    """A Tune experiment under storage_path/name, restored (finished trials kept) when it exists.
+    ``max_concurrent`` (default ``tune.max_concurrent_trials``; 0: no cap) limits live trials."""
     path = f"{cfg.run.storage_path}/{name}"
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     if tune.Tuner.can_restore(path):
@@ -143,7 +144,8 @@ def _run(name: str, trainable, space: dict, cfg: PretrainConfig, search_alg=None
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples, scheduler=scheduler,
-                                        max_concurrent_trials=cfg.tune.max_concurrent_trials),
+                                        max_concurrent_trials=(cfg.tune.max_concurrent_trials if max_concurrent
+                                                               is None else max_concurrent) or None),
             run_config=tune.RunConfig(storage_path=cfg.run.storage_path, name=name,
                                       failure_config=tune.FailureConfig(fail_fast=False)),
         )
@@ -160,6 +162,12 @@ def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None 
         stage1 = run_stage(cfg, "mae")["checkpoint"]
     base = to_dict(cfg)
     common = {"base": base, "stage1": stage1, "tasks": tuning_tasks(copy.deepcopy(cfg), out)}
+    if t.scheduler == "pbt":  # dynamic mixing: p changes during stage 2; no fixed-p models to average
+        from ppma_ray.tune.pbt import run_pbt
+
+        rows, rounds = run_pbt(cfg, common)
+        write_outputs(cfg, rows, out, rounds)
+        return {"rows": rows, "rounds": rounds}
 
     p_values = sorted(set(t.p_values) | {0.0, 1.0})
     space, alg, n = _search_alg(t, p_values)
@@ -169,7 +177,7 @@ def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None 
 
         scheduler = ASHAScheduler(metric="val_top1_mean", mode="max", grace_period=1)
     elif t.scheduler != "none":
-        raise ValueError(f"tune.scheduler must be none or asha, got {t.scheduler!r}")
+        raise ValueError(f"tune.scheduler must be none, asha or pbt, got {t.scheduler!r}")
     mix = _run(f"{cfg.run.name}-tune-mix", tune.with_parameters(mix_trial, **common), space, cfg, alg, n, scheduler)
     rows = [_row("mix", r) for r in mix]
 
@@ -194,40 +202,59 @@ def _row(phase: str, result) -> dict:
     for key, value in (cfg.get("extra") or {}).items():
         row[key] = value
     for key, value in m.items():
-        if key == "objective" or key.startswith(("lp_top1/", "learned_alpha/")) or key == "stage2_checkpoint":
+        if key in ("objective", "stage2_checkpoint", "p_schedule", "lineage") or key.startswith(("lp_top1/", "learned_alpha/")):
             row[key] = value
     if result.error:
         row["error"] = str(result.error).splitlines()[0][:200]
     return row
 
 
-def write_outputs(cfg: PretrainConfig, rows: list[dict], out: Path) -> None:
-    """trials.csv (every trial), best.yaml (a pretrain config with the best p), tune.png."""
+def write_outputs(cfg: PretrainConfig, rows: list[dict], out: Path, rounds: list[dict] | None = None) -> None:
+    """trials.csv (every trial), best.yaml (a pretrain config with the best p, or the best PBT
+    p-schedule), tune.png; with PBT ``rounds`` also pbt_rounds.csv (one row per trial and round)."""
     import yaml
 
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "trials.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    _write_csv(out / "trials.csv", rows)
+    if rounds is not None:
+        _write_csv(out / "pbt_rounds.csv", rounds)
     done = [r for r in rows if r.get("objective") is not None]
     if not done:
         return
     best = max(done, key=lambda r: r["objective"])
-    best_mix = max((r for r in done if r["phase"] == "mix"), key=lambda r: r["objective"])
+    best_mix = max((r for r in done if r["phase"] in ("mix", "pbt")), key=lambda r: r["objective"])
     data = to_dict(cfg)
-    data["align"]["mix"] = {cfg.tune.nohuman: 1.0 - best_mix["p"], cfg.tune.synthetic: best_mix["p"]}
+    header = [f"# best trial: {best['trial']} ({best['phase']}), objective {best['objective']:.4f}"]
+    if best_mix["phase"] == "pbt":
+        from ppma_ray.tune.pbt import best_schedule, epoch_size
+
+        data["align"]["epochs"] = cfg.tune.align_epochs or cfg.align.epochs
+        data["align"]["samples_per_epoch"] = epoch_size(cfg)
+        data["align"]["mix"], data["align"]["mix_schedule"] = best_schedule(best_mix, cfg.tune)
+        header.append(f"# its p-schedule ([from epoch, to epoch, p]): {best_mix['p_schedule']}")
+    else:
+        data["align"]["mix"] = {cfg.tune.nohuman: 1.0 - best_mix["p"], cfg.tune.synthetic: best_mix["p"]}
+        header.append(f"# best data-mixing trial: p = {best_mix['p']:.3f}, objective {best_mix['objective']:.4f}")
     for key in cfg.tune.extra:
         apply_override(data, f"{key}={best_mix[key]}")
-    header = [f"# best trial: {best['trial']} ({best['phase']}), objective {best['objective']:.4f}",
-              f"# best data-mixing trial: p = {best_mix['p']:.3f}, objective {best_mix['objective']:.4f}"]
     if best["phase"] == "avg":
         header.append(f"# weight mixing won: average the p=1 and p=0 stage-2 models with alpha = {best['alpha']:.3f} "
                       f"(python jobs/evaluate.py --checkpoint P1 P0 --alpha {best['alpha']:.3f} ...)")
     header.append("# ready for: python jobs/pretrain.py --config best.yaml")
     (out / "best.yaml").write_text("\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False))
     (out / "best.json").write_text(json.dumps(best, indent=2))
-    plot(rows, out / "tune.png")
+    if rounds is not None:
+        from ppma_ray.tune.pbt import plot as plot_pbt
+
+        plot_pbt(rows, rounds, out / "tune.png")
+    else:
+        plot(rows, out / "tune.png")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -1,0 +1,223 @@
+"""Population Based Training over the stage-2 proportion p (``jobs/tune_mix.py --scheduler pbt``).
+
+Stage 2 runs in rounds of ``tune.pbt_interval`` epochs. After each round a trial scores its model
+by the tuning-split linear probes and reports the objective with a small Tune checkpoint: the
+round's Ray Train checkpoint directory and the p-schedule that produced it. Tune's synchronous PBT
+then lets the bottom quantile continue from a top trial's checkpoint with a perturbed p (x0.8 or
+x1.2, or resampled; see ``explore_p``).
+
+Each round is one Ray Train run that continues the full state (weights, optimizer, step) of the
+round before, with ``align.mix_schedule`` set to the trial's history; so the LR schedule spans all
+of stage 2 and the final checkpoint's config replays the winning schedule in ``jobs/pretrain.py``.
+The whole population stays live (PBT pauses and resumes trials), so the rounds running at once
+are capped by a named semaphore actor rather than by Tune's ``max_concurrent_trials``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from ppma_ray.config import ConfigError, PretrainConfig, from_dict
+from ppma_ray.train.data import resolve_sources
+from ppma_ray.train.runner import run_stage
+
+STATE_FILE = "pbt_state.json"
+
+
+@ray.remote(num_cpus=0)
+class RoundSlots:
+    """At most ``n`` stage-2 rounds at once. Re-acquiring by the same holder is a no-op, so a
+    trial restarted mid-round (after a crash) does not lock itself out."""
+
+    def __init__(self, n: int):
+        self.n, self.holders = n, set()
+
+    def acquire(self, holder: str) -> bool:
+        if holder in self.holders or len(self.holders) < self.n:
+            self.holders.add(holder)
+            return True
+        return False
+
+    def release(self, holder: str) -> None:
+        self.holders.discard(holder)
+
+
+@contextmanager
+def _slot(slots, holder: str):
+    while not ray.get(slots.acquire.remote(holder)):
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        ray.get(slots.release.remote(holder))
+
+
+def initial_p(population: int) -> list[float]:
+    """Evenly spaced over [0, 1], both ends included: a small population covers the range."""
+    return [round(i / (population - 1), 3) for i in range(population)]
+
+
+def explore_p(config: dict) -> dict:
+    """After PBT's explore step (p x 0.8 or x 1.2, or resampled), keep p a proportion that moved:
+    above 1 it reflects (1.2 -> 0.8), and 0 (which no factor moves) becomes 0.2. Clipping instead
+    would leave a clone of a p = 1 or p = 0 trial training exactly as its donor (training is
+    deterministic), wasting its rounds."""
+    p = float(config["p"])
+    config["p"] = round(0.2 if p <= 0.0 else 2.0 - p if p > 1.0 else p, 3)
+    return config
+
+
+def _extend(schedule: list, start: int, stop: int, p: float, trial: str) -> list:
+    """Append a round ``[start, stop, p, trial]``, merged into the last entry when the same trial
+    trained it at the same p (after an exploit the entry shows who trained what)."""
+    if schedule and schedule[-1][2] == p and schedule[-1][3] == trial:
+        return [*schedule[:-1], [schedule[-1][0], stop, p, schedule[-1][3]]]
+    return [*schedule, [start, stop, p, trial]]
+
+
+def _mixes(t: dict, schedule: list) -> tuple[dict, list]:
+    """``align.mix`` and ``align.mix_schedule`` of a p-schedule."""
+    mix = lambda p: {t["nohuman"]: round(1.0 - p, 6), t["synthetic"]: p}  # noqa: E731
+    return mix(schedule[0][2]), [[start, mix(p)] for start, _, p, _ in schedule[1:]]
+
+
+def pbt_trial(config: dict, base: dict, stage1: str, tasks: dict, slots) -> None:
+    """One member of the population: stage 2 round by round at the current ``p``."""
+    from ppma_ray.tune.search import _in_trial, _score
+
+    p = float(config["p"])
+    data = copy.deepcopy(base)
+    t = data["tune"]
+    state = {"epoch": 0, "checkpoint": None, "schedule": []}
+    checkpoint = tune.get_checkpoint()  # our own last round, or (after an exploit) a better trial's
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+    trial = tune.get_context().get_trial_name()
+    epochs = data["align"]["epochs"]
+    while state["epoch"] < epochs:
+        start, stop = state["epoch"], min(epochs, state["epoch"] + t["pbt_interval"])
+        schedule = _extend(state["schedule"], start, stop, p, trial)
+        data["align"]["mix"], data["align"]["mix_schedule"] = _mixes(t, schedule)
+        cfg = _in_trial(from_dict(PretrainConfig, data), t["pbt_population"])  # all of them are live
+        # the same round from the same state gets the same name: a restored experiment resumes it
+        key = hashlib.sha1(json.dumps([state["checkpoint"], p]).encode()).hexdigest()[:8]
+        run_name = f"{cfg.run.name}-{trial}-e{start}-{key}"
+        with _slot(slots, trial):
+            out = run_stage(cfg, "align", init_from=None if state["checkpoint"] else stage1, run_name=run_name,
+                            resume_from=state["checkpoint"], stop_epoch=stop)
+            scores = _score(cfg, tasks, run_name, [out["checkpoint"]])
+        state = {"epoch": stop, "checkpoint": out["checkpoint"], "schedule": schedule}
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / STATE_FILE).write_text(json.dumps(state))
+            tune.report({**scores, "p": p, "epoch": stop, "p_schedule": json.dumps([s[:3] for s in schedule]),
+                         "lineage": " > ".join(s[3] for s in schedule), "stage2_checkpoint": out["checkpoint"],
+                         "done": stop >= epochs}, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def check_pbt(cfg: PretrainConfig) -> None:
+    """The PBT settings, checked before anything runs."""
+    t = cfg.tune
+    epochs = t.align_epochs or cfg.align.epochs
+    if t.extra:
+        raise ConfigError("tune.extra: PBT mutates p only; search other keys with --scheduler none or asha")
+    if t.pbt_population < 2:
+        raise ConfigError(f"tune.pbt_population: PBT needs at least 2 trials, got {t.pbt_population}")
+    if not 1 <= t.pbt_interval < epochs:
+        raise ConfigError(f"tune.pbt_interval: {t.pbt_interval} epochs leaves no second round in {epochs} stage-2 "
+                          "epochs (tune.align_epochs)")
+    if not 0 < t.pbt_quantile <= 0.5:
+        raise ConfigError(f"tune.pbt_quantile: must be in (0, 0.5], got {t.pbt_quantile}")
+
+
+def epoch_size(cfg: PretrainConfig) -> int:
+    """Clips per stage-2 epoch under PBT: the same whatever p is (by default both sources' sizes, as
+    for 0 < p < 1), so every round's steps fit one LR schedule."""
+    if cfg.align.samples_per_epoch:
+        return cfg.align.samples_per_epoch
+    return sum(s.train.table.num_rows for s in resolve_sources(cfg.data, [cfg.tune.nohuman, cfg.tune.synthetic]))
+
+
+def run_pbt(cfg: PretrainConfig, common: dict) -> tuple[list[dict], list[dict]]:
+    """The PBT experiment; returns one row per trial (its final round) and one per round."""
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from ppma_ray.tune.search import _row, _run
+
+    t = cfg.tune
+    check_pbt(cfg)
+    epochs = t.align_epochs or cfg.align.epochs
+    base = copy.deepcopy(common["base"])
+    base["align"]["epochs"], base["align"]["samples_per_epoch"] = epochs, epoch_size(cfg)
+    slots = RoundSlots.options(name=f"ppma-pbt-rounds-{cfg.run.name}", get_if_exists=True).remote(
+        t.max_concurrent_trials)
+    scheduler = PopulationBasedTraining(
+        time_attr="training_iteration", perturbation_interval=1, metric="objective", mode="max",
+        hyperparam_mutations={"p": tune.uniform(0.0, 1.0)}, quantile_fraction=t.pbt_quantile,
+        resample_probability=t.pbt_resample, custom_explore_fn=explore_p, synch=True)
+    trainable = tune.with_parameters(pbt_trial, base=base, stage1=common["stage1"], tasks=common["tasks"], slots=slots)
+    grid = _run(f"{cfg.run.name}-tune-pbt", trainable, {"p": tune.grid_search(initial_p(t.pbt_population))}, cfg,
+                scheduler=scheduler, max_concurrent=0)
+    rows, rounds = [], []
+    for result in grid:
+        rows.append(_row("pbt", result))
+        df = result.metrics_dataframe
+        if df is not None:
+            cols = [c for c in df.columns if c in ("epoch", "p", "objective") or c.startswith("lp_top1/")]
+            rounds += [{"trial": rows[-1]["trial"], **{k: round(v, 4) for k, v in rec.items()}}
+                       for rec in df[cols].dropna().to_dict("records")]
+    return rows, rounds
+
+
+def best_schedule(row: dict, t) -> tuple[dict, list]:
+    """``align.mix`` and ``align.mix_schedule`` replaying a PBT row's p-schedule."""
+    schedule = [[int(a), int(b), float(p), ""] for a, b, p in json.loads(row["p_schedule"])]
+    return _mixes({"nohuman": t.nohuman, "synthetic": t.synthetic}, schedule)
+
+
+def _label(trial: str) -> str:
+    """``pbt_trial_ab12c_00001_1_p=0.5000_<date>`` -> ``00001 (p0=0.5)``."""
+    m = re.search(r"_(\d{5})_\d+_p=([\d.]+)", trial)
+    return f"{m.group(1)} (p0={float(m.group(2)):g})" if m else trial
+
+
+def plot(rows: list[dict], rounds: list[dict], path: Path) -> None:
+    """Left: the p each trial trained its rounds with, and the best trial's schedule (the one
+    best.yaml replays); right: the objective after each round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r.get("objective") is not None and r.get("p_schedule")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for trial in dict.fromkeys(r["trial"] for r in rounds):
+        mine = sorted((r for r in rounds if r["trial"] == trial), key=lambda r: r["epoch"])
+        ends = [r["epoch"] for r in mine]
+        xs = [x for a, b in zip([0, *ends], ends) for x in (a, b)]
+        axes[0].plot(xs, [r["p"] for r in mine for _ in (0, 1)], linewidth=1.5, label=_label(trial))
+        axes[1].plot(ends, [r["objective"] for r in mine], marker="o", label=_label(trial))
+    if done:
+        best = max(done, key=lambda r: r["objective"])
+        schedule = json.loads(best["p_schedule"])
+        axes[0].plot([x for a, b, _ in schedule for x in (a, b)], [p for _, _, p in schedule for _ in (0, 1)],
+                     "k--", linewidth=2.5, label=f"best schedule ({_label(best['trial'])})")
+    axes[0].set(title="PBT: synthetic proportion p of each round", xlabel="stage-2 epoch", ylabel="p",
+                ylim=(-0.05, 1.05))
+    axes[1].set(title="objective (mean LP top-1) after each round", xlabel="stage-2 epoch", ylabel="objective")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="trial")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
