@@ -10,7 +10,8 @@ Each round is one Ray Train run that continues the full state (weights, optimize
 round before, with ``align.mix_schedule`` set to the trial's history; so the LR schedule spans all
 of stage 2 and the final checkpoint's config replays the winning schedule in ``jobs/pretrain.py``.
 The whole population stays live (PBT pauses and resumes trials), so the rounds running at once
-are capped by a named semaphore actor rather than by Tune's ``max_concurrent_trials``.
+are capped by a coordinator actor rather than by Tune's ``max_concurrent_trials``; it also logs
+every scored round (a trial's own Tune history does not survive being replaced by a clone).
 """
 
 from __future__ import annotations
@@ -35,12 +36,17 @@ STATE_FILE = "pbt_state.json"
 
 
 @ray.remote(num_cpus=0)
-class RoundSlots:
-    """At most ``n`` stage-2 rounds at once. Re-acquiring by the same holder is a no-op, so a
-    trial restarted mid-round (after a crash) does not lock itself out."""
+class Rounds:
+    """At most ``n`` stage-2 rounds at once, and a JSON-lines log of every scored round (on the
+    driver's node, kept across a restored experiment). Re-acquiring by the same holder is a no-op,
+    so a trial restarted mid-round (after a crash) does not lock itself out."""
 
-    def __init__(self, n: int):
-        self.n, self.holders = n, set()
+    def __init__(self, n: int, log: str):
+        self.n, self.holders, self.log = n, set(), Path(log)
+
+    def record(self, entry: dict) -> None:
+        with open(self.log, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
     def acquire(self, holder: str) -> bool:
         if holder in self.holders or len(self.holders) < self.n:
@@ -53,13 +59,13 @@ class RoundSlots:
 
 
 @contextmanager
-def _slot(slots, holder: str):
-    while not ray.get(slots.acquire.remote(holder)):
+def _slot(rounds, holder: str):
+    while not ray.get(rounds.acquire.remote(holder)):
         time.sleep(0.5)
     try:
         yield
     finally:
-        ray.get(slots.release.remote(holder))
+        ray.get(rounds.release.remote(holder))
 
 
 def initial_p(population: int) -> list[float]:
@@ -91,7 +97,7 @@ def _mixes(t: dict, schedule: list) -> tuple[dict, list]:
     return mix(schedule[0][2]), [[start, mix(p)] for start, _, p, _ in schedule[1:]]
 
 
-def pbt_trial(config: dict, base: dict, stage1: str, tasks: dict, slots) -> None:
+def pbt_trial(config: dict, base: dict, stage1: str, tasks: dict, rounds) -> None:
     """One member of the population: stage 2 round by round at the current ``p``."""
     from ppma_ray.tune.search import _in_trial, _score
 
@@ -113,10 +119,12 @@ def pbt_trial(config: dict, base: dict, stage1: str, tasks: dict, slots) -> None
         # the same round from the same state gets the same name: a restored experiment resumes it
         key = hashlib.sha1(json.dumps([state["checkpoint"], p]).encode()).hexdigest()[:8]
         run_name = f"{cfg.run.name}-{trial}-e{start}-{key}"
-        with _slot(slots, trial):
+        with _slot(rounds, trial):
             out = run_stage(cfg, "align", init_from=None if state["checkpoint"] else stage1, run_name=run_name,
                             resume_from=state["checkpoint"], stop_epoch=stop)
             scores = _score(cfg, tasks, run_name, [out["checkpoint"]])
+        ray.get(rounds.record.remote({"trial": trial, "start": start, "epoch": stop, "p": p, **scores,
+                                      "run": run_name}))
         state = {"epoch": stop, "checkpoint": out["checkpoint"], "schedule": schedule}
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / STATE_FILE).write_text(json.dumps(state))
@@ -148,7 +156,7 @@ def epoch_size(cfg: PretrainConfig) -> int:
     return sum(s.train.table.num_rows for s in resolve_sources(cfg.data, [cfg.tune.nohuman, cfg.tune.synthetic]))
 
 
-def run_pbt(cfg: PretrainConfig, common: dict) -> tuple[list[dict], list[dict]]:
+def run_pbt(cfg: PretrainConfig, common: dict, out: Path) -> tuple[list[dict], list[dict]]:
     """The PBT experiment; returns one row per trial (its final round) and one per round."""
     from ray.tune.schedulers import PopulationBasedTraining
 
@@ -159,24 +167,25 @@ def run_pbt(cfg: PretrainConfig, common: dict) -> tuple[list[dict], list[dict]]:
     epochs = t.align_epochs or cfg.align.epochs
     base = copy.deepcopy(common["base"])
     base["align"]["epochs"], base["align"]["samples_per_epoch"] = epochs, epoch_size(cfg)
-    slots = RoundSlots.options(name=f"ppma-pbt-rounds-{cfg.run.name}", get_if_exists=True).remote(
-        t.max_concurrent_trials)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    log = out / "pbt_rounds.jsonl"
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    rounds = Rounds.options(name=f"ppma-pbt-rounds-{cfg.run.name}", get_if_exists=True,
+                            scheduling_strategy=here).remote(t.max_concurrent_trials, str(log))
     scheduler = PopulationBasedTraining(
         time_attr="training_iteration", perturbation_interval=1, metric="objective", mode="max",
         hyperparam_mutations={"p": tune.uniform(0.0, 1.0)}, quantile_fraction=t.pbt_quantile,
         resample_probability=t.pbt_resample, custom_explore_fn=explore_p, synch=True)
-    trainable = tune.with_parameters(pbt_trial, base=base, stage1=common["stage1"], tasks=common["tasks"], slots=slots)
+    trainable = tune.with_parameters(pbt_trial, base=base, stage1=common["stage1"], tasks=common["tasks"], rounds=rounds)
     grid = _run(f"{cfg.run.name}-tune-pbt", trainable, {"p": tune.grid_search(initial_p(t.pbt_population))}, cfg,
                 scheduler=scheduler, max_concurrent=0)
-    rows, rounds = [], []
-    for result in grid:
-        rows.append(_row("pbt", result))
-        df = result.metrics_dataframe
-        if df is not None:
-            cols = [c for c in df.columns if c in ("epoch", "p", "objective") or c.startswith("lp_top1/")]
-            rounds += [{"trial": rows[-1]["trial"], **{k: round(v, 4) for k, v in rec.items()}}
-                       for rec in df[cols].dropna().to_dict("records")]
-    return rows, rounds
+    rows = [_row("pbt", result) for result in grid]
+    logged = {}  # a round run again (restored experiment) counts once
+    for line in log.read_text().splitlines() if log.exists() else []:
+        entry = json.loads(line)
+        logged[entry["run"]] = {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
+    return rows, sorted(logged.values(), key=lambda r: (r["trial"], r["epoch"]))
 
 
 def best_schedule(row: dict, t) -> tuple[dict, list]:
@@ -199,14 +208,13 @@ def plot(rows: list[dict], rounds: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r.get("objective") is not None and r.get("p_schedule")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for trial in dict.fromkeys(r["trial"] for r in rounds):
-        mine = sorted((r for r in rounds if r["trial"] == trial), key=lambda r: r["epoch"])
-        ends = [r["epoch"] for r in mine]
-        xs = [x for a, b in zip([0, *ends], ends) for x in (a, b)]
-        axes[0].plot(xs, [r["p"] for r in mine for _ in (0, 1)], linewidth=1.5, label=_label(trial))
-        axes[1].plot(ends, [r["objective"] for r in mine], marker="o", label=_label(trial))
+    for row in rows:
+        mine = [r for r in rounds if row["trial"].startswith(r["trial"] + "_")]
+        axes[0].plot([x for r in mine for x in (r["start"], r["epoch"])], [r["p"] for r in mine for _ in (0, 1)],
+                     linewidth=1.5, label=_label(row["trial"]))
+        axes[1].plot([r["epoch"] for r in mine], [r["objective"] for r in mine], marker="o", label=_label(row["trial"]))
+    done = [r for r in rows if r.get("objective") is not None and r.get("p_schedule")]
     if done:
         best = max(done, key=lambda r: r["objective"])
         schedule = json.loads(best["p_schedule"])

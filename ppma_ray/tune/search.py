@@ -165,7 +165,7 @@ def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None 
     if t.scheduler == "pbt":  # dynamic mixing: p changes during stage 2; no fixed-p models to average
         from ppma_ray.tune.pbt import run_pbt
 
-        rows, rounds = run_pbt(cfg, common)
+        rows, rounds = run_pbt(cfg, common, out)
         write_outputs(cfg, rows, out, rounds)
         return {"rows": rows, "rounds": rounds}
 
