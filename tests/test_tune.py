@@ -40,19 +40,32 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> str:
+    """An (untrained) tiny stage-1 checkpoint: these tests are about the search, not about MAE."""
+    from ppma_ray.config import to_dict
+    from ppma_ray.train.checkpoint import save_checkpoint
+    from ppma_ray.train.loop import build_model
+
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", TINY)
+    d = tmp_path_factory.mktemp("stage1")
+    save_checkpoint(d, build_model(cfg, "mae"), None, {"step": 0, "epoch": 0}, to_dict(cfg))
+    return str(d)
+
+
 def _rows(out):
     with open(out / "trials.csv") as f:
         return list(csv.DictReader(f))
 
 
-def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_session, tmp_path):
+def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_session, stage1, tmp_path):
     from ppma_ray.tune.search import run_experiment
 
     sets = TINY + [f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={tmp_path / 'demo'}", "run.name=t"]
     first = load_config(ROOT / "jobs/configs/demo.yaml", sets + ["tune.p_values=[0.0, 0.5, 1.0]", "tune.fail_p=0.5",
                                                                  "tune.alpha_values=[]", "tune.learned_alpha=false"])
     out = tmp_path / "out"
-    run_experiment(first, out)
+    run_experiment(first, out, stage1=stage1)
     rows = _rows(out)
     assert sorted((r["phase"], float(r["p"]), r["status"]) for r in rows) == [
         ("mix", 0.0, "done"), ("mix", 0.5, "failed"), ("mix", 1.0, "done")]
@@ -63,7 +76,7 @@ def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_sessio
     second = load_config(ROOT / "jobs/configs/demo.yaml", sets + ["tune.p_values=[0.0, 0.5, 1.0]", "tune.fail_p=0.5",
                                                                   "tune.alpha_values=[0.5]", "tune.learned_alpha=false"])
     mtimes = {d: os.path.getmtime(tmp_path / "runs" / d) for d in stage2_dirs}
-    run_experiment(second, out)
+    run_experiment(second, out, stage1=stage1)
     assert sorted(p.name for p in (tmp_path / "runs").glob("t-mix_trial*")) == stage2_dirs
     assert {d: os.path.getmtime(tmp_path / "runs" / d) for d in stage2_dirs} == mtimes
     rows = _rows(out)
@@ -77,7 +90,7 @@ def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_sessio
     assert set(cfg["align"]["mix"]) == {"nohuman", "synthetic"} and (out / "tune.png").stat().st_size > 1000
 
 
-def test_pbt_changes_p_during_stage_2_and_best_yaml_replays_the_winning_schedule(ray_session, tmp_path):
+def test_pbt_changes_p_during_stage_2_and_best_yaml_replays_the_winning_schedule(ray_session, stage1, tmp_path):
     import json
 
     from ppma_ray.train.runner import check_config
@@ -87,7 +100,7 @@ def test_pbt_changes_p_during_stage_2_and_best_yaml_replays_the_winning_schedule
                    "tune.scheduler=pbt", "tune.pbt_population=2", "tune.pbt_interval=1", "tune.align_epochs=2", "tune.pbt_resample=0.0",
                    "align.samples_per_epoch=64"]
     out = tmp_path / "out"
-    run_experiment(load_config(ROOT / "jobs/configs/demo.yaml", sets), out)
+    run_experiment(load_config(ROOT / "jobs/configs/demo.yaml", sets), out, stage1=stage1)
     rows = _rows(out)
     assert [(r["phase"], r["status"]) for r in rows] == [("pbt", "done")] * 2
     for r in rows:  # every trial's schedule covers stage 2 without gaps
