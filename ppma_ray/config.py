@@ -194,6 +194,10 @@ class TuneSettings:
     synthetic: str = "synthetic"
     fail_p: float | None = None  # test hook: the trial with this p raises
 
+    def mix(self, p: float) -> dict[str, float]:
+        """The stage-2 source weights of synthetic proportion ``p`` (rounded so YAML stays readable)."""
+        return {self.nohuman: round(1.0 - p, 6), self.synthetic: p}
+
 
 @dataclass
 class PretrainConfig:

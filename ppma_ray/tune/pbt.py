@@ -16,7 +16,6 @@ every scored round (a trial's own Tune history does not survive being replaced b
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
@@ -28,7 +27,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from ppma_ray.config import ConfigError, PretrainConfig, from_dict
+from ppma_ray.config import ConfigError, PretrainConfig, TuneSettings, from_dict
 from ppma_ray.train.data import resolve_sources
 from ppma_ray.train.runner import run_stage
 
@@ -91,10 +90,9 @@ def _extend(schedule: list, start: int, stop: int, p: float, trial: str) -> list
     return [*schedule, [start, stop, p, trial]]
 
 
-def _mixes(t: dict, schedule: list) -> tuple[dict, list]:
+def _mixes(t: TuneSettings, schedule: list) -> tuple[dict, list]:
     """``align.mix`` and ``align.mix_schedule`` of a p-schedule."""
-    mix = lambda p: {t["nohuman"]: round(1.0 - p, 6), t["synthetic"]: p}  # noqa: E731
-    return mix(schedule[0][2]), [[start, mix(p)] for start, _, p, _ in schedule[1:]]
+    return t.mix(schedule[0][2]), [[start, t.mix(p)] for start, _, p, _ in schedule[1:]]
 
 
 def pbt_trial(config: dict, base: dict, stage1: str, tasks: dict, rounds) -> None:
@@ -102,20 +100,19 @@ def pbt_trial(config: dict, base: dict, stage1: str, tasks: dict, rounds) -> Non
     from ppma_ray.tune.search import _in_trial, _score
 
     p = float(config["p"])
-    data = copy.deepcopy(base)
-    t = data["tune"]
+    t = base["tune"]
     state = {"epoch": 0, "checkpoint": None, "schedule": []}
     checkpoint = tune.get_checkpoint()  # our own last round, or (after an exploit) a better trial's
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = json.loads((Path(d) / STATE_FILE).read_text())
     trial = tune.get_context().get_trial_name()
-    epochs = data["align"]["epochs"]
+    epochs = base["align"]["epochs"]
     while state["epoch"] < epochs:
         start, stop = state["epoch"], min(epochs, state["epoch"] + t["pbt_interval"])
         schedule = _extend(state["schedule"], start, stop, p, trial)
-        data["align"]["mix"], data["align"]["mix_schedule"] = _mixes(t, schedule)
-        cfg = _in_trial(from_dict(PretrainConfig, data), t["pbt_population"])  # all of them are live
+        cfg = _in_trial(from_dict(PretrainConfig, base), t["pbt_population"])  # all of them are live
+        cfg.align.mix, cfg.align.mix_schedule = _mixes(cfg.tune, schedule)
         # the same round from the same state gets the same name: a restored experiment resumes it
         key = hashlib.sha1(json.dumps([state["checkpoint"], p]).encode()).hexdigest()[:8]
         run_name = f"{cfg.run.name}-{trial}-e{start}-{key}"
@@ -148,27 +145,25 @@ def check_pbt(cfg: PretrainConfig) -> None:
         raise ConfigError(f"tune.pbt_quantile: must be in (0, 0.5], got {t.pbt_quantile}")
 
 
-def epoch_size(cfg: PretrainConfig) -> int:
-    """Clips per stage-2 epoch under PBT: the same whatever p is (by default both sources' sizes, as
-    for 0 < p < 1), so every round's steps fit one LR schedule."""
-    if cfg.align.samples_per_epoch:
-        return cfg.align.samples_per_epoch
-    return sum(s.train.table.num_rows for s in resolve_sources(cfg.data, [cfg.tune.nohuman, cfg.tune.synthetic]))
+def fix_stage2_length(cfg: PretrainConfig) -> None:
+    """In place: stage 2 gets ``tune.align_epochs`` epochs of a length that is the same whatever p
+    is (by default both sources' sizes, as for 0 < p < 1), so every round's steps fit one LR schedule."""
+    t = cfg.tune
+    cfg.align.epochs = t.align_epochs or cfg.align.epochs
+    if not cfg.align.samples_per_epoch:
+        sources = resolve_sources(cfg.data, [t.nohuman, t.synthetic])
+        cfg.align.samples_per_epoch = sum(s.train.table.num_rows for s in sources)
 
 
 def run_pbt(cfg: PretrainConfig, common: dict, out: Path) -> tuple[list[dict], list[dict]]:
     """The PBT experiment; returns one row per trial (its final round) and one per round."""
     from ray.tune.schedulers import PopulationBasedTraining
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from ppma_ray.tune.search import _row, _run
 
     t = cfg.tune
     check_pbt(cfg)
-    epochs = t.align_epochs or cfg.align.epochs
-    base = copy.deepcopy(common["base"])
-    base["align"]["epochs"], base["align"]["samples_per_epoch"] = epochs, epoch_size(cfg)
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     log = out / "pbt_rounds.jsonl"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     rounds = Rounds.options(name=f"ppma-pbt-rounds-{cfg.run.name}", get_if_exists=True,
@@ -177,9 +172,9 @@ def run_pbt(cfg: PretrainConfig, common: dict, out: Path) -> tuple[list[dict], l
         time_attr="training_iteration", perturbation_interval=1, metric="objective", mode="max",
         hyperparam_mutations={"p": tune.uniform(0.0, 1.0)}, quantile_fraction=t.pbt_quantile,
         resample_probability=t.pbt_resample, custom_explore_fn=explore_p, synch=True)
-    trainable = tune.with_parameters(pbt_trial, base=base, stage1=common["stage1"], tasks=common["tasks"], rounds=rounds)
+    trainable = tune.with_parameters(pbt_trial, **common, rounds=rounds)
     grid = _run(f"{cfg.run.name}-tune-pbt", trainable, {"p": tune.grid_search(initial_p(t.pbt_population))}, cfg,
-                scheduler=scheduler, max_concurrent=0)
+                scheduler=scheduler)  # no cap on live trials: the population must all be live
     rows = [_row("pbt", result) for result in grid]
     logged = {}  # a round run again (restored experiment) counts once
     for line in log.read_text().splitlines() if log.exists() else []:
@@ -188,10 +183,10 @@ def run_pbt(cfg: PretrainConfig, common: dict, out: Path) -> tuple[list[dict], l
     return rows, sorted(logged.values(), key=lambda r: (r["trial"], r["epoch"]))
 
 
-def best_schedule(row: dict, t) -> tuple[dict, list]:
+def best_schedule(row: dict, t: TuneSettings) -> tuple[dict, list]:
     """``align.mix`` and ``align.mix_schedule`` replaying a PBT row's p-schedule."""
     schedule = [[int(a), int(b), float(p), ""] for a, b, p in json.loads(row["p_schedule"])]
-    return _mixes({"nohuman": t.nohuman, "synthetic": t.synthetic}, schedule)
+    return _mixes(t, schedule)
 
 
 def _label(trial: str) -> str:

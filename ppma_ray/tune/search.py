@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ray import tune
 
-from ppma_ray.config import PretrainConfig, SourceConfig, apply_override, from_dict, to_dict
+from ppma_ray.config import PretrainConfig, SourceConfig, TuneSettings, apply_override, from_dict, to_dict
 from ppma_ray.data.manifest import write_ppma_manifest
 from ppma_ray.train.data import resolve_sources, task_source
 from ppma_ray.train.downstream import evaluate, task_name
@@ -78,7 +78,7 @@ def mix_trial(config: dict, base: dict, stage1: str, tasks: dict) -> None:
     t = data["tune"]
     if t.get("fail_p") is not None and math.isclose(p, t["fail_p"]):
         raise RuntimeError(f"injected trial failure at p={p} (tune.fail_p)")
-    data["align"]["mix"] = {t["nohuman"]: 1.0 - p, t["synthetic"]: p}
+    data["align"]["mix"] = from_dict(TuneSettings, t).mix(p)
     for key, value in config.get("extra", {}).items():
         apply_override(data, f"{key}={value}")
     if t.get("align_epochs"):
@@ -135,7 +135,7 @@ def _search_alg(t, p_values: list[float]):
 def _run(name: str, trainable, space: dict, cfg: PretrainConfig, search_alg=None, num_samples: int = 1,
          scheduler=None, max_concurrent: int | None = None) -> "tune.ResultGrid":
     """A Tune experiment under storage_path/name, restored (finished trials kept) when it exists.
-    ``max_concurrent`` (default ``tune.max_concurrent_trials``; 0: no cap) limits live trials."""
+    ``max_concurrent`` (None: no cap) limits live trials."""
     path = f"{cfg.run.storage_path}/{name}"
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     if tune.Tuner.can_restore(path):
@@ -144,8 +144,7 @@ def _run(name: str, trainable, space: dict, cfg: PretrainConfig, search_alg=None
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples, scheduler=scheduler,
-                                        max_concurrent_trials=(cfg.tune.max_concurrent_trials if max_concurrent
-                                                               is None else max_concurrent) or None),
+                                        max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(storage_path=cfg.run.storage_path, name=name,
                                       failure_config=tune.FailureConfig(fail_fast=False)),
         )
@@ -160,11 +159,13 @@ def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None 
     t = cfg.tune
     if stage1 is None:  # one MAE for every trial (resumes / returns at once when already done)
         stage1 = run_stage(cfg, "mae")["checkpoint"]
+    if t.scheduler == "pbt":
+        from ppma_ray.tune.pbt import fix_stage2_length, run_pbt
+
+        fix_stage2_length(cfg)  # for the trials and for best.yaml, which replays the schedule
     base = to_dict(cfg)
     common = {"base": base, "stage1": stage1, "tasks": tuning_tasks(copy.deepcopy(cfg), out)}
     if t.scheduler == "pbt":  # dynamic mixing: p changes during stage 2; no fixed-p models to average
-        from ppma_ray.tune.pbt import run_pbt
-
         rows, rounds = run_pbt(cfg, common, out)
         write_outputs(cfg, rows, out, rounds)
         return {"rows": rows, "rounds": rounds}
@@ -178,7 +179,8 @@ def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None 
         scheduler = ASHAScheduler(metric="val_top1_mean", mode="max", grace_period=1)
     elif t.scheduler != "none":
         raise ValueError(f"tune.scheduler must be none, asha or pbt, got {t.scheduler!r}")
-    mix = _run(f"{cfg.run.name}-tune-mix", tune.with_parameters(mix_trial, **common), space, cfg, alg, n, scheduler)
+    mix = _run(f"{cfg.run.name}-tune-mix", tune.with_parameters(mix_trial, **common), space, cfg, alg, n, scheduler,
+               t.max_concurrent_trials)
     rows = [_row("mix", r) for r in mix]
 
     by_p = {r["p"]: r for r in rows if r["status"] == "done"}
@@ -186,7 +188,8 @@ def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None 
         avg_space = {"alpha": tune.grid_search([*t.alpha_values, *(["learned"] if t.learned_alpha else [])])}
         avg_common = {"base": base, "tasks": common["tasks"], "synthetic_ckpt": by_p[1.0]["stage2_checkpoint"],
                       "nohuman_ckpt": by_p[0.0]["stage2_checkpoint"]}
-        avg = _run(f"{cfg.run.name}-tune-avg", tune.with_parameters(avg_trial, **avg_common), avg_space, cfg)
+        avg = _run(f"{cfg.run.name}-tune-avg", tune.with_parameters(avg_trial, **avg_common), avg_space, cfg,
+                   max_concurrent=t.max_concurrent_trials)
         rows += [_row("avg", r) for r in avg]
     write_outputs(cfg, rows, out)
     return {"rows": rows}
@@ -202,7 +205,8 @@ def _row(phase: str, result) -> dict:
     for key, value in (cfg.get("extra") or {}).items():
         row[key] = value
     for key, value in m.items():
-        if key in ("objective", "stage2_checkpoint", "p_schedule", "lineage") or key.startswith(("lp_top1/", "learned_alpha/")):
+        if key in ("objective", "stage2_checkpoint", "p_schedule", "lineage") or \
+                key.startswith(("lp_top1/", "learned_alpha/")):
             row[key] = value
     if result.error:
         row["error"] = str(result.error).splitlines()[0][:200]
@@ -225,14 +229,12 @@ def write_outputs(cfg: PretrainConfig, rows: list[dict], out: Path, rounds: list
     data = to_dict(cfg)
     header = [f"# best trial: {best['trial']} ({best['phase']}), objective {best['objective']:.4f}"]
     if best_mix["phase"] == "pbt":
-        from ppma_ray.tune.pbt import best_schedule, epoch_size
+        from ppma_ray.tune.pbt import best_schedule
 
-        data["align"]["epochs"] = cfg.tune.align_epochs or cfg.align.epochs
-        data["align"]["samples_per_epoch"] = epoch_size(cfg)
         data["align"]["mix"], data["align"]["mix_schedule"] = best_schedule(best_mix, cfg.tune)
         header.append(f"# its p-schedule ([from epoch, to epoch, p]): {best_mix['p_schedule']}")
     else:
-        data["align"]["mix"] = {cfg.tune.nohuman: 1.0 - best_mix["p"], cfg.tune.synthetic: best_mix["p"]}
+        data["align"]["mix"] = cfg.tune.mix(best_mix["p"])
         header.append(f"# best data-mixing trial: p = {best_mix['p']:.3f}, objective {best_mix['objective']:.4f}")
     for key in cfg.tune.extra:
         apply_override(data, f"{key}={best_mix[key]}")
