@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ppma_ray.data.demo import make_demo  # noqa: E402
 from ppma_ray.data.manifest import read_manifest  # noqa: E402
-from ppma_ray.data.pipeline import ClipConfig, DecodeResources, Source, build_dataset, decode_batch, plan_to_table  # noqa: E402
-from ppma_ray.data.transforms import AugmentConfig  # noqa: E402
+from ppma_ray.data.config import ClipConfig, DecodeConfig  # noqa: E402
+from ppma_ray.data.pipeline import Source, build_dataset, decode_batch, plan_to_table  # noqa: E402
 from ppma_ray.ray_env import init_ray  # noqa: E402
 
 
@@ -51,11 +51,11 @@ def bikes_manifest(work: Path, copies: int) -> pa.Table:
     return pa.table({"path": paths, "label": [0] * copies})
 
 
-def run_raw(table: pa.Table, clip: ClipConfig) -> float:
+def run_raw(table: pa.Table, clip: ClipConfig, k: int) -> float:
     t0 = time.perf_counter()
     n = 0
     for i in range(table.num_rows):
-        out = decode_batch(_rows(table, [i]), clip, seed=0)
+        out = decode_batch(_rows(table, [i]), clip, seed=0, repeats=k)
         n += int(out["ok"].sum())
     return n / (time.perf_counter() - t0)
 
@@ -65,30 +65,30 @@ def _rows(table: pa.Table, idx) -> dict:
 
 
 class _Rows(torch.utils.data.Dataset):
-    def __init__(self, table, clip):
-        self.table, self.clip = table, clip
+    def __init__(self, table, clip, k):
+        self.table, self.clip, self.k = table, clip, k
 
     def __len__(self):
         return self.table.num_rows
 
     def __getitem__(self, i):
-        out = decode_batch(_rows(self.table, [i]), self.clip, seed=0)
+        out = decode_batch(_rows(self.table, [i]), self.clip, seed=0, repeats=self.k)
         return torch.from_numpy(out["video"]), torch.from_numpy(out["ok"])
 
 
-def run_loader(table: pa.Table, clip: ClipConfig, workers: int) -> float:
-    loader = torch.utils.data.DataLoader(_Rows(table, clip), batch_size=2, num_workers=workers, collate_fn=lambda b: b)
+def run_loader(table: pa.Table, clip: ClipConfig, k: int, workers: int) -> float:
+    loader = torch.utils.data.DataLoader(_Rows(table, clip, k), batch_size=2, num_workers=workers, collate_fn=lambda b: b)
     t0 = time.perf_counter()
     n = sum(int(ok.sum()) for batch in loader for _, ok in batch)
     return n / (time.perf_counter() - t0)
 
 
-def run_ray(table: pa.Table, clip: ClipConfig, cores: int) -> float:
-    resources = DecodeResources(rows_per_task=8)
+def run_ray(table: pa.Table, clip: ClipConfig, k: int, cores: int) -> float:
+    decode = DecodeConfig(rows_per_task=8)
     # warm-up: start the worker processes and import decord/torch there, as a long run would have
-    for _ in build_dataset(table.slice(0, 8 * cores), clip, seed=1, resources=resources).iter_batches(batch_size=8):
+    for _ in build_dataset(table.slice(0, 8 * cores), clip, decode, seed=1, repeats=k).iter_batches(batch_size=8):
         pass
-    ds = build_dataset(table, clip, seed=0, resources=resources)
+    ds = build_dataset(table, clip, decode, seed=0, repeats=k)
     t0 = time.perf_counter()
     n = sum(int(b["ok"].sum()) for b in ds.iter_batches(batch_size=8, batch_format="numpy"))
     return n / (time.perf_counter() - t0)
@@ -106,23 +106,22 @@ def main() -> None:
         demo = make_demo(work / "demo", seed=0)
         demo_table = read_manifest(demo["nohuman"]["train"], root=work / "demo" / "nohuman").slice(0, args.videos)
         inputs = {
-            "bikes": (bikes_manifest(work, args.videos), AugmentConfig(crop_size=224, short_side=256)),
-            "demo": (demo_table, AugmentConfig(crop_size=64, short_side=64)),
+            "bikes": (bikes_manifest(work, args.videos), ClipConfig(num_frames=16, clip_seconds=2.7, img_size=224, short_side=256)),
+            "demo": (demo_table, ClipConfig(num_frames=16, clip_seconds=1.28, img_size=64, short_side=64)),
         }
         init_ray(num_cpus=args.cores, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False  # the console is not the benchmark
         results: dict = {"cores": args.cores}
         print(f"clips/s per core ({args.cores} cores; raw uses 1)")
         print(f"{'footage':8} {'k':>2} {'raw':>8} {'ray':>8} {'loader':>8} {'ray/raw':>8} {'ray/loader':>10}")
-        for name, (table, aug) in inputs.items():
+        for name, (table, clip) in inputs.items():
             plan = np.stack([np.zeros(table.num_rows, dtype=np.int64), np.arange(table.num_rows)], 1)
             plan_table = plan_to_table([Source(name, table)], plan)
             raw_k1 = None
             for k in (1, 4):
-                clip = ClipConfig(num_frames=16, clip_seconds=2.7 if name == "bikes" else 1.28, repeats=k, augment=aug)
-                raw = run_raw(plan_table, clip)
-                ray_rate = run_ray(plan_table, clip, args.cores) / args.cores
-                loader = run_loader(plan_table, clip, args.cores) / args.cores
+                raw = run_raw(plan_table, clip, k)
+                ray_rate = run_ray(plan_table, clip, k, args.cores) / args.cores
+                loader = run_loader(plan_table, clip, k, args.cores) / args.cores
                 raw_k1 = raw if k == 1 else raw_k1
                 results[f"{name}_k{k}"] = {"raw": raw, "ray": ray_rate, "loader": loader}
                 print(f"{name:8} {k:>2} {raw:8.2f} {ray_rate:8.2f} {loader:8.2f} {ray_rate / raw_k1:8.2f} {ray_rate / loader:10.2f}")

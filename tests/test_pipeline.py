@@ -4,17 +4,18 @@ import pytest
 from ppma_ray.data.demo import make_demo
 from ppma_ray.data.manifest import read_manifest
 from ppma_ray.data.mixing import plan_epoch
-from ppma_ray.data.pipeline import ClipConfig, DataFailureError, FailureTracker, Source, build_dataset, plan_to_table
-from ppma_ray.data.transforms import AugmentConfig, EvalTransform, TrainTransform
+from ppma_ray.data.config import ClipConfig, DecodeConfig
+from ppma_ray.data.pipeline import DataFailureError, FailureTracker, Source, build_dataset, plan_to_table
+from ppma_ray.data.transforms import EvalTransform, TrainTransform
 from ppma_ray.data.video import sample_clip
 
-CLIP = ClipConfig(num_frames=8, clip_seconds=1.2, repeats=2, augment=AugmentConfig(crop_size=32, short_side=40))
+CLIP = ClipConfig(num_frames=8, clip_seconds=1.2, img_size=32, short_side=40)
+DECODE = DecodeConfig()
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    return root, make_demo(root, seed=0)
+def demo(demo_root):
+    return demo_root, make_demo(demo_root, seed=0)
 
 
 def _sources(demo):
@@ -24,15 +25,20 @@ def _sources(demo):
 
 
 def test_demo_generator_is_deterministic_and_decodes(demo, tmp_path):
+    """Videos generated again from the same (seed, set, split, index) decode to the same frames."""
+    from ppma_ray.data.demo import LAYOUT, _job
+
     root, m = demo
-    again = make_demo(tmp_path, seed=0)
     for kind in ("nohuman", "motion"):
-        a, b = m[kind]["val"].read_text(), again[kind]["val"].read_text()
-        assert a == b
-        first = a.splitlines()[0].rsplit(";", 1)[0]
-        x = sample_clip(root / kind / first, num_frames=4, seed=0)
-        y = sample_clip(tmp_path / kind / first, num_frames=4, seed=0)
-        assert x.shape == (4, 64, 64, 3) and np.array_equal(x, y)
+        lines = m[kind]["val"].read_text().splitlines()
+        assert len(lines) == 6 * LAYOUT[kind][1]
+        for idx in (0, 7):
+            (tmp_path / kind / "val").mkdir(parents=True, exist_ok=True)
+            rel, label = _job((str(tmp_path), kind, "val", idx, (idx // 2) % 6, 0))
+            assert lines[idx] == f"{rel.split('/', 1)[1]};{label}"
+            x = sample_clip(root / rel, num_frames=4, seed=0)
+            y = sample_clip(tmp_path / rel, num_frames=4, seed=0)
+            assert x.shape == (4, 64, 64, 3) and np.array_equal(x, y)
     labels = read_manifest(m["synthetic"]["train"]).column("label").to_pylist()
     assert sorted(set(labels)) == list(range(6))
 
@@ -40,10 +46,10 @@ def test_demo_generator_is_deterministic_and_decodes(demo, tmp_path):
 def test_transforms_share_one_crop_per_clip_and_eval_gives_three_crops():
     clip = np.random.default_rng(0).integers(0, 255, size=(4, 48, 80, 3), dtype=np.uint8)
     clip[:] = clip[0]  # identical frames stay identical under one crop for the whole clip
-    out = TrainTransform(AugmentConfig(crop_size=32, short_side=40))(clip, seed=1)
+    out = TrainTransform(ClipConfig(img_size=32, short_side=40))(clip, seed=1)
     assert out.shape == (4, 32, 32, 3) and out.dtype == np.uint8
     assert all(np.array_equal(out[0], f) for f in out)
-    assert np.array_equal(out, TrainTransform(AugmentConfig(crop_size=32, short_side=40))(clip, seed=1))
+    assert np.array_equal(out, TrainTransform(ClipConfig(img_size=32, short_side=40))(clip, seed=1))
     views = EvalTransform(crop_size=32)(clip)
     assert views.shape == (3, 4, 32, 32, 3) and not np.array_equal(views[0], views[2])
 
@@ -52,7 +58,7 @@ def test_pipeline_batches_shapes_labels_and_planned_proportion(ray_session, demo
     sources = _sources(demo)
     plan = plan_epoch([s.table.num_rows for s in sources], [0.25, 0.75], 16, seed=0, epoch=0)
     table = plan_to_table(sources, plan)
-    batches = list(build_dataset(table, CLIP, seed=0).iter_torch_batches(batch_size=8))
+    batches = list(build_dataset(table, CLIP, DECODE, seed=0, repeats=2).iter_torch_batches(batch_size=8))
     video = np.concatenate([b["video"].numpy() for b in batches])
     assert video.shape == (32, 8, 32, 32, 3) and video.dtype == np.uint8
     src = np.concatenate([b["source"].numpy() for b in batches])
@@ -67,7 +73,7 @@ def test_corrupt_videos_are_skipped_counted_and_the_threshold_stops_the_run(ray_
     bad = read_manifest_rows(video_dir)
     sources.append(Source("broken", bad))
     plan = np.array([[0, 0], [2, 0], [1, 0], [2, 1], [0, 1], [1, 1]], dtype=np.int64)
-    ds = build_dataset(plan_to_table(sources, plan), CLIP, seed=0)
+    ds = build_dataset(plan_to_table(sources, plan), CLIP, DECODE, seed=0, repeats=2)
     tracker = FailureTracker(sources, max_failure_rate=0.5, min_seen=1)
     kept = [tracker.update({k: v.numpy() for k, v in b.items()}) for b in ds.iter_torch_batches(batch_size=4)]
     assert sum(len(b["label"]) for b in kept) == 8

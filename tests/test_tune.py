@@ -7,21 +7,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import DEMO_CONFIG, TINY
+
 from ppma_ray.config import load_config
 from ppma_ray.data.catalog import load_split
 from ppma_ray.data.demo import make_demo
 from ppma_ray.data.manifest import read_manifest
 from ppma_ray.tune.splits import group_keys, group_split
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("source", ["ucf101", "demo"])
-def test_tuning_split_keeps_groups_together_and_never_touches_the_test_list(source, tmp_path):
+def test_tuning_split_keeps_groups_together_and_never_touches_the_test_list(source, demo_root):
     if source == "ucf101":
         train, test = load_split("ucf101", "train"), load_split("ucf101", "val")
     else:
-        m = make_demo(tmp_path, seed=0)
+        m = make_demo(demo_root, seed=0)
         train, test = read_manifest(m["motion"]["train"]), read_manifest(m["motion"]["val"])
     tr, va = group_split(train, 0.2, seed=42)
     assert tr.num_rows + va.num_rows == train.num_rows and 0.15 < va.num_rows / train.num_rows < 0.3
@@ -32,12 +33,7 @@ def test_tuning_split_keeps_groups_together_and_never_touches_the_test_list(sour
     assert again.column("path").to_pylist() == va.column("path").to_pylist()
 
 
-TINY = [
-    "model.depth=2", "model.decoder_depth=1", "model.decoder_embed_dim=64", "model.decoder_num_heads=2",
-    "data.clip.num_frames=8", "data.clip.clip_seconds=0.64", "data.clip.img_size=32", "data.clip.short_side=36",
-    "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1", "mae.epochs=1", "tune.align_epochs=1",
-    "eval.tasks=[demo:motion]", "eval.test_clips=1", "eval.test_crops=1", "eval.lp_epochs=20",
-]
+TUNE = ["tune.align_epochs=1", "eval.tasks=[demo:motion]", "eval.test_clips=1", "eval.test_crops=1", "eval.lp_epochs=20"]
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +41,11 @@ def stage1(tmp_path_factory) -> str:
     """An (untrained) tiny stage-1 checkpoint: these tests are about the search, not about MAE."""
     from ppma_ray.config import to_dict
     from ppma_ray.train.checkpoint import save_checkpoint
-    from ppma_ray.train.loop import build_model
+    from ppma_ray.train.loop import stage_model
 
-    cfg = load_config(ROOT / "jobs/configs/demo.yaml", TINY)
+    cfg = load_config(DEMO_CONFIG, TINY)
     d = tmp_path_factory.mktemp("stage1")
-    save_checkpoint(d, build_model(cfg, "mae"), None, {"step": 0, "epoch": 0}, to_dict(cfg))
+    save_checkpoint(d, stage_model(cfg, "mae"), None, {"step": 0, "epoch": 0}, to_dict(cfg))
     return str(d)
 
 
@@ -58,11 +54,12 @@ def _rows(out):
         return list(csv.DictReader(f))
 
 
-def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_session, stage1, tmp_path):
+@pytest.mark.integration
+def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_session, stage1, tiny_config, tmp_path):
     from ppma_ray.tune.search import run_experiment
 
-    sets = TINY + [f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={tmp_path / 'demo'}", "run.name=t"]
-    first = load_config(ROOT / "jobs/configs/demo.yaml", sets + ["tune.p_values=[0.0, 0.5, 1.0]", "tune.fail_p=0.5",
+    sets = TUNE + ["run.name=t"]
+    first = tiny_config(*sets, *["tune.p_values=[0.0, 0.5, 1.0]", "tune.fail_p=0.5",
                                                                  "tune.alpha_values=[]", "tune.learned_alpha=false"])
     out = tmp_path / "out"
     run_experiment(first, out, stage1=stage1)
@@ -73,7 +70,7 @@ def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_sessio
     assert len(stage2_dirs) == 2
 
     # the same command again, now with the averaging phase: finished trials are not run again
-    second = load_config(ROOT / "jobs/configs/demo.yaml", sets + ["tune.p_values=[0.0, 0.5, 1.0]", "tune.fail_p=0.5",
+    second = tiny_config(*sets, *["tune.p_values=[0.0, 0.5, 1.0]", "tune.fail_p=0.5",
                                                                   "tune.alpha_values=[0.5]", "tune.learned_alpha=false"])
     mtimes = {d: os.path.getmtime(tmp_path / "runs" / d) for d in stage2_dirs}
     run_experiment(second, out, stage1=stage1)
@@ -90,17 +87,16 @@ def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_sessio
     assert set(cfg["align"]["mix"]) == {"nohuman", "synthetic"} and (out / "tune.png").stat().st_size > 1000
 
 
-def test_pbt_changes_p_during_stage_2_and_best_yaml_replays_the_winning_schedule(ray_session, stage1, tmp_path):
+@pytest.mark.integration
+def test_pbt_changes_p_during_stage_2_and_best_yaml_replays_the_winning_schedule(ray_session, stage1, tiny_config, tmp_path):
     import json
 
-    from ppma_ray.train.runner import check_config
     from ppma_ray.tune.search import run_experiment
 
-    sets = TINY + [f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={tmp_path / 'demo'}", "run.name=pbt",
-                   "tune.scheduler=pbt", "tune.pbt_population=2", "tune.pbt_interval=1", "tune.align_epochs=2", "tune.pbt_resample=0.0",
+    sets = TUNE + ["run.name=pbt", "tune.scheduler=pbt", "tune.pbt_population=2", "tune.pbt_interval=1", "tune.align_epochs=2", "tune.pbt_resample=0.0",
                    "align.samples_per_epoch=64"]
     out = tmp_path / "out"
-    run_experiment(load_config(ROOT / "jobs/configs/demo.yaml", sets), out, stage1=stage1)
+    run_experiment(tiny_config(*sets), out, stage1=stage1)
     rows = _rows(out)
     assert [(r["phase"], r["status"]) for r in rows] == [("pbt", "done")] * 2
     for r in rows:  # every trial's schedule covers stage 2 without gaps
@@ -118,8 +114,7 @@ def test_pbt_changes_p_during_stage_2_and_best_yaml_replays_the_winning_schedule
 
     best = max(rows, key=lambda r: float(r["objective"]))
     assert best["trial"] in (out / "best.yaml").read_text().splitlines()[0]
-    replay = load_config(out / "best.yaml")
-    check_config(replay)
+    replay = load_config(out / "best.yaml")  # checked as it loads
     trained = json.loads((Path(best["stage2_checkpoint"]) / "config.json").read_text())["align"]
     assert [replay.align.mix, [[s, m] for s, m in replay.align.mix_schedule]] == [trained["mix"], trained["mix_schedule"]]
     assert (replay.align.epochs, replay.align.samples_per_epoch) == (trained["epochs"], trained["samples_per_epoch"]) == (2, 64)

@@ -1,6 +1,4 @@
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +6,6 @@ import pytest
 from ppma_ray.data.manifest import read_manifest
 from ppma_ray.data.validate import validate_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
 GOOD = ["good0.mp4", "good1.mp4", "frames_ok", "good2.mp4"]
 BAD = ["empty.mp4", "truncated.mp4", "text.mp4", "missing.mp4", "frames_gap"]
 
@@ -29,15 +26,13 @@ def test_validator_keeps_every_good_row_and_rejects_every_bad_one(ray_session, v
     assert min(clean.column("num_frames").to_pylist()) == 12
 
 
-def test_validate_data_job_writes_clean_manifest_and_reject_list(video_dir, mixed_manifest, tmp_path):
+def test_validate_data_job_writes_clean_manifest_and_reject_list(video_dir, mixed_manifest, tmp_path, ray_session, capsys):
+    from ppma_ray.cli.validate_data import main
+
     out = tmp_path / "out"
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "jobs/validate_data.py"), str(mixed_manifest), "--root", str(video_dir),
-         "--out", str(out), "--num-cpus", "1"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert r.returncode == 1, r.stderr  # rows were rejected
-    assert "9 rows, 4 ok, 5 rejected" in r.stdout
+    code = main([str(mixed_manifest), "--root", str(video_dir), "--out", str(out)])
+    assert code == 1  # rows were rejected
+    assert "9 rows, 4 ok, 5 rejected" in capsys.readouterr().out
     clean = read_manifest(out / "clean.csv", root=video_dir)
     assert [Path(p).name for p in clean.column("path").to_pylist()] == GOOD
     with open(out / "rejects.csv") as f:

@@ -39,15 +39,19 @@ GROUP_SIZE = 2  # videos per group (same scene instance and actor)
 
 
 def _disc_stamp(img: np.ndarray, ys: np.ndarray, xs: np.ndarray, r: float, color) -> None:
-    """Paint discs of radius r at float points (ys, xs)."""
+    """Paint discs of radius r at float points (ys, xs): every pixel within r of some point."""
+    ys, xs = np.asarray(ys, dtype=float), np.asarray(xs, dtype=float)
+    if not len(ys):
+        return
     h, w, _ = img.shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    hit = np.zeros((h, w), dtype=bool)
-    for y, x in zip(ys, xs):
-        y0, y1, x0, x1 = int(max(0, y - r - 1)), int(min(h, y + r + 2)), int(max(0, x - r - 1)), int(min(w, x + r + 2))
-        if y0 < y1 and x0 < x1:
-            hit[y0:y1, x0:x1] |= (yy[y0:y1, x0:x1] - y) ** 2 + (xx[y0:y1, x0:x1] - x) ** 2 <= r * r
-    img[hit] = color
+    y0, y1 = int(max(0, ys.min() - r - 1)), int(min(h, ys.max() + r + 2))
+    x0, x1 = int(max(0, xs.min() - r - 1)), int(min(w, xs.max() + r + 2))
+    if y0 >= y1 or x0 >= x1:
+        return
+    # one (rows, cols, points) distance test instead of a Python loop over the points
+    yy, xx = np.arange(y0, y1)[:, None, None], np.arange(x0, x1)[None, :, None]
+    hit = ((yy - ys) ** 2 + (xx - xs) ** 2 <= r * r).any(axis=-1)
+    img[y0:y1, x0:x1][hit] = color
 
 
 def _segment_points(a, b, step: float = 0.7):

@@ -5,7 +5,8 @@ augmentation, k = 4 in stage 1), so one slot yields ``repeats`` clips. Decoding 
 tasks, which Ray may schedule on any node with free CPUs (CPU-only nodes included), separately
 from the GPU workers that consume the batches.
 
-A video that fails to decode is retried ``max_retries`` times (with another window); if it still
+The stages take the run's ``data.clip`` (``ClipConfig``) and ``data.decode`` (``DecodeConfig``)
+settings as they are. A video that fails to decode is retried ``decode.max_retries`` times (with another window); if it still
 fails its clips come out flagged ``ok == 0`` (zero pixels) instead of disappearing, so batch
 alignment (single-source batches, equal batch counts across DDP ranks) is kept and the consumer
 counts, reports and drops them (``FailureTracker``).
@@ -14,35 +15,15 @@ counts, reports and drops them (``FailureTracker``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import ray
 
-from ppma_ray.data.transforms import AugmentConfig, EvalTransform, TrainTransform
+from ppma_ray.data.config import ClipConfig, DecodeConfig
+from ppma_ray.data.transforms import EvalTransform, TrainTransform
 from ppma_ray.data.video import VideoDecodeError, sample_clip, sample_clips
-
-
-@dataclass
-class ClipConfig:
-    """How a slot becomes clips."""
-
-    num_frames: int = 16
-    clip_seconds: float = 2.7
-    repeats: int = 1
-    max_retries: int = 2
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-@dataclass
-class DecodeResources:
-    """Ray Data scheduling of the decode stage."""
-
-    num_cpus_per_task: float = 1.0
-    max_concurrency: int | None = None  # decode tasks in flight (None: as many as CPUs allow)
-    rows_per_task: int = 4  # videos per map_batches call
-    cpu_limit: float | None = None  # cap on CPUs Ray Data may use, to leave some for training
 
 
 @dataclass
@@ -88,10 +69,11 @@ def plan_to_table(sources: list[Source], plan: np.ndarray, slots: np.ndarray | N
     })
 
 
-def decode_batch(batch: dict[str, np.ndarray], clip: ClipConfig, seed: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], clip: ClipConfig, seed: int, repeats: int = 1, max_retries: int = 2,
+                 randaug_ops: int = 0, randaug_magnitude: int = 7) -> dict[str, np.ndarray]:
     """``map_batches`` UDF: n slots -> n * repeats clips ``video: (n*k, T, S, S, C)`` uint8."""
-    transform = TrainTransform(clip.augment)
-    k, s = clip.repeats, clip.augment.crop_size
+    transform = TrainTransform(clip, randaug_ops, randaug_magnitude)
+    k, s = repeats, clip.img_size
     n = len(batch["slot"])
     video = np.zeros((n * k, clip.num_frames, s, s, 3), dtype=np.uint8)
     ok = np.ones(n * k, dtype=np.int64)
@@ -99,7 +81,7 @@ def decode_batch(batch: dict[str, np.ndarray], clip: ClipConfig, seed: int) -> d
         slot = int(batch["slot"][i])
         rng = np.random.default_rng([seed, slot])
         frames = None
-        for _ in range(1 + clip.max_retries):
+        for _ in range(1 + max_retries):
             try:
                 frames = sample_clip(
                     batch["path"][i], clip.num_frames, clip.clip_seconds, rng=rng,
@@ -128,7 +110,7 @@ def decode_eval_batch(batch: dict[str, np.ndarray], clip: ClipConfig, num_clips:
 
     A video that cannot be decoded is flagged ``ok == 0``: evaluation excludes and reports it,
     it is never replaced by another clip."""
-    s, n = clip.augment.crop_size, len(batch["row"])
+    s, n = clip.img_size, len(batch["row"])
     views = EvalTransform(crop_size=s, num_crops=num_crops)
     video = np.zeros((n, num_clips * num_crops, clip.num_frames, s, s, 3), dtype=np.uint8)
     ok = np.ones(n, dtype=np.int64)
@@ -144,35 +126,39 @@ def decode_eval_batch(batch: dict[str, np.ndarray], clip: ClipConfig, num_clips:
             "source": np.asarray(batch["source"], dtype=np.int64), "row": np.asarray(batch["row"], dtype=np.int64), "ok": ok}
 
 
-def _configure(res: DecodeResources) -> None:
+def _configure(decode: DecodeConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # plan order = batch composition
-    if res.cpu_limit is not None:
-        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=res.cpu_limit)
+    if decode.cpu_limit is not None:
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=decode.cpu_limit)
 
 
-def _map(table: pa.Table, fn, fn_kwargs: dict, res: DecodeResources) -> "ray.data.Dataset":
-    _configure(res)
+def _map(table: pa.Table, fn, fn_kwargs: dict, decode: DecodeConfig) -> "ray.data.Dataset":
+    _configure(decode)
     # one input block per task: no repartition (all-to-all) stage in front of the decode
-    step = max(1, res.rows_per_task)
+    step = decode.rows_per_task
     blocks = [table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)]
     return ray.data.from_arrow(blocks).map_batches(
-        fn, fn_kwargs=fn_kwargs, batch_size=res.rows_per_task, batch_format="numpy", num_cpus=res.num_cpus_per_task,
-        compute=ray.data.TaskPoolStrategy(size=res.max_concurrency) if res.max_concurrency else None,
+        fn, fn_kwargs=fn_kwargs, batch_size=decode.rows_per_task, batch_format="numpy",
+        num_cpus=decode.num_cpus_per_task,
+        compute=ray.data.TaskPoolStrategy(size=decode.max_concurrency) if decode.max_concurrency else None,
     )
 
 
-def build_dataset(plan_table: pa.Table, clip: ClipConfig, seed: int,
-                  resources: DecodeResources | None = None) -> "ray.data.Dataset":
-    """The Ray Dataset of augmented clips for the slots of ``plan_table``, in plan order."""
-    return _map(plan_table, decode_batch, {"clip": clip, "seed": seed}, resources or DecodeResources())
+def build_dataset(plan_table: pa.Table, clip: ClipConfig, decode: DecodeConfig, seed: int, repeats: int = 1,
+                  randaug_ops: int = 0, randaug_magnitude: int = 7) -> "ray.data.Dataset":
+    """The Ray Dataset of augmented clips for the slots of ``plan_table``, in plan order:
+    ``repeats`` clips per slot (repeated augmentation), each with its own crop (and RandAugment)."""
+    kw = {"clip": clip, "seed": seed, "repeats": repeats, "max_retries": decode.max_retries,
+          "randaug_ops": randaug_ops, "randaug_magnitude": randaug_magnitude}
+    return _map(plan_table, decode_batch, kw, decode)
 
 
-def build_eval_dataset(table: pa.Table, clip: ClipConfig, num_clips: int = 2, num_crops: int = 3,
-                       resources: DecodeResources | None = None) -> "ray.data.Dataset":
+def build_eval_dataset(table: pa.Table, clip: ClipConfig, decode: DecodeConfig, num_clips: int = 2,
+                       num_crops: int = 3) -> "ray.data.Dataset":
     """Multi-view evaluation clips of every row of ``table`` (a ``plan_to_table`` table), in order."""
     kw = {"clip": clip, "num_clips": num_clips, "num_crops": num_crops}
-    return _map(table, decode_eval_batch, kw, resources or DecodeResources())
+    return _map(table, decode_eval_batch, kw, decode)
 
 
 class FailureTracker:

@@ -7,26 +7,18 @@ float and ImageNet normalization happen on the training device, not here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from ppma_ray.data.config import ClipConfig
 
-@dataclass
-class AugmentConfig:
-    """PPMA §2.5: short side 256, RandomResizedCrop 224 with torchvision's default scale/ratio."""
 
-    crop_size: int = 224
-    short_side: int = 256
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = False  # PPMA uses no flip (it would swap left/right motion classes)
-    randaug_ops: int = 0  # stage 2 / fine-tuning: RandAugment with 4 ops, magnitude 7, p 0.5
-    randaug_magnitude: int = 7
-    randaug_prob: float = 0.5
+# PPMA §2.5: RandomResizedCrop with torchvision's default scale and ratio; RandAugment (stage 2 /
+# fine-tuning) applied with probability 0.5.
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+RANDAUG_PROB = 0.5
 
 
 def _to_video(clip: np.ndarray) -> tv_tensors.Video:
@@ -41,16 +33,16 @@ def _to_numpy(video: torch.Tensor) -> np.ndarray:
 class TrainTransform:
     """Random-crop augmentation: ``__call__(clip, seed=None) -> (T, crop, crop, C)`` uint8."""
 
-    def __init__(self, cfg: AugmentConfig):
+    def __init__(self, clip: ClipConfig, randaug_ops: int = 0, randaug_magnitude: int = 7):
         steps = [
-            v2.Resize(cfg.short_side, antialias=True),
-            v2.RandomResizedCrop(cfg.crop_size, scale=cfg.scale, ratio=cfg.ratio, antialias=True),
+            v2.Resize(clip.short_side, antialias=True),
+            v2.RandomResizedCrop(clip.img_size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
         ]
-        if cfg.flip:
+        if clip.flip:
             steps.append(v2.RandomHorizontalFlip())
-        if cfg.randaug_ops:
-            randaug = v2.RandAugment(num_ops=cfg.randaug_ops, magnitude=cfg.randaug_magnitude)
-            steps.append(v2.RandomApply([randaug], p=cfg.randaug_prob))
+        if randaug_ops:
+            randaug = v2.RandAugment(num_ops=randaug_ops, magnitude=randaug_magnitude)
+            steps.append(v2.RandomApply([randaug], p=RANDAUG_PROB))
         self.transform = v2.Compose(steps)
 
     def __call__(self, clip: np.ndarray, seed: int | None = None) -> np.ndarray:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ppma_ray.models.heads import VideoClassifier
 from ppma_ray.models.mae import PretrainVideoMAE
-from ppma_ray.models.vit import ViTConfig
+from ppma_ray.models.config import ViTConfig
 
 # one-to-one renames outside the blocks (ours -> HF), used in both directions
 PRETRAIN_RENAMES = {

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ppma_ray.models.vit import ViTConfig, VisionTransformer
+from ppma_ray.models.config import ViTConfig
+from ppma_ray.models.vit import VisionTransformer
 
 
 class VideoClassifier(VisionTransformer):

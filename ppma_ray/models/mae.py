@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ppma_ray.models.vit import Block, ViTConfig, VisionTransformer, count_masked, init_weights, run_blocks, sinusoid_table
+from ppma_ray.models.config import ViTConfig
+from ppma_ray.models.vit import Block, VisionTransformer, count_masked, init_weights, run_blocks, sinusoid_table
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

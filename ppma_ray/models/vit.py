@@ -9,7 +9,6 @@ The trunk can run on a subset of tokens: ``forward_features(x, mask)`` drops the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -17,86 +16,7 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass
-class ViTConfig:
-    """Architecture of the trunk (and, for MAE, the decoder). Defaults are PPMA's ViT-B/16."""
-
-    img_size: int = 224
-    num_frames: int = 16
-    tubelet_size: int = 2
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.0
-    # MAE decoder (PPMA: 4 blocks, width 384, 16 heads)
-    decoder_embed_dim: int = 384
-    decoder_depth: int = 4
-    decoder_num_heads: int = 16
-    mask_ratio: float = 0.9
-    masking: str = "random"  # "random" (PPMA) | "tube" (VideoMAE)
-    # "ppma": the decoder adds its sinusoid table at encoder width, then projects, and the mask
-    # token has encoder width (the released code). "videomae": project, then add a table at
-    # decoder width (VideoMAE / Hugging Face; needed to export a pretraining model to HF).
-    decoder_style: str = "ppma"
-    # classifier
-    head_names: tuple[str, ...] = field(default_factory=lambda: ("default",))
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        """Token grid (T', H', W')."""
-        return self.num_frames // self.tubelet_size, self.img_size // self.patch_size, self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        t, h, w = self.grid
-        return t * h * w
-
-    @property
-    def patch_dim(self) -> int:
-        """Pixels per token: in_chans * t * p * p."""
-        return self.in_chans * self.tubelet_size * self.patch_size**2
-
-    def validate(self) -> "ViTConfig":
-        if self.num_frames % self.tubelet_size or self.img_size % self.patch_size:
-            raise ValueError(
-                f"num_frames={self.num_frames} must be a multiple of tubelet_size={self.tubelet_size} and "
-                f"img_size={self.img_size} of patch_size={self.patch_size}"
-            )
-        if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError("embed_dim / decoder_embed_dim must be divisible by their number of heads")
-        if self.masking not in ("random", "tube") or self.decoder_style not in ("ppma", "videomae"):
-            raise ValueError(f"unknown masking={self.masking!r} or decoder_style={self.decoder_style!r}")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        return self
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["head_names"] = list(self.head_names)
-        return d
-
-
-PRESETS: dict[str, dict] = {
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=192, decoder_num_heads=6),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=192, decoder_num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_num_heads=16),
-}
-
-
-def preset_config(name: str, **overrides) -> ViTConfig:
-    if name not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
-    unknown = set(overrides) - set(ViTConfig.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unknown model override(s) {sorted(unknown)}")
-    if "head_names" in overrides:
-        overrides["head_names"] = tuple(overrides["head_names"])
-    return replace(ViTConfig(**PRESETS[name]), **overrides).validate()
+from ppma_ray.models.config import ViTConfig
 
 
 def sinusoid_table(n_position: int, dim: int) -> torch.Tensor:

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ppma_ray.config import DataConfig, EvalSettings, StageConfig, SourceConfig
 from ppma_ray.data.catalog import CATALOG, split_file
+from ppma_ray.data.config import ClipConfig, DataConfig, DecodeConfig, SourceConfig
 from ppma_ray.data.demo import make_demo
 from ppma_ray.data.manifest import read_manifest
 from ppma_ray.data.mixing import plan_epoch
-from ppma_ray.data.pipeline import ClipConfig, DecodeResources, Source, build_dataset, build_eval_dataset, plan_to_table
-from ppma_ray.data.transforms import AugmentConfig
+from ppma_ray.data.pipeline import Source, build_dataset, build_eval_dataset, plan_to_table
+from ppma_ray.train.config import EvalSettings, StageConfig
 
 
 @dataclass
@@ -68,20 +68,6 @@ def task_source(task: str, data: DataConfig, ev: EvalSettings) -> SourceConfig:
                    f"or a name in data.sources)")
 
 
-def clip_config(data: DataConfig, repeats: int, randaug_ops: int = 0, randaug_magnitude: int = 7) -> ClipConfig:
-    c = data.clip
-    aug = AugmentConfig(crop_size=c.img_size, short_side=c.short_side, flip=c.flip,
-                        randaug_ops=randaug_ops, randaug_magnitude=randaug_magnitude)
-    return ClipConfig(num_frames=c.num_frames, clip_seconds=c.clip_seconds, repeats=repeats,
-                      max_retries=data.decode.max_retries, augment=aug)
-
-
-def decode_resources(data: DataConfig, cpu_limit: float | None) -> DecodeResources:
-    d = data.decode
-    return DecodeResources(num_cpus_per_task=d.num_cpus_per_task, max_concurrency=d.max_concurrency,
-                           rows_per_task=d.rows_per_task, cpu_limit=d.cpu_limit if d.cpu_limit is not None else cpu_limit)
-
-
 class EpochStream:
     """The training batches of one rank, epoch by epoch.
 
@@ -89,13 +75,13 @@ class EpochStream:
     rank; each video yields ``repeats`` clips.
     """
 
-    def __init__(self, sources: list[Source], stage: StageConfig, clip: ClipConfig, resources: DecodeResources,
+    def __init__(self, sources: list[Source], stage: StageConfig, clip: ClipConfig, decode: DecodeConfig,
                  seed: int, world: int, rank: int):
-        self.sources, self.clip, self.resources, self.seed = sources, clip, resources, seed
+        self.sources, self.clip, self.decode, self.seed = sources, clip, decode, seed
         self.world, self.rank = world, rank
         self.stage = stage
         self.granularity = stage.granularity
-        if stage.batch_size % (stage.repeats * world):
+        if stage.batch_size % (stage.repeats * world):  # also a config rule; a caller may pass its own world
             raise ValueError(f"batch_size {stage.batch_size} must be a multiple of repeats x workers = {stage.repeats * world}")
         self.videos_per_step = stage.batch_size // stage.repeats
         self.videos_per_rank = self.videos_per_step // world
@@ -135,20 +121,21 @@ class EpochStream:
             last = min(epochs, epoch + per_stream)
             tables = [self.rank_table(e, start_step if e == epoch else 0) for e in range(epoch, last)]
             steps = [(e, i) for e in range(epoch, last) for i in range(start_step if e == epoch else 0, self.steps_per_epoch)]
-            ds = build_dataset(pa.concat_tables(tables), self.clip, self.seed, self.resources)
-            batches = ds.iter_torch_batches(batch_size=self.videos_per_rank * self.clip.repeats, drop_last=False,
+            ds = build_dataset(pa.concat_tables(tables), self.clip, self.decode, self.seed, self.stage.repeats,
+                               self.stage.randaug_ops, self.stage.randaug_magnitude)
+            batches = ds.iter_torch_batches(batch_size=self.videos_per_rank * self.stage.repeats, drop_last=False,
                                             prefetch_batches=2)
             for (e, i), batch in zip(steps, batches):
                 yield e, i, batch
             epoch, start_step = last, 0
 
 
-def eval_stream(source: Source, clip: ClipConfig, resources: DecodeResources, world: int, rank: int,
+def eval_stream(source: Source, clip: ClipConfig, decode: DecodeConfig, world: int, rank: int,
                 num_clips: int = 1, num_crops: int = 1, batch_size: int = 8):
     """This rank's share of a validation list (every row exactly once across ranks)."""
     rows = np.arange(rank, source.table.num_rows, world, dtype=np.int64)
     table = plan_to_table([source], np.stack([np.zeros_like(rows), rows], 1))
     if table.num_rows == 0:
         return iter(())
-    ds = build_eval_dataset(table, clip, num_clips, num_crops, resources)
+    ds = build_eval_dataset(table, clip, decode, num_clips, num_crops)
     return ds.iter_torch_batches(batch_size=batch_size, drop_last=False)

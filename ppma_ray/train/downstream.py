@@ -7,17 +7,19 @@ import copy
 import csv
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ppma_ray.config import PretrainConfig, from_dict
+from ppma_ray.config import ClipConfig, ModelConfig, PretrainConfig, from_dict
+from ppma_ray.models import vit_config
 from ppma_ray.models.averaging import average_state_dicts, load_trunks
 from ppma_ray.models.checkpoint import read_state_dict
 from ppma_ray.train.checkpoint import CONFIG_FILE, MODEL_FILE
-from ppma_ray.train.data import clip_config, decode_resources, resolve_sources, task_source
+from ppma_ray.train.data import resolve_sources, task_source
 from ppma_ray.train.linear_probe import linear_probe_cached
-from ppma_ray.train.loop import build_model
+from ppma_ray.train.loop import AverageSpec, RunOptions
 from ppma_ray.train.runner import decode_cpu_budget, resolve_paths, run_stage
 
 CSV_FIELDS = ["model", "task", "protocol", "top1", "top5", "videos", "failed", "wall_s", "checkpoint"]
@@ -43,8 +45,8 @@ def config_for_checkpoint(cfg: PretrainConfig, weights: Path | None) -> Pretrain
         return cfg
     saved = json.loads((weights.parent / CONFIG_FILE).read_text())
     cfg = copy.deepcopy(cfg)
-    own = from_dict(PretrainConfig, {"model": saved.get("model", {}), "data": {"clip": saved.get("data", {}).get("clip", {})}})
-    cfg.model, cfg.data.clip = own.model, own.data.clip
+    cfg.model = from_dict(ModelConfig, saved.get("model", {}), "model")
+    cfg.data.clip = from_dict(ClipConfig, saved.get("data", {}).get("clip", {}), "data.clip")
     return cfg
 
 
@@ -65,9 +67,8 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
     name = task_name(task)
     cfg.data.sources = {**cfg.data.sources, name: task_source(task, cfg.data, cfg.eval)}
     cfg = resolve_paths(cfg)
-    stage = copy.deepcopy(cfg.lp if protocol == "lp" else cfg.ft)
-    stage.mix, stage.heads = {name: 1.0}, "shared"
-    cfg.align = stage
+    stage = getattr(cfg, protocol)  # the lp: or ft: section, trained on the task alone with one head
+    stage.mix, stage.mix_schedule, stage.heads = {name: 1.0}, [], "shared"
     run_name = f"{cfg.run.name}-{model_name}-{name}-{protocol}"
     run_dir = Path(cfg.run.storage_path) / run_name
     t0 = time.perf_counter()
@@ -79,7 +80,7 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
         if learned_alpha:
             if protocol != "lp":
                 raise ValueError("a learned averaging coefficient is trained with the linear probe (--protocol lp)")
-            average = {"checkpoints": [str(w) for w in weights], "per_layer": per_layer}
+            average = AverageSpec([str(w) for w in weights], per_layer)
         else:
             alphas = alphas or [1.0 / len(weights)] * len(weights)
             init_state = average_state_dicts(load_trunks([str(w) for w in weights]), alphas)
@@ -95,17 +96,15 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
         raise ValueError(f"--num-classes {num_classes}, but task {task!r} has label {largest}")
     n_classes = num_classes or largest + 1
     if protocol == "lp" and cache_features and average is None:
-        model_cfg = build_model(cfg, "align", {"default": n_classes}).cfg
+        model_cfg = vit_config(cfg.model, img_size=cfg.data.clip.img_size, num_frames=cfg.data.clip.num_frames)
         state = read_state_dict(init_from) if init_from else None
-        clip = clip_config(cfg.data, 1)
-        res = linear_probe_cached(model_cfg, state, src.train, src.val, n_classes, clip,
-                                  decode_resources(cfg.data, decode_cpu_budget(cfg)), cfg.eval.test_clips,
+        decode = cfg.data.decode if cfg.data.decode.cpu_limit else replace(cfg.data.decode, cpu_limit=decode_cpu_budget(cfg))
+        res = linear_probe_cached(model_cfg, state, src.train, src.val, n_classes, cfg.data.clip, decode, cfg.eval.test_clips,
                                   cfg.eval.test_crops, cfg.eval.lp_epochs, cfg.eval.lp_lr, cfg.eval.lp_weight_decay, cfg.run.seed)
         top1, top5, videos, failed = res["top1"], res["top5"], res["videos"], res["failed"]
         extra = {}
     else:
-        out = run_stage(cfg, "align", init_from=init_from, run_name=run_name, linear_probe=protocol == "lp",
-                        average=average, test_views=[cfg.eval.test_clips, cfg.eval.test_crops])
+        out = run_stage(cfg, RunOptions(protocol, run_name, init_from=init_from, average=average))
         top1, top5, videos, failed = out["test_top1"], out["test_top5"], out["test_videos"], out["test_failed"]
         extra = {"learned_alpha": out["learned_alpha"]} if "learned_alpha" in out else {}
     return {"model": model_name, "task": name, "protocol": protocol, "top1": top1, "top5": top5, "videos": videos,

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ppma_ray.data.pipeline import ClipConfig, DecodeResources, Source
+from ppma_ray.data.pipeline import Source
 from ppma_ray.train.data import eval_stream
 from ppma_ray.train.stages import to_model_input
+from ppma_ray.train.step import WorkerContext
 
 
 def video_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -25,33 +26,32 @@ def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> int:
 
 
 @torch.no_grad()
-def multiview_test(model, source: Source, clip: ClipConfig, resources: DecodeResources, world: int, rank: int,
-                   device, autocast, head: str | None = None, num_clips: int = 2, num_crops: int = 3,
-                   batch_size: int = 4) -> dict:
+def multiview_test(model, source: Source, ctx: WorkerContext, head: str | None = None, num_clips: int = 2,
+                   num_crops: int = 3, batch_size: int = 4) -> dict:
     """-> ``{"top1", "top5", "videos", "failed", "failed_rows"}`` over the whole list (all ranks)."""
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, evaluated, failed
     failed_rows: list[int] = []
-    for batch in eval_stream(source, clip, resources, world, rank, num_clips, num_crops, batch_size):
+    for batch in eval_stream(source, ctx.clip, ctx.decode, ctx.world, ctx.rank, num_clips, num_crops, batch_size):
         ok = batch["ok"].bool()
         failed_rows += batch["row"][~ok].tolist()
         counts[3] += int((~ok).sum())
         if not ok.any():
             continue
-        video = batch["video"][ok].to(device)  # (b, V, T, H, W, C)
+        video = batch["video"][ok].to(ctx.device)  # (b, V, T, H, W, C)
         b, v = video.shape[:2]
-        with autocast:
+        with ctx.autocast():
             logits = model(to_model_input(video.flatten(0, 1)), head=head)
         probs = video_probs(logits.reshape(b, v, -1))
         labels = batch["label"][ok].to(probs.device)
         counts[0] += topk_correct(probs, labels, 1)
         counts[1] += topk_correct(probs, labels, 5)
         counts[2] += b
-    if world > 1:
-        counts = counts.to(device)
+    if ctx.world > 1:
+        counts = counts.to(ctx.device)
         dist.all_reduce(counts)
         counts = counts.cpu()
-        gathered: list = [None] * world
+        gathered: list = [None] * ctx.world
         dist.all_gather_object(gathered, failed_rows)
         failed_rows = sorted(r for part in gathered for r in part)
     n = max(1.0, float(counts[2]))

@@ -16,10 +16,11 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from ppma_ray.data.pipeline import ClipConfig, DecodeResources, Source, build_eval_dataset, plan_to_table
+from ppma_ray.data.config import ClipConfig, DecodeConfig
+from ppma_ray.data.pipeline import Source, build_eval_dataset, plan_to_table
 from ppma_ray.models.checkpoint import load_trunk
 from ppma_ray.models.heads import VideoClassifier
-from ppma_ray.models.vit import ViTConfig
+from ppma_ray.models.config import ViTConfig
 from ppma_ray.train.evaluate import topk_correct, video_probs
 from ppma_ray.train.stages import to_model_input
 
@@ -45,26 +46,30 @@ class FeatureExtractor:
         if ok.any():
             x = to_model_input(video[ok].flatten(0, 1).to(self.device))
             feats[ok] = self.model.features(x).reshape(int(ok.sum()), v, -1).float().cpu().numpy()
-        return {"features": feats, "label": batch["label"], "row": batch["row"], "ok": batch["ok"]}
+        return {"features": feats, "label": batch["label"], "source": batch["source"], "row": batch["row"],
+                "ok": batch["ok"]}
 
 
-def extract_features(model_cfg: ViTConfig, weights: dict | None, source: Source, clip: ClipConfig,
-                     num_clips: int, num_crops: int, resources: DecodeResources, num_actors: int = 1) -> dict:
-    """Features of every row of ``source``: ``{"features": (N, V, D), "label": (N,), "failed_rows"}``;
-    rows that cannot be decoded are dropped and listed."""
-    rows = np.arange(source.table.num_rows, dtype=np.int64)
-    table = plan_to_table([source], np.stack([np.zeros_like(rows), rows], 1))
-    ds = build_eval_dataset(table, clip, num_clips, num_crops, resources)
+def extract_features(model_cfg: ViTConfig, weights: dict | None, sources: list[Source], clip: ClipConfig,
+                     num_clips: int, num_crops: int, decode: DecodeConfig, num_actors: int = 1) -> list[dict]:
+    """Features of every row of each source, in one pass (one actor pool for all of them):
+    ``[{"features": (N, V, D), "label": (N,), "failed_rows"}, ...]``; rows that cannot be decoded
+    are dropped and listed."""
+    plan = np.concatenate([np.stack([np.full(s.table.num_rows, k, dtype=np.int64),
+                                     np.arange(s.table.num_rows, dtype=np.int64)], 1) for k, s in enumerate(sources)])
+    table = plan_to_table(sources, plan)
+    ds = build_eval_dataset(table, clip, decode, num_clips, num_crops)
     ref = ray.put(weights) if weights is not None else None
     ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs={"cfg": model_cfg.to_dict(), "weights_ref": ref},
                         batch_size=8, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1)
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    ok = np.concatenate([p["ok"] for p in parts]).astype(bool)
-    return {
-        "features": np.concatenate([p["features"] for p in parts])[ok],
-        "label": np.concatenate([p["label"] for p in parts])[ok],
-        "failed_rows": np.concatenate([p["row"] for p in parts])[~ok].tolist(),
-    }
+    cat = {key: np.concatenate([p[key] for p in parts]) for key in ("features", "label", "source", "row", "ok")}
+    out = []
+    for k in range(len(sources)):
+        mine = cat["source"] == k
+        ok, bad = mine & cat["ok"].astype(bool), mine & ~cat["ok"].astype(bool)
+        out.append({"features": cat["features"][ok], "label": cat["label"][ok], "failed_rows": cat["row"][bad].tolist()})
+    return out
 
 
 def fit_linear_head(features: np.ndarray, labels: np.ndarray, num_classes: int, epochs: int = 100,
@@ -99,11 +104,10 @@ def score_head(head: torch.nn.Linear, features: np.ndarray, labels: np.ndarray) 
 
 
 def linear_probe_cached(model_cfg: ViTConfig, weights: dict | None, train: Source, test: Source, num_classes: int,
-                        clip: ClipConfig, resources: DecodeResources, num_clips: int = 2, num_crops: int = 3,
+                        clip: ClipConfig, decode: DecodeConfig, num_clips: int = 2, num_crops: int = 3,
                         epochs: int = 100, lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0) -> dict:
     t0 = time.perf_counter()
-    tr = extract_features(model_cfg, weights, train, clip, num_clips, num_crops, resources)
-    te = extract_features(model_cfg, weights, test, clip, num_clips, num_crops, resources)
+    tr, te = extract_features(model_cfg, weights, [train, test], clip, num_clips, num_crops, decode)
     head = fit_linear_head(tr["features"], tr["label"], num_classes, epochs, lr, weight_decay, seed)
     result = score_head(head, te["features"], te["label"])
     result.update(failed=len(te["failed_rows"]), failed_rows=te["failed_rows"], train_failed=len(tr["failed_rows"]),

@@ -1,272 +1,259 @@
-"""The Ray Train worker loop shared by every stage (one explicit step, torchtitan style).
+"""The Ray Train worker shared by every stage, torchtitan style: ``setup`` -> ``restore`` -> a loop
+of ``train_step`` (``train/step.py``) -> end-of-epoch work (validation, the downstream test,
+checkpoint and report).
 
-Per step: uint8 batch -> device -> normalize there -> autocast (bf16 on CUDA, fp32 on CPU) ->
-loss -> backward -> grad norm (clipped when configured) -> finite check of loss and grad norm,
-agreed by all ranks -> optimizer step. The LR is set every step from the warmup + cosine schedule.
-The loop always starts from ``ray.train.get_checkpoint()`` when there is one.
+    train_loop({"config": PretrainConfig, "options": RunOptions})
+
+The stage kind (``mae``, ``align``, ``lp``, ``ft``) picks the model, the loss and the end-of-epoch
+work; the config section of the same name gives the schedule, the mix and the optimizer. A run
+always continues from ``ray.train.get_checkpoint()`` when there is one.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import ray.data
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
+from torch import nn
 
-from ppma_ray.config import PretrainConfig, from_dict
+from ppma_ray.config import PretrainConfig, StageConfig, StageKind, to_dict
 from ppma_ray.data.pipeline import FailureTracker
-from ppma_ray.models import create_model
+from ppma_ray.models import build_model
+from ppma_ray.models.averaging import LearnedAverage, load_trunks
 from ppma_ray.models.checkpoint import load_trunk
 from ppma_ray.train.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint, step_seed
-from ppma_ray.models.averaging import LearnedAverage, load_trunks
-from ppma_ray.train.data import EpochStream, clip_config, decode_resources, resolve_sources
+from ppma_ray.train.data import EpochStream, ResolvedSource, resolve_sources
 from ppma_ray.train.evaluate import multiview_test
-from ppma_ray.train.optim import build_optimizer, lr_at, schedule_lr
-from ppma_ray.train.stages import AlignLoss, mae_loss, to_model_input
+from ppma_ray.train.metrics import MetricsLog, Progress
+from ppma_ray.train.optim import build_optimizer, lr_at
+from ppma_ray.train.stages import AlignLoss, mae_loss
+from ppma_ray.train.step import LossFn, WorkerContext, train_step
 
 MAX_SKIPPED_STEPS = 5  # consecutive non-finite steps before the run is stopped
 
 
-def build_model(cfg: PretrainConfig, stage_name: str, num_classes: dict[str, int] | None = None):
-    m = cfg.model
-    overrides = {k: v for k, v in {"depth": m.depth, "embed_dim": m.embed_dim, "num_heads": m.num_heads}.items() if v}
-    overrides.update(
-        img_size=cfg.data.clip.img_size, num_frames=cfg.data.clip.num_frames, patch_size=m.patch_size,
-        tubelet_size=m.tubelet_size, drop_path_rate=getattr(cfg, stage_name).drop_path_rate,
-    )
-    if stage_name == "mae":
-        overrides.update(decoder_depth=m.decoder_depth, decoder_embed_dim=m.decoder_embed_dim,
-                         decoder_num_heads=m.decoder_num_heads, decoder_style=m.decoder_style,
-                         masking=m.masking, mask_ratio=m.mask_ratio)
-        return create_model(m.preset, "mae", **overrides)
-    return create_model(m.preset, "classifier", num_classes=num_classes, **overrides)
+@dataclass
+class AverageSpec:
+    """Learned weight averaging (LP only): the trunks of ``checkpoints`` mixed by trained coefficients."""
+
+    checkpoints: list[str]
+    per_layer: bool = False
 
 
-def head_layout(stage, sources) -> tuple[list[str], dict[str, int]]:
+@dataclass
+class RunOptions:
+    """What the driver asks of one stage run: the worker's whole interface besides the config."""
+
+    stage: StageKind
+    run_name: str | None = None  # <storage_path>/<run_name> holds checkpoints and metrics (None: <run.name>-<stage>)
+    decode_cpus: float | None = None  # Ray Data's CPU budget when data.decode.cpu_limit is unset
+    init_from: str | None = None  # trunk weights to start from (stage transfer)
+    resume_from: str | None = None  # another run's full state to continue (a PBT round)
+    stop_epoch: int | None = None  # end after this epoch (a PBT round); schedules still span stage.epochs
+    average: AverageSpec | None = None
+
+
+@dataclass
+class TrainState:
+    """Saved in ``train_state.pt`` with the optimizer: where the run is, to the sample."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0  # the data plan's cursor
+    seed: int = 0
+    skipped_steps: int = 0  # consecutive non-finite steps
+    metrics: dict = field(default_factory=dict)  # the last report's, so a finished run can be summarised
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "TrainState":
+        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Stage:
+    """What ``setup`` builds for one stage run."""
+
+    model: nn.Module  # unwrapped (DDP wraps it later)
+    loss_fn: LossFn
+    optimizer: torch.optim.Optimizer
+    params: list[torch.Tensor]  # the trainable ones (grad-norm and clipping)
+    sources: list[ResolvedSource]
+    head_of_source: list[str]  # classifier stages: which head scores each source
+
+
+def head_layout(stage: StageConfig, sources) -> tuple[list[str], dict[str, int]]:
     """Which head scores each source, and each head's class count."""
     counts = [int(s.table.column("label").to_numpy().max()) + 1 for s in sources]
     if stage.heads == "shared":
         return ["default"] * len(sources), {"default": max(counts)}
-    if stage.heads != "separate":
-        raise ValueError(f"heads must be 'separate' or 'shared', got {stage.heads!r}")
     return [s.name for s in sources], {s.name: n for s, n in zip(sources, counts)}
 
 
-class MetricsLog:
-    """Rank 0's JSON-lines file and TensorBoard writer (local or shared-filesystem storage only)."""
+def stage_model(cfg: PretrainConfig, kind: StageKind, num_classes: dict[str, int] | None = None) -> nn.Module:
+    """The model of stage ``kind``: MAE for ``mae``, a classifier otherwise."""
+    clip = cfg.data.clip
+    return build_model(cfg.model, "mae" if kind == "mae" else "classifier", num_classes, img_size=clip.img_size,
+                       num_frames=clip.num_frames, drop_path_rate=getattr(cfg, kind).drop_path_rate)
 
-    def __init__(self, directory: Path | None, stage: str):
-        self.jsonl = self.tb = None
-        if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(directory / f"{stage}_metrics.jsonl", "a")
-            from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(directory / "tensorboard" / stage))
+def setup(cfg: PretrainConfig, options: RunOptions, ctx: WorkerContext) -> Stage:
+    stage = getattr(cfg, options.stage)
+    sources = resolve_sources(cfg.data, stage.source_names())
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and every run
+    if options.stage == "mae":
+        model, loss_fn, heads = stage_model(cfg, "mae"), mae_loss, []
+    else:
+        heads, num_classes = head_layout(stage, [s.train for s in sources])
+        model = stage_model(cfg, options.stage, num_classes)
+        loss_fn = AlignLoss(heads, num_classes, stage.label_smoothing, stage.mixup_alpha, stage.cutmix_alpha,
+                            stage.random_erase, device=ctx.device)
+    model.set_grad_checkpointing(stage.grad_checkpointing)
+    model.to(ctx.device)
+    if options.average:  # learned weight averaging of K checkpoints, trained with the LP head
+        model = LearnedAverage(model, load_trunks(options.average.checkpoints), options.average.per_layer).to(ctx.device)
+    elif options.stage == "lp":
+        model.set_linear_probe(True)
+    optimizer = build_optimizer(model, stage.optim)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Stage(model, loss_fn, optimizer, params, sources, heads)
 
-    def write(self, step: int, metrics: dict) -> None:
-        if self.jsonl:
-            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-            self.jsonl.flush()
-        if self.tb:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
 
-    def close(self) -> None:
-        if self.jsonl:
-            self.jsonl.close()
-        if self.tb:
-            self.tb.close()
+def restore(cfg: PretrainConfig, options: RunOptions, stage: Stage, rank: int) -> TrainState:
+    """Every way a run can start, in order: its own last checkpoint (resumed or restarted), another
+    run's full state (``resume_from``), trunk weights (``init_from``), or fresh."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and options.resume_from:
+        checkpoint = ray.train.Checkpoint(options.resume_from)  # a path or a URI
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            return TrainState.from_saved(load_checkpoint(d, stage.model, stage.optimizer))
+    if options.init_from:
+        report = _load_init(getattr(stage.model, "classifier", stage.model), options.init_from)
+        if rank == 0:
+            print(f"[{options.stage}] initialised from {options.init_from}: {report}", flush=True)
+    return TrainState(seed=cfg.run.seed)
 
 
 def train_loop(loop_config: dict) -> None:
-    cfg: PretrainConfig = from_dict(PretrainConfig, loop_config["config"])
-    stage_name: str = loop_config["stage"]
-    stage = getattr(cfg, stage_name)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg: PretrainConfig = loop_config["config"]
+    options: RunOptions = loop_config["options"]
+    stage_cfg = getattr(cfg, options.stage)
+    context = ray.train.get_context()
     if cfg.scaling.torch_threads:
         torch.set_num_threads(cfg.scaling.torch_threads)
-    device = ray.train.torch.get_device()
     ray.data.DataContext.get_current().enable_progress_bars = False  # our progress line is the readable one
-    use_cuda = device.type == "cuda"
+    decode = cfg.data.decode if cfg.data.decode.cpu_limit else replace(cfg.data.decode, cpu_limit=options.decode_cpus)
+    ctx = WorkerContext(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
+                        cfg.data.clip, decode)
 
-    resolved = resolve_sources(cfg.data, stage.source_names())
-    sources = [r.train for r in resolved]
-    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and every run
-    if stage_name == "mae":
-        model, loss_fn = build_model(cfg, stage_name), mae_loss
-    else:
-        head_of_source, num_classes = head_layout(stage, sources)
-        model = build_model(cfg, stage_name, num_classes)
-        loss_fn = AlignLoss(head_of_source, num_classes, stage.label_smoothing, stage.mixup_alpha,
-                            stage.cutmix_alpha, stage.random_erase, device=device)
-    model.set_grad_checkpointing(stage.grad_checkpointing)
-    model.to(device)
-
-    init_from = loop_config.get("init_from")
-    if loop_config.get("average"):  # learned weight averaging of K checkpoints, trained with the LP head
-        avg = loop_config["average"]
-        model = LearnedAverage(model, load_trunks(avg["checkpoints"]), per_layer=avg.get("per_layer", False)).to(device)
-    elif loop_config.get("linear_probe"):
-        model.set_linear_probe(True)
-    optimizer = build_optimizer(model, stage.optim)
-
-    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "seed": cfg.run.seed, "skipped_steps": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(d, model, optimizer)
-    elif loop_config.get("resume_from"):  # another run's full state (a PBT round continues its donor)
-        with ray.train.Checkpoint(loop_config["resume_from"]).as_directory() as d:  # a path or a URI
-            state = load_checkpoint(d, model, optimizer)
-    elif init_from:
-        report = _load_init(getattr(model, "classifier", model), init_from)
-        if rank == 0:
-            print(f"[{stage_name}] initialised from {init_from}: {report}", flush=True)
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
-
-    clip = clip_config(cfg.data, stage.repeats, stage.randaug_ops, stage.randaug_magnitude)
-    resources = decode_resources(cfg.data, loop_config.get("cpu_limit"))
-    stream = EpochStream(sources, stage, clip, resources, cfg.run.seed, world, rank)
-    tracker = FailureTracker(sources, cfg.data.decode.max_failure_rate)
-    total_steps = stage.epochs * stream.steps_per_epoch
-    log_dir = _local_dir(cfg, loop_config.get("run_name") or f"{cfg.run.name}-{stage_name}")
-    log = MetricsLog(log_dir if rank == 0 else None, stage_name)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else torch.autocast("cpu", enabled=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    # the schedules span stage.epochs; ``stop_epoch`` ends this run early (a PBT round)
-    end = min(stage.epochs, loop_config.get("stop_epoch") or stage.epochs)
-    if state["epoch"] >= end:  # finished before; the driver reads the checkpoint's metrics
+    stage = setup(cfg, options, ctx)
+    state = restore(cfg, options, stage, ctx.rank)
+    end = min(stage_cfg.epochs, options.stop_epoch or stage_cfg.epochs)
+    if state.epoch >= end:  # finished before; the driver reads the checkpoint's metrics
         return
-    t_start = time.perf_counter()
-    clips_done = 0
-    window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "clips": 0}
+    model = ray.train.torch.prepare_model(stage.model, move_to_device=False)
+
+    stream = EpochStream([s.train for s in stage.sources], stage_cfg, ctx.clip, ctx.decode, cfg.run.seed,
+                         ctx.world, ctx.rank)
+    tracker = FailureTracker([s.train for s in stage.sources], ctx.decode.max_failure_rate)
+    total_steps = stage_cfg.epochs * stream.steps_per_epoch
+    log_dir = _local_dir(cfg, options.run_name)
+    log = MetricsLog(log_dir if ctx.rank == 0 else None, options.stage)
+    progress = Progress(options.stage, total_steps, stage_cfg.epochs, ctx.world, verbose=ctx.rank == 0)
     metrics: dict = {}
-    step = state["step"]
-    ddp_model.train()
+    model.train()
     t_fetch = time.perf_counter()
-    for epoch, i, batch in stream.iterate(state["epoch"], state["step_in_epoch"], end):
-        batch = {k: v.numpy() for k, v in batch.items()}
-        kept = tracker.update(batch)
-        weight = 1.0
-        if len(kept["ok"]) == 0:  # every clip failed: keep the step (DDP) but learn nothing
-            kept, weight = batch, 0.0
-        window["wait"] += time.perf_counter() - t_fetch
-        if cfg.run.fail_at_step == step and rank == 0:
-            _fail_once(cfg, stage_name, step)
-        torch.manual_seed(step_seed(cfg.run.seed, rank, step))
-        lr = lr_at(step, total_steps, stage.optim)
-        schedule_lr(optimizer, lr)
-        dev = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in kept.items()}
-        with autocast:
-            loss, extra = loss_fn(ddp_model, dev)
-            loss = loss * weight
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.optim.clip_grad or math.inf)
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        if world > 1:  # all ranks must take (or skip) the step together
-            flag = finite.float().to(device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = flag > 0
-        if bool(finite):
-            optimizer.step()
-            state["skipped_steps"] = 0
-        else:
-            state["skipped_steps"] += 1
-            if state["skipped_steps"] > MAX_SKIPPED_STEPS:
-                raise FloatingPointError(f"{stage_name}: loss or gradient not finite for {MAX_SKIPPED_STEPS + 1} steps in a row (step {step})")
-        step += 1
-        clips = len(batch["ok"]) * world
-        clips_done += clips
-        window["clips"] += clips
-        window["loss"] += float(loss.detach()) if bool(finite) else 0.0
-        window["n"] += 1
-        state.update(step=step, epoch=epoch, step_in_epoch=i + 1)
-        if step % cfg.run.log_every == 0 or i + 1 == stream.steps_per_epoch:
-            metrics = _log_line(stage_name, window, step, total_steps, epoch, stage.epochs, lr, grad_norm, tracker, extra, rank)
-            log.write(step, metrics)
-        stop = cfg.run.max_steps is not None and step >= cfg.run.max_steps
+    for epoch, i, batch in stream.iterate(state.epoch, state.step_in_epoch, end):
+        batch, weight = _drop_failed(tracker, batch)
+        progress.waited(time.perf_counter() - t_fetch)
+        if cfg.run.fail_at_step == state.step and ctx.rank == 0:
+            _fail_once(cfg, options.run_name, state.step)
+        torch.manual_seed(step_seed(cfg.run.seed, ctx.rank, state.step))
+        lr = lr_at(state.step, total_steps, stage_cfg.optim)
+        result = train_step(ctx, model, stage.loss_fn, stage.optimizer, stage.params, batch, lr,
+                            stage_cfg.optim.clip_grad, weight)
+        state.skipped_steps = 0 if result.taken else state.skipped_steps + 1
+        if state.skipped_steps > MAX_SKIPPED_STEPS:
+            raise FloatingPointError(f"{options.stage}: loss or gradient not finite for {MAX_SKIPPED_STEPS + 1} steps "
+                                     f"in a row (step {state.step})")
+        state.step += 1
+        state.epoch, state.step_in_epoch = epoch, i + 1
+        progress.add(result, len(batch["video"]) if weight else 0)
         end_of_epoch = i + 1 == stream.steps_per_epoch
+        if state.step % cfg.run.log_every == 0 or end_of_epoch:
+            metrics = progress.line(state.step, epoch, lr, result, int(tracker.failed.sum()))
+            log.write(state.step, metrics)
+        stop = cfg.run.max_steps is not None and state.step >= cfg.run.max_steps
         if end_of_epoch:
-            state.update(epoch=epoch + 1, step_in_epoch=0)
-        if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or end_of_epoch or stop:
-            if end_of_epoch and stage_name == "align":
-                last = epoch + 1 == stage.epochs
-                if loop_config.get("test_views"):  # downstream: the test protocol once, at the end
-                    if last:
-                        metrics.update(_final_test(ddp_model, resolved, head_of_source, clip, resources, world,
-                                                   rank, device, autocast, loop_config["test_views"], log_dir))
-                elif last or (epoch + 1) % cfg.run.val_every == 0:
-                    metrics.update(_validate(ddp_model, resolved, head_of_source, clip, resources, world, rank, device,
-                                             autocast, stage.trained_sources()))
-                if isinstance(model, LearnedAverage):
-                    metrics["learned_alpha"] = model.alphas().detach().mean(0).tolist()
-                ddp_model.train()
-                log.write(step, {k: v for k, v in metrics.items() if k.startswith(("val", "test"))})
-            wall = time.perf_counter() - t_start
-            metrics.update(stage_clips_per_s=clips_done / wall, stage_wall_s=wall, step=step, epoch=state["epoch"],
-                           failed_clips=int(tracker.failed.sum()))
-            state["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
-            _report(metrics, model, optimizer, state, loop_config["config"], rank)
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            evaluated = epoch_end(cfg, options, stage, model, ctx, epoch, log_dir)
+            if evaluated:
+                metrics.update(evaluated)
+                log.write(state.step, {k: v for k, v in evaluated.items() if k.startswith(("val", "test"))})
+                model.train()
+        if (cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0) or end_of_epoch or stop:
+            metrics.update(progress.totals(), step=state.step, epoch=state.epoch, failed_clips=int(tracker.failed.sum()))
+            state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
+            _report(metrics, stage, state, cfg, ctx.rank)
         if stop:
             break
         t_fetch = time.perf_counter()
     log.close()
 
 
-def _log_line(stage, w, step, total, epoch, epochs, lr, grad_norm, tracker, extra, rank) -> dict:
-    elapsed = time.perf_counter() - w["t0"]
-    m = {"loss": w["loss"] / max(1, w["n"]), "lr": lr, "grad_norm": float(grad_norm),
-         "clips_per_s": w["clips"] / elapsed, "data_wait_frac": min(1.0, w["wait"] / elapsed),
-         "failed_clips": int(tracker.failed.sum()), **extra}
-    if rank == 0:
-        print(f"[{stage}] epoch {epoch + 1}/{epochs} step {step}/{total} loss {m['loss']:.4f} lr {lr:.2e} "
-              f"grad {m['grad_norm']:.2f} {m['clips_per_s']:.1f} clips/s data-wait {m['data_wait_frac']:.0%} "
-              f"failed {m['failed_clips']}", flush=True)
-    w.update(loss=0.0, n=0, wait=0.0, t0=time.perf_counter(), clips=0)
-    return m
+def epoch_end(cfg: PretrainConfig, options: RunOptions, stage: Stage, model: nn.Module, ctx: WorkerContext,
+              epoch: int, log_dir: Path | None) -> dict:
+    """Stage 2 validates every ``run.val_every`` epochs (and after the last); LP and FT run the
+    downstream test protocol once, after the last epoch. Returns the metrics to report."""
+    stage_cfg = getattr(cfg, options.stage)
+    last = epoch + 1 == stage_cfg.epochs
+    out: dict = {}
+    if options.stage == "align" and (last or (epoch + 1) % cfg.run.val_every == 0):
+        out = validate(model, stage.sources, stage.head_of_source, ctx, stage_cfg.trained_sources())
+    elif options.stage in ("lp", "ft") and last:
+        out = final_test(model, stage.sources[0], stage.head_of_source[0], ctx,
+                         (cfg.eval.test_clips, cfg.eval.test_crops), log_dir)
+    if out and isinstance(stage.model, LearnedAverage):
+        out["learned_alpha"] = stage.model.alphas().detach().mean(0).tolist()
+    return out
 
 
-def _validate(model, resolved, head_of_source, clip, resources, world, rank, device, autocast, trained) -> dict:
+def validate(model, sources: list[ResolvedSource], head_of_source: list[str], ctx: WorkerContext,
+             trained: set[str]) -> dict:
     """Top-1 per source on its held-out rows (one centre view per video); sources the stage never
     trains on (weight 0 throughout) are skipped."""
     out = {}
-    for k, r in enumerate(resolved):
+    for k, r in enumerate(sources):
         if r.val is None or r.train.name not in trained:
             continue
-        res = multiview_test(model, r.val, clip, resources, world, rank, device, autocast,
-                             head=head_of_source[k], num_clips=1, num_crops=1, batch_size=8)
+        res = multiview_test(model, r.val, ctx, head=head_of_source[k], num_clips=1, num_crops=1, batch_size=8)
         out[f"val_top1/{r.train.name}"] = res["top1"]
         out[f"val_failed/{r.train.name}"] = res["failed"]
     top1 = [v for k, v in out.items() if k.startswith("val_top1/")]
     if top1:
         out["val_top1_mean"] = sum(top1) / len(top1)  # one number for schedulers (ASHA)
-    if rank == 0 and out:
+    if ctx.rank == 0 and out:
         print("  validation: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items() if "top1" in k), flush=True)
     return out
 
 
-def _final_test(model, resolved, head_of_source, clip, resources, world, rank, device, autocast, views, run_dir) -> dict:
-    """The downstream testing protocol on the (single) task's test list: clips x crops views."""
-    r = resolved[0]
-    res = multiview_test(model, r.val, clip, resources, world, rank, device, autocast,
-                         head=head_of_source[0], num_clips=views[0], num_crops=views[1])
-    if rank == 0:
+def final_test(model, source: ResolvedSource, head: str, ctx: WorkerContext, views: tuple[int, int],
+               run_dir: Path | None) -> dict:
+    """The downstream testing protocol on the task's test list: clips x crops views per video."""
+    res = multiview_test(model, source.val, ctx, head=head, num_clips=views[0], num_crops=views[1])
+    if ctx.rank == 0:
         if res["failed"]:
             print(f"  WARNING: {res['failed']} of {res['failed'] + res['videos']} test videos could not be decoded "
                   f"and were excluded (rows {res['failed_rows'][:20]}...)", flush=True)
             if run_dir is not None:
+                import json
+
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "test_failed_rows.json").write_text(json.dumps(res["failed_rows"]))
         print(f"  test ({views[0]}x{views[1]} views): top-1 {res['top1']:.4f} top-5 {res['top5']:.4f} "
@@ -274,13 +261,22 @@ def _final_test(model, resolved, head_of_source, clip, resources, world, rank, d
     return {"test_top1": res["top1"], "test_top5": res["top5"], "test_videos": res["videos"], "test_failed": res["failed"]}
 
 
-def _report(metrics: dict, model, optimizer, state: dict, config: dict, rank: int) -> None:
+def _drop_failed(tracker: FailureTracker, batch: dict) -> tuple[dict, float]:
+    """The batch without its failed clips (counted), and the loss weight: a batch whose clips all
+    failed is kept (DDP needs every rank to step) but learns nothing."""
+    kept = tracker.update({k: v.numpy() for k, v in batch.items()})
+    if len(kept["ok"]) == 0:
+        return batch, 0.0
+    return {k: torch.from_numpy(v) for k, v in kept.items()}, 1.0
+
+
+def _report(metrics: dict, stage: Stage, state: TrainState, cfg: PretrainConfig, rank: int) -> None:
     """Every rank reports (Ray needs the same number of calls); only rank 0 attaches a checkpoint."""
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, model, optimizer, state, config)
+        save_checkpoint(tmp, stage.model, stage.optimizer, asdict(state), to_dict(cfg))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -300,11 +296,10 @@ def _load_init(model, init_from: str):
     return load_trunk(model, Path(init_from) / MODEL_FILE)
 
 
-def _fail_once(cfg: PretrainConfig, stage: str, step: int) -> None:
+def _fail_once(cfg: PretrainConfig, run_name: str, step: int) -> None:
     """Test hook: raise once at ``run.fail_at_step`` (a marker file makes the retry pass)."""
-    marker = Path(cfg.run.storage_path).resolve() / f"{cfg.run.name}-{stage}" / f"failed_at_{step}"
+    marker = Path(cfg.run.storage_path).resolve() / run_name / f"failed_at_{step}"
     if not marker.exists():
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
         raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
-

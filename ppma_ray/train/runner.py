@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -12,10 +13,10 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ppma_ray.config import PretrainConfig, to_dict
+from ppma_ray.config import PretrainConfig
 from ppma_ray.data.demo import make_demo
 from ppma_ray.train.checkpoint import STATE_FILE
-from ppma_ray.train.loop import train_loop
+from ppma_ray.train.loop import RunOptions, train_loop
 
 
 def resolve_paths(cfg: PretrainConfig) -> PretrainConfig:
@@ -47,27 +48,24 @@ def decode_cpu_budget(cfg: PretrainConfig) -> float:
     return left
 
 
-def run_stage(cfg: PretrainConfig, stage_name: str, init_from: str | None = None, run_name: str | None = None,
-              callbacks: list | None = None, **loop_options) -> dict:
+def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None = None) -> dict:
     """Train one stage on Ray Train; returns its summary (steps, final loss, clips/s, wall time,
-    checkpoint directory, and per-source validation top-1 for stage 2).
+    checkpoint directory; per-source validation top-1 for ``align``, the test protocol's top-1/5
+    for ``lp`` and ``ft``).
 
-    ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a trial).
-    ``loop_options`` go to the worker loop: ``linear_probe``, ``average`` (learned weight
-    averaging), ``test_views`` (clips, crops) for the final multi-view test, ``resume_from`` (a
-    checkpoint directory whose full state this run continues) and ``stop_epoch`` (end early)."""
-    run_name = run_name or f"{cfg.run.name}-{stage_name}"
+    ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a trial)."""
+    options = replace(options, run_name=options.run_name or f"{cfg.run.name}-{options.stage}",
+                      decode_cpus=decode_cpu_budget(cfg))
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": to_dict(cfg), "stage": stage_name, "init_from": init_from,
-                           "cpu_limit": decode_cpu_budget(cfg), "run_name": run_name, **loop_options},
+        train_loop_config={"config": cfg, "options": options},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            storage_path=cfg.run.storage_path, name=run_name,
+            storage_path=cfg.run.storage_path, name=options.run_name,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=callbacks,
@@ -88,12 +86,12 @@ def run_stage(cfg: PretrainConfig, stage_name: str, init_from: str | None = None
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "failed_clips": m.get("failed_clips", 0),
     }
-    if stage_name == "align":
+    if options.stage == "align":
         summary["val_top1"] = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("val_top1/")}
         summary["train_top1"] = m.get("train_top1")
-        for key in ("test_top1", "test_top5", "test_videos", "test_failed", "learned_alpha"):
-            if key in m:
-                summary[key] = m[key]
+    for key in ("test_top1", "test_top5", "test_videos", "test_failed", "learned_alpha"):
+        if key in m:
+            summary[key] = m[key]
     return summary
 
 
@@ -102,37 +100,10 @@ def pretrain(cfg: PretrainConfig, stages: tuple[str, ...] = ("mae", "align"), in
     cfg = resolve_paths(cfg)
     out: dict = {}
     for stage in stages:
-        out[stage] = run_stage(cfg, stage, init_from=init_from if stage == stages[0] else out[stages[0]]["checkpoint"])
+        start = init_from if stage == stages[0] else out[stages[0]]["checkpoint"]
+        out[stage] = run_stage(cfg, RunOptions(stage, init_from=start))
     return out
 
 
 def run_dir(cfg: PretrainConfig) -> Path:
     return Path(cfg.run.storage_path).resolve() / cfg.run.name
-
-
-def check_config(cfg: PretrainConfig) -> None:
-    """Cheap checks before any worker starts; each error names the config key."""
-    for stage_name in ("mae", "align"):
-        stage = getattr(cfg, stage_name)
-        if not stage.mix:
-            raise ValueError(f"{stage_name}.mix: no sources to train on")
-        mixes = [(f"{stage_name}.mix", stage.mix)]
-        mixes += [(f"{stage_name}.mix_schedule[{i}]", m) for i, (_, m) in enumerate(stage.mix_schedule)]
-        for key, mix in mixes:
-            for name, w in mix.items():
-                if name not in cfg.data.sources:
-                    raise ValueError(f"{key}.{name}: no such source in data.sources ({sorted(cfg.data.sources)})")
-                if not (w >= 0):
-                    raise ValueError(f"{key}.{name}: weight must be >= 0, got {w}")
-            if sum(mix.values()) <= 0:
-                raise ValueError(f"{key}: at least one weight must be > 0")
-        starts = [start for start, _ in stage.mix_schedule]
-        if any(b <= a for a, b in zip(starts, starts[1:])) or any(s < 0 for s in starts):
-            raise ValueError(f"{stage_name}.mix_schedule: start epochs must be >= 0 and increasing, got {starts}")
-    for name, src in cfg.data.sources.items():
-        if src.manifest.startswith("demo:"):
-            continue
-        for key in ("manifest", "val_manifest"):
-            path = getattr(src, key)
-            if path and "://" not in path and not Path(path).is_file():
-                raise FileNotFoundError(f"data.sources.{name}.{key}: {path} does not exist")

@@ -29,7 +29,10 @@ from ray import tune
 
 from ppma_ray.config import ConfigError, PretrainConfig, TuneSettings, from_dict
 from ppma_ray.train.data import resolve_sources
+from ppma_ray.train.loop import RunOptions
 from ppma_ray.train.runner import run_stage
+from ppma_ray.tune.outputs import scored, write_best, write_csv
+from ppma_ray.tune.trial import Experiment, in_trial, result_row, run_tuner, score
 
 STATE_FILE = "pbt_state.json"
 
@@ -97,8 +100,6 @@ def _mixes(t: TuneSettings, schedule: list) -> tuple[dict, list]:
 
 def pbt_trial(config: dict, base: dict, stage1: str, tasks: dict, rounds) -> None:
     """One member of the population: stage 2 round by round at the current ``p``."""
-    from ppma_ray.tune.search import _in_trial, _score
-
     p = float(config["p"])
     t = base["tune"]
     state = {"epoch": 0, "checkpoint": None, "schedule": []}
@@ -111,15 +112,15 @@ def pbt_trial(config: dict, base: dict, stage1: str, tasks: dict, rounds) -> Non
     while state["epoch"] < epochs:
         start, stop = state["epoch"], min(epochs, state["epoch"] + t["pbt_interval"])
         schedule = _extend(state["schedule"], start, stop, p, trial)
-        cfg = _in_trial(from_dict(PretrainConfig, base), t["pbt_population"])  # all of them are live
+        cfg = in_trial(from_dict(PretrainConfig, base), t["pbt_population"])  # all of them are live
         cfg.align.mix, cfg.align.mix_schedule = _mixes(cfg.tune, schedule)
         # the same round from the same state gets the same name: a restored experiment resumes it
         key = hashlib.sha1(json.dumps([state["checkpoint"], p]).encode()).hexdigest()[:8]
         run_name = f"{cfg.run.name}-{trial}-e{start}-{key}"
         with _slot(rounds, trial):
-            out = run_stage(cfg, "align", init_from=None if state["checkpoint"] else stage1, run_name=run_name,
-                            resume_from=state["checkpoint"], stop_epoch=stop)
-            scores = _score(cfg, tasks, run_name, [out["checkpoint"]])
+            out = run_stage(cfg, RunOptions("align", run_name, init_from=None if state["checkpoint"] else stage1,
+                                            resume_from=state["checkpoint"], stop_epoch=stop))
+            scores = score(cfg, tasks, run_name, [out["checkpoint"]])
         ray.get(rounds.record.remote({"trial": trial, "start": start, "epoch": stop, "p": p, **scores,
                                       "run": run_name}))
         state = {"epoch": stop, "checkpoint": out["checkpoint"], "schedule": schedule}
@@ -130,22 +131,18 @@ def pbt_trial(config: dict, base: dict, stage1: str, tasks: dict, rounds) -> Non
                          "done": stop >= epochs}, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def check_pbt(cfg: PretrainConfig) -> None:
+def check(cfg: PretrainConfig) -> None:
     """The PBT settings, checked before anything runs."""
     t = cfg.tune
     epochs = t.align_epochs or cfg.align.epochs
     if t.extra:
-        raise ConfigError("tune.extra: PBT mutates p only; search other keys with --scheduler none or asha")
-    if t.pbt_population < 2:
-        raise ConfigError(f"tune.pbt_population: PBT needs at least 2 trials, got {t.pbt_population}")
-    if not 1 <= t.pbt_interval < epochs:
-        raise ConfigError(f"tune.pbt_interval: {t.pbt_interval} epochs leaves no second round in {epochs} stage-2 "
-                          "epochs (tune.align_epochs)")
-    if not 0 < t.pbt_quantile <= 0.5:
-        raise ConfigError(f"tune.pbt_quantile: must be in (0, 0.5], got {t.pbt_quantile}")
+        raise ConfigError.at("tune.extra", "PBT mutates p only; search other keys with --scheduler none or asha")
+    if t.pbt_interval >= epochs:
+        raise ConfigError.at("tune.pbt_interval", f"{t.pbt_interval} epochs leaves no second round in {epochs} stage-2 "
+                                                  "epochs (tune.align_epochs)")
 
 
-def fix_stage2_length(cfg: PretrainConfig) -> None:
+def prepare(cfg: PretrainConfig) -> None:
     """In place: stage 2 gets ``tune.align_epochs`` epochs of a length that is the same whatever p
     is (by default both sources' sizes, as for 0 < p < 1), so every round's steps fit one LR schedule."""
     t = cfg.tune
@@ -155,15 +152,13 @@ def fix_stage2_length(cfg: PretrainConfig) -> None:
         cfg.align.samples_per_epoch = sum(s.train.table.num_rows for s in sources)
 
 
-def run_pbt(cfg: PretrainConfig, common: dict, out: Path) -> tuple[list[dict], list[dict]]:
-    """The PBT experiment; returns one row per trial (its final round) and one per round."""
+def run(cfg: PretrainConfig, common: dict, out: Path) -> list[dict]:
+    """The PBT experiment: trials.csv (one row per trial, its final round), pbt_rounds.csv (one row
+    per round), best.yaml (the best p-schedule, replayed by ``align.mix_schedule``) and tune.png."""
     from ray.tune.schedulers import PopulationBasedTraining
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from ppma_ray.tune.search import _row, _run
-
     t = cfg.tune
-    check_pbt(cfg)
     log = out / "pbt_rounds.jsonl"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     rounds = Rounds.options(name=f"ppma-pbt-rounds-{cfg.run.name}", get_if_exists=True,
@@ -173,14 +168,28 @@ def run_pbt(cfg: PretrainConfig, common: dict, out: Path) -> tuple[list[dict], l
         hyperparam_mutations={"p": tune.uniform(0.0, 1.0)}, quantile_fraction=t.pbt_quantile,
         resample_probability=t.pbt_resample, custom_explore_fn=explore_p, synch=True)
     trainable = tune.with_parameters(pbt_trial, **common, rounds=rounds)
-    grid = _run(f"{cfg.run.name}-tune-pbt", trainable, {"p": tune.grid_search(initial_p(t.pbt_population))}, cfg,
-                scheduler=scheduler)  # no cap on live trials: the population must all be live
-    rows = [_row("pbt", result) for result in grid]
+    grid = run_tuner(f"{cfg.run.name}-tune-pbt", trainable, {"p": tune.grid_search(initial_p(t.pbt_population))}, cfg,
+                     scheduler=scheduler)  # no cap on live trials: the population must all be live
+    rows = [result_row("pbt", result) for result in grid]
     logged = {}  # a round run again (restored experiment) counts once
     for line in log.read_text().splitlines() if log.exists() else []:
         entry = json.loads(line)
         logged[entry["run"]] = {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
-    return rows, sorted(logged.values(), key=lambda r: (r["trial"], r["epoch"]))
+    rounds_rows = sorted(logged.values(), key=lambda r: (r["trial"], r["epoch"]))
+    write_outputs(cfg, rows, rounds_rows, out)
+    return rows
+
+
+def write_outputs(cfg: PretrainConfig, rows: list[dict], rounds: list[dict], out: Path) -> None:
+    write_csv(out / "trials.csv", rows)
+    write_csv(out / "pbt_rounds.csv", rounds)
+    done = scored(rows)
+    if not done:
+        return
+    best = max(done, key=lambda r: r["objective"])
+    mix, schedule = best_schedule(best, cfg.tune)
+    write_best(cfg, out, best, best, mix, schedule, [f"# its p-schedule ([from epoch, to epoch, p]): {best['p_schedule']}"])
+    plot(rows, rounds, out / "tune.png")
 
 
 def best_schedule(row: dict, t: TuneSettings) -> tuple[dict, list]:
@@ -224,3 +233,6 @@ def plot(rows: list[dict], rounds: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+EXPERIMENT = Experiment(check=check, prepare=prepare, run=run)

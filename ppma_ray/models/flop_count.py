@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ppma_ray.models.vit import ViTConfig, count_masked
+from ppma_ray.models.config import ViTConfig
+from ppma_ray.models.vit import count_masked
 
 
 def block_flops(n: int, d: int, mlp_ratio: float) -> int:

@@ -1,0 +1,98 @@
+"""What every job shares: the config flags, early checks and exit codes.
+
+A config-driven job reads ``--config`` (default: the demo), applies ``--set key=value`` overrides,
+its own flags and checks, and then either prints the resolved config (``--print-config``, exit 0) or
+runs. Bad input (a config value, a manifest, a missing file) ends the job before Ray starts with
+one line on stderr and exit code 2. The jobs' modules import torch and Ray only once they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import ppma_ray
+from ppma_ray.config import ConfigError, PretrainConfig, dump_yaml, load_config
+from ppma_ray.data.manifest import ManifestError
+from ppma_ray.schema import check_all
+
+# The demo config ships beside the jobs (jobs/configs/); an installed entry point finds it from a
+# checkout or an editable install. Elsewhere pass --config.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "demo.yaml"
+BAD_INPUT = 2
+
+
+def parser(description: str | None, config: bool = True) -> argparse.ArgumentParser:
+    """An argument parser with ``--version`` and, for config-driven jobs, the config flags."""
+    doc = (description or "").strip()
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog="\n\n".join(doc.split("\n\n")[1:]) or None,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"ppma_ray {ppma_ray.__version__}")
+    if config:
+        ap.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name}, the demo)")
+        ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key by its dotted name, e.g. align.mix.synthetic=0.7 (repeatable)")
+        ap.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit without starting Ray")
+    return ap
+
+
+def read_config(args: argparse.Namespace) -> PretrainConfig:
+    """``--config`` + ``--set`` -> a checked config (``ConfigError`` names the key)."""
+    path = args.config
+    if path is None:
+        if not DEFAULT_CONFIG.is_file():
+            raise ConfigError(f"--config: no default config at {DEFAULT_CONFIG}; pass a config file")
+        path = DEFAULT_CONFIG
+    return load_config(path, args.set)
+
+
+def finish_config(args: argparse.Namespace, cfg: PretrainConfig) -> PretrainConfig:
+    """After the job applied its own flags: check the config again, and print it if asked (exit 0)."""
+    check_all(cfg)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        raise SystemExit(0)
+    return cfg
+
+
+@contextmanager
+def bad_input_exits(*more: type[BaseException]):
+    """Bad input -> ``error: <one line>`` on stderr and exit code 2."""
+    try:
+        yield
+    except (ConfigError, ManifestError, FileNotFoundError, *more) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(BAD_INPUT) from None
+
+
+def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> None:
+    """The manifests the stages read exist (URIs are checked where they are read)."""
+    names = {n for stage in stages for n in getattr(cfg, stage).source_names()}
+    for name in sorted(names):
+        src = cfg.data.sources[name]
+        if src.manifest.startswith("demo:"):
+            continue
+        for key in ("manifest", "val_manifest"):
+            path = getattr(src, key)
+            if path and "://" not in path and not Path(path).is_file():
+                raise FileNotFoundError(f"data.sources.{name}.{key}: {path} does not exist")
+
+
+def start_ray(cfg: PretrainConfig) -> PretrainConfig:
+    """Join the cluster (or start a local Ray), resolve the paths, and run the cheap preflight;
+    a failed preflight prints its table and exits 1."""
+    from ppma_ray.preflight import cheap_checks, format_table
+    from ppma_ray.ray_env import init_ray
+    from ppma_ray.train.runner import resolve_paths
+
+    init_ray()
+    cfg = resolve_paths(cfg)
+    checks = cheap_checks(cfg)
+    if not all(c.ok for c in checks):
+        print(format_table(checks), file=sys.stderr)
+        print("error: preflight failed (python jobs/preflight.py runs every check)", file=sys.stderr)
+        raise SystemExit(1)
+    return cfg

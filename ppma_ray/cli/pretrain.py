@@ -1,0 +1,53 @@
+"""PPMA pretraining: stage 1 MAE on no-human video, stage 2 alignment on no-human + synthetic.
+
+    python jobs/pretrain.py [--config YAML] [--set key=value ...] [--output-dir DIR] [--stage mae|align]
+
+With no arguments: the demo data (generated on first use), a tiny ViT, CPU. Works the same under
+``ray job submit -- python jobs/pretrain.py ...`` (it joins the cluster). Re-running the same command
+(same run.storage_path and run.name) resumes from the last checkpoint of each stage.
+Writes DIR/results.json (DIR defaults to run.storage_path/run.name) and the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ppma_ray.cli import bad_input_exits, check_manifests_exist, finish_config, parser, read_config, start_ray
+from ppma_ray.config import PretrainConfig, to_dict
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("--output-dir", default=None)
+    ap.add_argument("--stage", choices=["mae", "align"], default=None, help="run one stage only")
+    ap.add_argument("--init-from", default=None, help="checkpoint directory or weights file to start the (first) stage from")
+    args = ap.parse_args(argv)
+    stages = (args.stage,) if args.stage else ("mae", "align")
+    with bad_input_exits():
+        cfg = finish_config(args, read_config(args))
+        check_manifests_exist(cfg, stages)
+
+    from ppma_ray.train.report import print_results
+    from ppma_ray.train.runner import pretrain, run_dir
+
+    cfg = start_ray(cfg)
+    out_dir = Path(args.output_dir) if args.output_dir else run_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    results = {"config": str(out_dir / "config.json"), "stages": pretrain(cfg, stages, init_from=args.init_from)}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if "align" in results["stages"] and cfg.eval.tasks:
+        results["eval"] = probe_tasks(cfg, results["stages"]["align"]["checkpoint"])
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    print_results(results)
+    print(f"results: {out_dir / 'results.json'}")
+    return 0
+
+
+def probe_tasks(cfg: PretrainConfig, checkpoint: str) -> list[dict]:
+    """Linear probes (cached features) of the PPMA trunk and of a random-init trunk."""
+    from ppma_ray.train.downstream import evaluate
+
+    models = [("ppma", [checkpoint])] + ([("random_init", [])] if cfg.eval.compare_random_init else [])
+    return [evaluate(cfg, task, "lp", name, ckpts, cache_features=True) for task in cfg.eval.tasks for name, ckpts in models]

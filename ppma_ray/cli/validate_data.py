@@ -1,0 +1,57 @@
+"""Check every video of a manifest before training on it.
+
+    python jobs/validate_data.py MANIFEST --root DIR [--fps 25] [--out DIR]
+
+Probes each row in parallel on Ray (open, count frames, decode first and last frame), prints a
+summary, and writes ``OUT/clean.csv`` (the good rows, same ``path;label`` format, paths relative to
+the root) and ``OUT/rejects.csv`` (line, path, reason for every bad row). Exit code 1 when any row
+was rejected.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from ppma_ray.cli import bad_input_exits, parser
+from ppma_ray.data.manifest import read_manifest, write_ppma_manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__, config=False)
+    ap.add_argument("manifest")
+    ap.add_argument("--root", default=None, help="directory the manifest's relative paths are under")
+    ap.add_argument("--fps", type=float, default=None, help="frame rate of frame-folder videos (default 25)")
+    ap.add_argument("--out", default="validated", help="output directory (default ./validated)")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
+    args = ap.parse_args(argv)
+
+    with bad_input_exits():
+        table = read_manifest(args.manifest, root=args.root)
+    from ppma_ray.data.validate import validate_manifest
+    from ppma_ray.ray_env import init_ray
+
+    init_ray(num_cpus=args.num_cpus)
+    clean, rejected = validate_manifest(table, fps=args.fps)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_ppma_manifest(clean, out / "clean.csv", root=args.root)
+    with open(out / "rejects.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["line", "path", "reason"])
+        for row in rejected.select(["line", "path", "reason"]).to_pylist():
+            w.writerow([row["line"], os.path.relpath(row["path"], args.root) if args.root else row["path"], row["reason"]])
+
+    frames = clean.column("num_frames").to_pylist()
+    print(f"{args.manifest}: {table.num_rows} rows, {clean.num_rows} ok, {rejected.num_rows} rejected")
+    if frames:
+        print(f"  frames per video: min {min(frames)}, median {sorted(frames)[len(frames) // 2]}, max {max(frames)}")
+    for row in rejected.select(["line", "path", "reason"]).to_pylist()[:20]:
+        print(f"  rejected line {row['line']}: {row['path']}: {row['reason']}")
+    if rejected.num_rows > 20:
+        print(f"  ... {rejected.num_rows - 20} more in {out / 'rejects.csv'}")
+    print(f"wrote {out / 'clean.csv'} and {out / 'rejects.csv'}")
+    return 1 if rejected.num_rows else 0
+

@@ -1,0 +1,57 @@
+"""The data section of a run (``data:``): video sources, clip geometry, decode scheduling.
+
+The Ray Data pipeline, the transforms and the jobs take these classes directly: one class per
+setting group, no parallel copies to keep in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ppma_ray.schema import ConfigError, option
+
+
+@dataclass
+class SourceConfig:
+    """A video collection. ``manifest: demo:<name>`` uses the generated demo set of that name."""
+
+    manifest: str = ""
+    root: str | None = option(None, help="relative paths in the manifest are under this directory")
+    val_manifest: str | None = option(None, help="held-out rows, for per-source validation in stage 2")
+    fps: float | None = option(None, gt=0, help="frame rate of frame-folder videos")
+
+
+@dataclass
+class ClipConfig:
+    """How a video becomes a clip (PPMA §2.5: 16 frames over 2.7 s, short side 256, crop 224)."""
+
+    num_frames: int = option(16, ge=1, help="frames per clip")
+    clip_seconds: float = option(2.7, gt=0, help="the window the frames are spread over")
+    img_size: int = option(224, ge=1, help="crop size fed to the model")
+    short_side: int = option(256, ge=1, help="resize before cropping")
+    flip: bool = option(False, help="random horizontal flip (PPMA: off, it swaps left/right motions)")
+
+    def check(self) -> None:
+        if self.short_side < self.img_size:
+            raise ConfigError.at("short_side", f"{self.short_side} is smaller than img_size {self.img_size}")
+
+
+@dataclass
+class DecodeConfig:
+    """Ray Data scheduling of the decode + augment tasks, and what a failed decode costs."""
+
+    num_cpus_per_task: float = option(1.0, gt=0, help="CPUs Ray reserves per decode task")
+    max_concurrency: int | None = option(None, ge=1, help="decode tasks in flight (null: as many as CPUs allow)")
+    rows_per_task: int = option(4, ge=1, help="videos per decode task")
+    cpu_limit: float | None = option(None, gt=0, help="CPUs Ray Data may use (null: cluster CPUs minus the trainers')")
+    max_retries: int = option(2, ge=0, help="new windows tried before a video counts as failed")
+    max_failure_rate: float = option(0.05, ge=0, le=1, help="failed clips above this fraction stop the run")
+
+
+@dataclass
+class DataConfig:
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    demo_root: str = option("demo_data", help="where the generated demo sets are written")
+    demo_seed: int = 0
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)

@@ -1,0 +1,120 @@
+"""Training sections of a run: the optimizer, a stage (``mae``, ``align``, ``lp``, ``ft``), scaling,
+run bookkeeping and downstream evaluation. Torch-free, so a config is checked in milliseconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ppma_ray.schema import ConfigError, option
+
+StageKind = Literal["mae", "align", "lp", "ft"]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(8e-4, gt=0, help="peak learning rate for the global batch (already scaled)")
+    min_lr: float = option(0.0, ge=0, help="end of the cosine")
+    warmup_frac: float = option(0.05, ge=0, le=1, help="fraction of the steps spent in linear warmup")
+    weight_decay: float = option(0.05, ge=0, help="AdamW weight decay (none on biases, norms, tables)")
+    betas: tuple[float, float] = (0.9, 0.95)
+    layer_decay: float | None = option(None, gt=0, le=1, help="per-block LR decay, e.g. 0.75 for stage 2 / FT")
+    clip_grad: float | None = option(None, gt=0, help="gradient-norm clipping")
+    # reproduce the released code's bug: the cosine starts at peak / lr_bug_scale (§7 #2); 1 = fixed
+    lr_bug_scale: float = option(1.0, gt=0, help="released code's bug: the cosine starts at lr / this (1: fixed)")
+
+    def check(self) -> None:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError.at("betas", f"each must be in [0, 1), got {list(self.betas)}")
+        if self.min_lr > self.lr:
+            raise ConfigError.at("min_lr", f"{self.min_lr} is above lr {self.lr}")
+
+
+@dataclass
+class StageConfig:
+    epochs: int = option(1, ge=1, help="passes over samples_per_epoch")
+    batch_size: int = option(128, ge=1, help="global batch in clips (a multiple of repeats x workers)")
+    samples_per_epoch: int | None = option(None, ge=1, help="clips per epoch (null: the used sources' sizes)")
+    repeats: int = option(1, ge=1, help="repeated augmentations per decoded video")
+    mix: dict[str, float] = field(default_factory=dict)  # source name -> weight
+    # [[epoch, mix], ...]: from that epoch on, ``mix`` is replaced (a PBT schedule, replayed);
+    # epochs before the first entry use ``mix``
+    mix_schedule: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    granularity: Literal["sample", "batch"] = option("sample", help="mixed batches, or single-source batches (release)")
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    drop_path_rate: float = option(0.0, ge=0, lt=1, help="stochastic depth of the last block")
+    grad_checkpointing: bool = option(False, help="recompute activations in backward (saves memory)")
+    # stage 2 and downstream only
+    heads: Literal["separate", "shared"] = option("separate", help="one head per source, or one shared head (release)")
+    label_smoothing: float = option(0.0, ge=0, lt=1)
+    mixup_alpha: float = option(0.0, ge=0)
+    cutmix_alpha: float = option(0.0, ge=0)
+    randaug_ops: int = option(0, ge=0, help="RandAugment ops per clip (0: off); PPMA: 4 ops, magnitude 7, p 0.5")
+    randaug_magnitude: int = option(7, ge=0, le=30, help="RandAugment magnitude on torchvision's 31-bin scale")
+    random_erase: float = option(0.0, ge=0, le=1, help="probability of erasing one box per clip")
+
+    def check(self) -> None:
+        mixes = [("mix", self.mix)] + [(f"mix_schedule[{i}]", m) for i, (_, m) in enumerate(self.mix_schedule)]
+        for key, mix in mixes:
+            for name, w in mix.items():
+                if not w >= 0:
+                    raise ConfigError.at(f"{key}.{name}", f"weight must be >= 0, got {w}")
+            if mix and sum(mix.values()) <= 0:
+                raise ConfigError.at(key, "at least one weight must be > 0")
+        starts = [start for start, _ in self.mix_schedule]
+        if any(b <= a for a, b in zip(starts, starts[1:])) or any(s < 0 for s in starts):
+            raise ConfigError.at("mix_schedule", f"start epochs must be >= 0 and increasing, got {starts}")
+
+    def mix_at(self, epoch: int) -> dict[str, float]:
+        """The source weights of ``epoch`` (``mix``, or the schedule entry in force)."""
+        current = self.mix
+        for start, mix in self.mix_schedule:
+            if start <= epoch:
+                current = mix
+        return current
+
+    def source_names(self) -> list[str]:
+        """Every source the stage names, in first-mentioned order (one head each)."""
+        return list(dict.fromkeys([*self.mix, *(name for _, mix in self.mix_schedule for name in mix)]))
+
+    def trained_sources(self) -> set[str]:
+        """Sources with a positive weight in some epoch."""
+        return {n for mix in [self.mix, *(m for _, m in self.mix_schedule)] for n, w in mix.items() if w > 0}
+
+
+@dataclass
+class ScalingSettings:
+    num_workers: int = option(1, ge=1, help="Ray Train workers (one GPU each with use_gpu)")
+    use_gpu: bool = False
+    cpus_per_worker: float = option(1.0, gt=0, help="CPUs a worker reserves (fractions are fine); the rest decode")
+    torch_threads: int | None = option(None, ge=1, help="CPU training: intra-op threads per worker")
+
+
+@dataclass
+class RunSettings:
+    storage_path: str = option("runs", help="checkpoints and metrics (a path or a URI)")
+    name: str = option("ppma", help="run name: <storage_path>/<name>-<stage>")
+    seed: int = 0
+    checkpoint_every: int = option(0, ge=0, help="steps between checkpoints (0: end of each epoch only)")
+    keep: int = option(2, ge=1, help="checkpoints kept per stage")
+    max_failures: int = option(0, ge=-1, help="worker restarts from the last checkpoint (-1: unlimited)")
+    log_every: int = option(10, ge=1, help="steps between progress lines")
+    val_every: int = option(1, ge=1, help="epochs between stage-2 validations (the last epoch always validates)")
+    max_steps: int | None = option(None, ge=1, help="stop after this many steps (the schedule still spans all epochs)")
+    fail_at_step: int | None = option(None, ge=0, help="test hook: rank 0 raises once at this step")
+
+
+@dataclass
+class EvalSettings:
+    """Downstream evaluation (PPMA §5). A task is ``demo:<name>``, a catalog name (``ucf101``,
+    ``diving48``, ...; videos under ``task_root``), or a source name in ``data.sources``."""
+
+    tasks: list[str] = field(default_factory=list)
+    task_root: str | None = option(None, help="video directory of the catalog tasks")
+    test_clips: int = option(2, ge=1, help="temporal views per test video")
+    test_crops: int = option(3, ge=1, help="spatial views per test clip")
+    # linear probe on cached features: one pass of feature extraction, then the head alone
+    lp_epochs: int = option(100, ge=1, help="cached-feature probe: full-batch epochs")
+    lp_lr: float = option(1.0e-2, gt=0)
+    lp_weight_decay: float = option(1.0e-4, ge=0)
+    compare_random_init: bool = option(True, help="the pretrain run also probes a random-init trunk")

@@ -1,0 +1,77 @@
+"""What a worker tells people and files: one progress line per log step, JSON lines, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ppma_ray.train.step import StepResult
+
+
+class MetricsLog:
+    """Rank 0's JSON-lines file and TensorBoard writer (local or shared-filesystem storage only)."""
+
+    def __init__(self, directory: Path | None, stage: str):
+        self.jsonl = self.tb = None
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(directory / f"{stage}_metrics.jsonl", "a")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(directory / "tensorboard" / stage))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+class Progress:
+    """Running means since the last log step: loss, throughput and the time spent waiting for data."""
+
+    def __init__(self, stage: str, total_steps: int, epochs: int, world: int, verbose: bool):
+        self.stage, self.total_steps, self.epochs, self.world, self.verbose = stage, total_steps, epochs, world, verbose
+        self.t_start = time.perf_counter()
+        self.clips_done = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss, self.steps, self.wait, self.clips, self.t0 = 0.0, 0, 0.0, 0, time.perf_counter()
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def add(self, result: StepResult, clips_per_rank: int) -> None:
+        clips = clips_per_rank * self.world
+        self.clips += clips
+        self.clips_done += clips
+        self.steps += 1
+        self.loss += float(result.loss) if result.taken else 0.0
+
+    def line(self, step: int, epoch: int, lr: float, result: StepResult, failed_clips: int) -> dict:
+        """The window's metrics (printed as one line on rank 0); starts a new window."""
+        elapsed = time.perf_counter() - self.t0
+        m = {"loss": self.loss / max(1, self.steps), "lr": lr, "grad_norm": float(result.grad_norm),
+             "clips_per_s": self.clips / elapsed, "data_wait_frac": min(1.0, self.wait / elapsed),
+             "failed_clips": failed_clips, **result.extra}
+        if self.verbose:
+            print(f"[{self.stage}] epoch {epoch + 1}/{self.epochs} step {step}/{self.total_steps} loss {m['loss']:.4f} "
+                  f"lr {lr:.2e} grad {m['grad_norm']:.2f} {m['clips_per_s']:.1f} clips/s "
+                  f"data-wait {m['data_wait_frac']:.0%} failed {failed_clips}", flush=True)
+        self._reset()
+        return m
+
+    def totals(self) -> dict:
+        wall = time.perf_counter() - self.t_start
+        return {"stage_clips_per_s": self.clips_done / wall, "stage_wall_s": wall}

@@ -1,0 +1,170 @@
+"""The config contract: typed sections, choices and ranges checked on load, one-line errors that
+name the key, ``--print-config`` and exit code 2 for every job, before Ray starts."""
+
+import dataclasses
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+import sys
+import time
+import typing
+
+import pytest
+import yaml
+from conftest import DEMO_CONFIG, ROOT
+
+from ppma_ray.config import ConfigError, PretrainConfig, dump_yaml, from_dict, load_config, to_dict
+from ppma_ray.models.config import PRESETS, RUN_FIELDS, ModelConfig, PresetName, ViTConfig
+
+CONFIG_JOBS = ["pretrain", "evaluate", "tune_mix", "preflight"]
+ALL_JOBS = CONFIG_JOBS + ["report", "validate_data", "remove_humans", "audit_privacy"]
+JOB_ARGS = {"evaluate": ["--task", "demo:motion"]}
+
+
+def _job(name: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{name}.py"), *JOB_ARGS.get(name, []), *args],
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+def _jobs(calls: dict, **kw) -> dict:
+    """Several job runs at once (they are independent): ``{key: (job, *args)}`` -> ``{key: result}``."""
+    with ThreadPoolExecutor(4) as pool:
+        futures = {key: pool.submit(_job, *call, **kw) for key, call in calls.items()}
+        return {key: f.result() for key, f in futures.items()}
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["model.preset=vit_hge"], "--set model.preset: 'vit_hge' is not one of vit_tiny, vit_small, vit_base, vit_large"),
+        (["tune.search=bayes"], "--set tune.search: 'bayes' is not one of grid, random, optuna, hyperopt"),
+        (["align.heads=several"], "--set align.heads: 'several' is not one of separate, shared"),
+        (["mae.granularity=clip"], "--set mae.granularity: 'clip' is not one of sample, batch"),
+        (["model.masking=block"], "--set model.masking: 'block' is not one of random, tube"),
+        (["tune.scheduler=hyperband"], "--set tune.scheduler: 'hyperband' is not one of none, asha, pbt"),
+        (["mae.epochs=0"], "--set mae.epochs: must be >= 1, got 0"),
+        (["align.epochs=-1"], "--set align.epochs: must be >= 1, got -1"),
+        (["mae.batch_size=0"], "--set mae.batch_size: must be >= 1, got 0"),
+        (["model.mask_ratio=1.0"], "--set model.mask_ratio: must be >= 0 and < 1, got 1.0"),
+        (["data.decode.max_failure_rate=-0.1"], "--set data.decode.max_failure_rate: must be >= 0 and <= 1, got -0.1"),
+        (["mae.batch_size=30"], "--set mae.batch_size: 30 is not a multiple of mae.repeats x scaling.num_workers = 4"),
+        (["scaling.num_workers=3"], "mae.batch_size: 32 is not a multiple of mae.repeats x scaling.num_workers = 12"),
+        (["model.num_heads=5"], "--set model.num_heads: embed_dim 192 is not divisible by num_heads 5"),
+        (["model.patch_size=7"], "--set model.patch_size: img_size 64 is not a multiple of patch_size 7"),
+        (["align.mix.people=1"], "--set align.mix.people: no such source in data.sources (nohuman, synthetic)"),
+        (["align.mix={nohuman: 0, synthetic: 0}"], "--set align.mix: at least one weight must be > 0"),
+        (["align.mix_schedule=[[2, {synthetic: 1.0}], [1, {nohuman: 1.0}]]"], "start epochs must be >= 0 and increasing"),
+        (["mae.epoch=3"], "--set mae.epoch: unknown key"),
+        (["mae.batch_size=big"], "--set mae.batch_size: expected an integer, got 'big'"),
+        (["align.optim.betas=[0.9, 1.5]"], "--set align.optim.betas: each must be in [0, 1)"),
+        (["tune.p_values=[0, 2]"], "--set tune.p_values[1]: must be in [0, 1], got 2.0"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_key(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO_CONFIG, overrides)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_errors_in_the_file_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**yaml.safe_load(DEMO_CONFIG.read_text()), "run": {"log_every": 0}}))
+    with pytest.raises(ConfigError, match=rf"^{bad}: run.log_every: must be >= 1, got 0$"):
+        load_config(bad)
+
+
+def test_presets_resolve_into_the_config_and_a_command_line_preset_replaces_the_sizes():
+    large = load_config(DEMO_CONFIG, ["model.preset=vit_large"]).model
+    assert (large.embed_dim, large.depth, large.num_heads, large.decoder_embed_dim, large.decoder_num_heads) == (1024, 24, 16, 512, 16)
+    assert large.decoder_depth == 2  # not a size the preset sets: the file's choice stays
+    small = load_config(DEMO_CONFIG, ["model.preset=vit_small", "model.depth=2"]).model
+    assert (small.embed_dim, small.depth, small.decoder_embed_dim) == (384, 2, 192)
+    assert load_config(DEMO_CONFIG).model.decoder_embed_dim == 128  # the file's own override
+    base = load_config(ROOT / "jobs/configs/ppma_vitb.yaml", ["model.preset=vit_large"]).model
+    assert base.decoder_embed_dim == 512 and base.decoder_num_heads == 16
+    assert ModelConfig().decoder_embed_dim == 384  # vit_base, the paper's
+
+
+def test_model_section_is_the_architecture_and_presets_match_the_choices():
+    assert set(typing.get_args(PresetName)) == set(PRESETS)
+    arch = {f.name for f in dataclasses.fields(ViTConfig)} - set(RUN_FIELDS)
+    assert {f.name for f in dataclasses.fields(ModelConfig)} == arch | {"preset"}
+
+
+def test_saved_config_round_trips_and_an_older_one_loads():
+    cfg = load_config(DEMO_CONFIG, ["model.preset=vit_small"])
+    again = from_dict(PretrainConfig, yaml.safe_load(dump_yaml(cfg)))
+    assert to_dict(again) == to_dict(cfg)
+    old = to_dict(cfg)  # a config.json written before the model section listed mlp_ratio
+    del old["model"]["mlp_ratio"]
+    old["model"]["depth"] = None
+    assert from_dict(PretrainConfig, old).model.depth == 12
+
+
+def test_mix_schedule_sets_each_epochs_sources(tiny_config):
+    from ppma_ray.train.data import EpochStream, resolve_sources
+    from ppma_ray.train.runner import resolve_paths
+
+    cfg = resolve_paths(tiny_config("align.mix={nohuman: 1.0, synthetic: 0.0}",
+                                    "align.mix_schedule=[[1, {nohuman: 0.0, synthetic: 1.0}]]"))
+    sources = [r.train for r in resolve_sources(cfg.data, cfg.align.source_names())]
+    stream = EpochStream(sources, cfg.align, cfg.data.clip, cfg.data.decode, 0, 1, 0)
+    assert stream.steps_per_epoch * 32 == sum(s.table.num_rows for s in sources)  # both sources are trained on
+    assert set(stream.rank_table(0).column("source").to_pylist()) == {0}  # nohuman only
+    assert set(stream.rank_table(1).column("source").to_pylist()) == {1}  # synthetic only
+    assert cfg.align.mix_at(0) == {"nohuman": 1.0, "synthetic": 0.0} and cfg.align.mix_at(5)["synthetic"] == 1.0
+
+
+def test_every_config_job_prints_the_resolved_config_without_starting_ray(tmp_path):
+    for job, r in _jobs({job: (job, "--print-config", "--set", "model.preset=vit_large") for job in CONFIG_JOBS},
+                        cwd=tmp_path).items():
+        assert r.returncode == 0, (job, r.stderr)
+        printed = yaml.safe_load(r.stdout)
+        assert printed["model"]["decoder_embed_dim"] == 512 and printed["model"]["depth"] == 24, job
+        assert from_dict(PretrainConfig, printed).model.preset == "vit_large"
+    assert not list(tmp_path.iterdir())  # nothing ran: no demo data, no run folder
+
+
+BAD_INPUT = {
+    "preset": (["--set", "model.preset=vit_hge"], "--set model.preset: 'vit_hge' is not one of"),
+    "range": (["--set", "mae.epochs=0"], "--set mae.epochs: must be >= 1"),
+    "file": (["--config", "/nope.yaml"], "/nope.yaml: config file does not exist"),
+}
+
+
+def test_every_config_job_rejects_bad_input_in_one_line_with_exit_2():
+    t0 = time.perf_counter()
+    results = _jobs({(job, case): (job, *args) for job in CONFIG_JOBS for case, (args, _) in BAD_INPUT.items()})
+    for (job, case), r in results.items():
+        words = BAD_INPUT[case][1]
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, (job, r.stderr)
+    assert time.perf_counter() - t0 < 60  # 12 runs, about a second each; generous for a loaded CI machine
+
+
+def test_job_specific_bad_input_exits_2_before_ray():
+    results = _jobs({
+        "search": ("tune_mix", "--set", "tune.search=bayes"),
+        "tasks": ("tune_mix", "--set", "eval.tasks=[]"),
+        "pbt": ("tune_mix", "--scheduler", "pbt", "--set", "tune.pbt_interval=6"),
+        "manifest": ("pretrain", "--set", "data.sources.nohuman.manifest=/nope/train.csv"),
+    })
+    expected = {"search": "--set tune.search: 'bayes' is not one of",
+                "tasks": "eval.tasks: the tuning objective needs at least one downstream task",
+                "pbt": "tune.pbt_interval: 6 epochs leaves no second round",
+                "manifest": "data.sources.nohuman.manifest: /nope/train.csv does not exist"}
+    for key, r in results.items():
+        assert r.returncode == 2 and expected[key] in r.stderr and len(r.stderr.strip().splitlines()) == 1, (key, r.stderr)
+
+
+def test_every_job_answers_help_and_version():
+    results = _jobs({(job, flag): (job, flag) for job in ALL_JOBS for flag in ("--help", "--version")})
+    for (job, flag), r in results.items():
+        assert r.returncode == 0, (job, flag, r.stderr)
+        assert ("usage:" in r.stdout) if flag == "--help" else r.stdout.startswith("ppma_ray "), (job, flag)
+
+
+def test_console_entry_points_are_the_jobs():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {v.split(":")[0].rsplit(".", 1)[1] for v in scripts.values()} == set(ALL_JOBS)
+    assert all(v.endswith(":main") for v in scripts.values())

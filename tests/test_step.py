@@ -1,0 +1,102 @@
+"""The training step and the pure helpers around it: LR schedule, PBT's explore and schedules."""
+
+import json
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+
+from ppma_ray.config import OptimConfig, StageConfig, TuneSettings
+from ppma_ray.data.config import ClipConfig, DecodeConfig
+from ppma_ray.data.pipeline import Source
+from ppma_ray.models import create_model
+from ppma_ray.train.checkpoint import step_seed
+from ppma_ray.train.loop import head_layout
+from ppma_ray.train.optim import build_optimizer, lr_at
+from ppma_ray.train.stages import mae_loss
+from ppma_ray.train.step import WorkerContext, train_step
+from ppma_ray.tune.pbt import _extend, best_schedule, explore_p, initial_p
+
+CTX = WorkerContext(rank=0, world=1, device=torch.device("cpu"), clip=ClipConfig(), decode=DecodeConfig())
+
+
+def _mae():
+    torch.manual_seed(0)
+    return create_model("vit_tiny", "mae", img_size=32, num_frames=4, patch_size=8, depth=2, decoder_depth=1,
+                        decoder_embed_dim=32, decoder_num_heads=2)
+
+
+def _batch():
+    return {"video": torch.randint(0, 255, (2, 4, 32, 32, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)}
+
+
+def test_train_step_is_exactly_the_reference_step():
+    model, ref = _mae(), _mae()
+    opt, ref_opt = (build_optimizer(m, OptimConfig(lr=1e-3, clip_grad=0.5)) for m in (model, ref))
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(5)
+    result = train_step(CTX, model, mae_loss, opt, params, _batch(), lr=1e-3, clip_grad=0.5)
+    torch.manual_seed(5)  # the same masks
+    for g in ref_opt.param_groups:
+        g["lr"] = 1e-3 * g["lr_scale"]
+    loss, _ = mae_loss(ref, _batch())
+    ref_opt.zero_grad()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    ref_opt.step()
+    assert result.taken and torch.equal(result.loss, loss.detach()) and torch.equal(result.grad_norm, norm)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+
+
+def test_a_non_finite_loss_skips_the_step_and_changes_nothing():
+    model = _mae()
+    opt = build_optimizer(model, OptimConfig(lr=1e-2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def nan_loss(m, batch):
+        loss, extra = mae_loss(m, batch)
+        return loss * float("nan"), extra
+
+    result = train_step(CTX, model, nan_loss, opt, list(model.parameters()), _batch(), lr=1e-2)
+    assert not result.taken and math.isnan(float(result.loss))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
+
+
+def test_lr_warms_up_then_follows_the_cosine_and_the_released_bug_halves_its_start():
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_frac=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup over 10 steps
+    assert lrs[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lr_at(10, 100, OptimConfig(lr=1.0, warmup_frac=0.1, lr_bug_scale=2.0)) == pytest.approx(0.5)
+
+
+def test_step_seeds_differ_by_rank_and_step_and_repeat_exactly():
+    seeds = {step_seed(0, r, s) for r in range(4) for s in range(100)}
+    assert len(seeds) == 400 and step_seed(3, 1, 7) == step_seed(3, 1, 7)
+
+
+def test_head_layout_separate_and_shared():
+    sources = [Source("a", pa.table({"path": ["x"] * 3, "label": [0, 1, 4]})),
+               Source("b", pa.table({"path": ["y"] * 2, "label": [0, 2]}))]
+    assert head_layout(StageConfig(heads="separate"), sources) == (["a", "b"], {"a": 5, "b": 3})
+    assert head_layout(StageConfig(heads="shared"), sources) == (["default", "default"], {"default": 5})
+
+
+@pytest.mark.parametrize("p, expected", [(0.0, 0.2), (1.2, 0.8), (0.5, 0.5), (0.96, 0.96)])
+def test_explore_always_moves_p_into_the_unit_interval(p, expected):
+    assert explore_p({"p": p})["p"] == pytest.approx(expected)
+
+
+def test_pbt_schedules_merge_rounds_and_replay_as_mixes():
+    assert initial_p(3) == [0.0, 0.5, 1.0]
+    s = _extend([], 0, 2, 1.0, "t2")
+    s = _extend(s, 2, 4, 1.0, "t2")  # same trial, same p: one segment
+    s = _extend(s, 4, 6, 0.8, "t0")  # a clone explored
+    assert s == [[0, 4, 1.0, "t2"], [4, 6, 0.8, "t0"]]
+    mix, schedule = best_schedule({"p_schedule": json.dumps([x[:3] for x in s])}, TuneSettings())
+    assert mix == {"nohuman": 0.0, "synthetic": 1.0}
+    assert schedule == [[4, {"nohuman": 0.2, "synthetic": 0.8}]]
+    stage = StageConfig(mix=mix, mix_schedule=[tuple(x) for x in schedule])
+    assert stage.mix_at(3) == mix and stage.mix_at(4) == {"nohuman": 0.2, "synthetic": 0.8}
