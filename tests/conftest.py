@@ -53,6 +53,23 @@ def demo_root(tmp_path_factory) -> Path:
     return root
 
 
+# Tune tests: one stage-2 epoch, one probe task, one test view
+TUNE = ["tune.align_epochs=1", "eval.tasks=[demo:motion]", "eval.test_clips=1", "eval.test_crops=1", "eval.lp_epochs=20"]
+
+
+@pytest.fixture(scope="session")
+def stage1(tmp_path_factory) -> str:
+    """An (untrained) tiny stage-1 checkpoint: the Tune tests are about the search, not about MAE."""
+    from ppma_ray.config import load_config, to_dict
+    from ppma_ray.train.checkpoint import save_checkpoint
+    from ppma_ray.train.loop import stage_model
+
+    cfg = load_config(DEMO_CONFIG, TINY)
+    d = tmp_path_factory.mktemp("stage1")
+    save_checkpoint(d, stage_model(cfg, "mae"), None, {"step": 0, "epoch": 0}, to_dict(cfg))
+    return str(d)
+
+
 @pytest.fixture
 def tiny_config(tmp_path, demo_root):
     """``tiny_config(*overrides)``: the demo config made tiny, writing under this test's tmp_path."""
