@@ -18,7 +18,6 @@ from conftest import agent_ports, free_port
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.xdist_group("cluster")  # one cluster, started once, on one test worker
 BIN = Path(sys.executable).parent
 LAUNCHERS = ["cluster/aws.yaml", "cluster/gcp.yaml"]
 
@@ -69,8 +68,7 @@ def test_no_yaml_opens_the_internet_or_holds_a_token():
 @pytest.fixture(scope="session")
 def two_node_cluster():
     """A head with token auth and a second 'node' with a custom resource, both on localhost; started
-    once (session scope: the xdist group keeps its tests on one worker, and other modules' tests may
-    run between them there)."""
+    once per test worker (--dist loadfile keeps this module on one)."""
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     token = secrets.token_hex(16)
     gcs, dash = free_port(), free_port()
