@@ -201,22 +201,3 @@ def to_dict(cfg) -> dict:
             return [plain(v) for v in x]
         return x
     return plain(dataclasses.asdict(cfg))
-
-
-def describe(cls, where: str = "") -> list[tuple[str, str, str]]:
-    """``(dotted key, default, meaning)`` for every leaf field of a config class (for ``--help``)."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        key, tp = _join(where, f.name), hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows += describe(tp, key)
-            continue
-        meaning = f.metadata.get("help", "") if f.metadata else ""
-        if typing.get_origin(tp) is typing.Literal:
-            meaning = (meaning + " " if meaning else "") + "(" + " | ".join(str(c) for c in typing.get_args(tp)) + ")"
-        elif f.metadata and _range(f.metadata):
-            meaning = (meaning + " " if meaning else "") + f"({_range(f.metadata)})"
-        rows.append((key, repr(getattr(defaults, f.name)), meaning))
-    return rows

@@ -6,7 +6,7 @@ setting group, no parallel copies to keep in step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ppma_ray.schema import ConfigError, option
 
@@ -46,6 +46,10 @@ class DecodeConfig:
     cpu_limit: float | None = option(None, gt=0, help="CPUs Ray Data may use (null: cluster CPUs minus the trainers')")
     max_retries: int = option(2, ge=0, help="new windows tried before a video counts as failed")
     max_failure_rate: float = option(0.05, ge=0, le=1, help="failed clips above this fraction stop the run")
+
+    def with_budget(self, cpus: float | None) -> "DecodeConfig":
+        """These settings with ``cpus`` as Ray Data's CPU cap, unless ``cpu_limit`` sets one."""
+        return self if self.cpu_limit else replace(self, cpu_limit=cpus)
 
 
 @dataclass

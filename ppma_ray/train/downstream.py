@@ -7,7 +7,6 @@ import copy
 import csv
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -98,7 +97,7 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
     if protocol == "lp" and cache_features and average is None:
         model_cfg = vit_config(cfg.model, img_size=cfg.data.clip.img_size, num_frames=cfg.data.clip.num_frames)
         state = read_state_dict(init_from) if init_from else None
-        decode = cfg.data.decode if cfg.data.decode.cpu_limit else replace(cfg.data.decode, cpu_limit=decode_cpu_budget(cfg))
+        decode = cfg.data.decode.with_budget(decode_cpu_budget(cfg))
         res = linear_probe_cached(model_cfg, state, src.train, src.val, n_classes, cfg.data.clip, decode, cfg.eval.test_clips,
                                   cfg.eval.test_crops, cfg.eval.lp_epochs, cfg.eval.lp_lr, cfg.eval.lp_weight_decay, cfg.run.seed)
         top1, top5, videos, failed = res["top1"], res["top5"], res["videos"], res["failed"]

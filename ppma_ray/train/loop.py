@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray.data
@@ -148,9 +148,8 @@ def train_loop(loop_config: dict) -> None:
     if cfg.scaling.torch_threads:
         torch.set_num_threads(cfg.scaling.torch_threads)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our progress line is the readable one
-    decode = cfg.data.decode if cfg.data.decode.cpu_limit else replace(cfg.data.decode, cpu_limit=options.decode_cpus)
     ctx = WorkerContext(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
-                        cfg.data.clip, decode)
+                        cfg.data.clip, cfg.data.decode.with_budget(options.decode_cpus))
 
     stage = setup(cfg, options, ctx)
     state = restore(cfg, options, stage, ctx.rank)
