@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ppma_ray.config import ClipConfig, DecodeConfig, OptimConfig  # noqa: E402
 from ppma_ray.models import create_model, flops  # noqa: E402
 from ppma_ray.train.checkpoint import step_seed  # noqa: E402
+from ppma_ray.train.loop import wrap_ddp  # noqa: E402
 from ppma_ray.train.optim import build_optimizer, lr_at  # noqa: E402
 from ppma_ray.train.stages import mae_loss  # noqa: E402
 from ppma_ray.train.step import WorkerContext, train_step  # noqa: E402
@@ -44,7 +45,7 @@ def run_steps(args: dict, in_ray: bool = False) -> dict:
     else:
         ctx = WorkerContext(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), clip, DecodeConfig())
     inner = create_model(args["model"], "mae", img_size=args["img_size"], num_frames=args["num_frames"]).to(ctx.device)
-    model = ray.train.torch.prepare_model(inner, move_to_device=False) if in_ray else inner
+    model = wrap_ddp(inner, ctx)
     optim = OptimConfig(lr=1e-4, clip_grad=args["clip_grad"])
     opt = build_optimizer(inner, optim)
     params = [p for p in inner.parameters() if p.requires_grad]

@@ -1,7 +1,10 @@
 """The training step and the pure helpers around it: LR schedule, PBT's explore and schedules."""
 
+import functools
 import json
 import math
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -60,7 +63,75 @@ def test_a_non_finite_loss_skips_the_step_and_changes_nothing():
 
     result = train_step(CTX, model, nan_loss, opt, list(model.parameters()), _batch(), lr=1e-2)
     assert not result.taken and math.isnan(float(result.loss))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the fused kernel was called with found_inf set: moments and step counts stay at zero
+    assert all(float(s["step"]) == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in opt.state.values())
+
+    # so the next good step is exactly a first step
+    fresh = _mae()
+    fresh_opt = build_optimizer(fresh, OptimConfig(lr=1e-2))
+    for m, o in ((model, opt), (fresh, fresh_opt)):
+        torch.manual_seed(3)
+        assert train_step(CTX, m, mae_loss, o, list(m.parameters()), _batch(), lr=1e-2).taken
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+class _HostSync(Exception):
+    pass
+
+
+def _guard(self, *args, sync_for, guard, real, **kwargs):
+    if guard():
+        raise _HostSync(f"Tensor.{sync_for}")
+    return real[sync_for](self, *args, **kwargs)
+
+
+@pytest.mark.parametrize("stage", ["mae", "align"])
+def test_the_steady_state_step_never_reads_a_device_value_on_the_host(stage, monkeypatch):
+    """Every Python-level way of waiting for the device (item, bool, float, tolist, nonzero,
+    boolean-mask indexing) raises when our code calls it during train_step, so a GPU step queues its
+    work and returns without stalling. (torchvision's MixUp/CutMix draw their parameters from CPU
+    generators; those reads never touch the device and are not ours.)"""
+    from ppma_ray.train.stages import AlignLoss
+
+    if stage == "mae":
+        model, loss_fn, batch = _mae(), mae_loss, _batch()
+    else:
+        torch.manual_seed(0)
+        model = create_model("vit_tiny", "classifier", num_classes={"a": 3, "b": 2}, img_size=32, num_frames=4,
+                             patch_size=8, depth=2)
+        loss_fn = AlignLoss(["a", "b"], {"a": 3, "b": 2}, label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0,
+                            random_erase=0.25)
+        batch = {**_batch(), "label": torch.tensor([2, 1]), "source": torch.tensor([0, 1])}
+        batch = {k: torch.cat([v, v]) for k, v in batch.items()}
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, clip_grad=1.0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_step(CTX, model, loss_fn, opt, params, batch, lr=1e-3, clip_grad=1.0)  # warm-up: lazy state
+
+    def ours() -> bool:
+        frame = sys._getframe(2)
+        while frame.f_code.co_filename == __file__:
+            frame = frame.f_back
+        return "ppma_ray" in Path(frame.f_code.co_filename).parts
+
+    names = ("item", "__bool__", "__float__", "__int__", "tolist", "nonzero")
+    real = {n: getattr(torch.Tensor, n) for n in names}
+    for n in names:
+        monkeypatch.setattr(torch.Tensor, n, functools.partialmethod(_guard, sync_for=n, guard=ours, real=real))
+    get, put = torch.Tensor.__getitem__, torch.Tensor.__setitem__
+
+    def no_bool_index(index):  # a boolean-mask index has a data-dependent shape: a hidden sync
+        if not ours():
+            return
+        for i in index if isinstance(index, tuple) else (index,):
+            if isinstance(i, torch.Tensor) and i.dtype == torch.bool:
+                raise _HostSync("boolean-mask indexing")
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", lambda t, i: (no_bool_index(i), get(t, i))[1])
+    monkeypatch.setattr(torch.Tensor, "__setitem__", lambda t, i, v: (no_bool_index(i), put(t, i, v))[1])
+    result = train_step(CTX, model, loss_fn, opt, params, batch, lr=1e-3, clip_grad=1.0)
+    monkeypatch.undo()
+    assert result.taken and math.isfinite(float(result.loss))
 
 
 def test_lr_warms_up_then_follows_the_cosine_and_the_released_bug_halves_its_start():

@@ -51,6 +51,14 @@ class DecodeConfig:
         """These settings with ``cpus`` as Ray Data's CPU cap, unless ``cpu_limit`` sets one."""
         return self if self.cpu_limit else replace(self, cpu_limit=cpus)
 
+    def per_rank(self, world: int) -> "DecodeConfig":
+        """One training rank's share of the cap: every rank runs its own Ray Data executor, and
+        ``world`` executors each allowed the whole budget would oversubscribe the decode CPUs
+        ``world`` times (at least one task's CPUs each, so every rank makes progress)."""
+        if self.cpu_limit is None or world == 1:
+            return self
+        return replace(self, cpu_limit=max(self.num_cpus_per_task, self.cpu_limit / world))
+
 
 @dataclass
 class DataConfig:

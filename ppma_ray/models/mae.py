@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ppma_ray.models.config import ViTConfig
-from ppma_ray.models.vit import Block, VisionTransformer, count_masked, init_weights, run_blocks, sinusoid_table
+from ppma_ray.models.vit import (Block, VisionTransformer, count_masked, init_weights, run_blocks, sinusoid_table,
+                                 visible_index)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,21 +105,26 @@ class PretrainVideoMAE(nn.Module):
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None):
         b = video.shape[0]
+        num_masked = None  # a caller's mask is counted once
         if mask is None:
-            mask = random_mask(self.cfg, b, device=video.device)
-        visible = self.encoder.forward_features(video, mask)  # (B, N_vis, D)
-        pred = self.forward_decoder(visible, mask)
+            mask, num_masked = random_mask(self.cfg, b, device=video.device), count_masked(self.cfg)
+        ids = visible_index(mask, num_masked)  # (B, N_vis)
+        visible = self.encoder.forward_features(video, mask, mask.shape[1] - ids.shape[1])  # (B, N_vis, D)
+        pred = self.forward_decoder(visible, mask, ids)
         loss = masked_mse(pred, normalized_pixel_target(video, self.cfg), mask)
         return loss, pred, mask
 
-    def forward_decoder(self, visible: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Scatter visible tokens back to their positions, fill the rest with the mask token."""
+    def forward_decoder(self, visible: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Scatter visible tokens back to their positions (``ids``: ``visible_index(mask)``), fill
+        the rest with the mask token."""
         b, _, _ = visible.shape
         n = mask.shape[1]
+        if ids is None:
+            ids = visible_index(mask, n - visible.shape[1])
         if self.cfg.decoder_style == "videomae":
             visible = self.encoder_to_decoder(visible)
-        full = self.mask_token.to(visible.dtype).expand(b, n, -1).clone()
-        full[~mask] = visible.reshape(-1, visible.shape[-1])
+        full = self.mask_token.to(visible.dtype).expand(b, n, -1)
+        full = full.scatter(1, ids[..., None].expand(-1, -1, full.shape[-1]), visible)
         full = full + self.decoder_pos_embed.to(full.dtype)
         if self.cfg.decoder_style == "ppma":
             full = self.encoder_to_decoder(full)

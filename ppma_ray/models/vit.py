@@ -123,15 +123,19 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
         self.apply(init_weights)
 
-    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, T, H, W); mask: (B, N) bool, True = dropped (same count per clip).
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                         num_masked: int | None = None) -> torch.Tensor:
+        """x: (B, C, T, H, W); mask: (B, N) bool, True = dropped (``num_masked`` per clip; None:
+        counted from the mask, which waits for the device once).
 
         Returns the visible tokens after the last block (and ``norm``): (B, N_visible, D).
         """
-        x = self.patch_embed(x) + self.pos_embed.to(dtype=x.dtype)
+        # the residual stream stays in the parameters' dtype (fp32) under bf16 autocast: only the
+        # matmuls inside the blocks run in bf16
+        x = self.patch_embed(x).to(self.pos_embed.dtype) + self.pos_embed
         if mask is not None:
-            b, _, d = x.shape
-            x = x[~mask].reshape(b, -1, d)
+            ids = visible_index(mask, num_masked)
+            x = x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
         x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)
 
@@ -154,6 +158,16 @@ class VisionTransformer(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+
+def visible_index(mask: torch.Tensor, num_masked: int | None = None) -> torch.Tensor:
+    """(B, N) bool mask (True = masked, ``num_masked`` per clip) -> (B, N_visible) positions of the
+    kept tokens, in order. A gather with these replaces boolean-mask indexing, whose data-dependent
+    shape makes the host wait for the device."""
+    if num_masked is None:
+        num_masked = int(mask[0].sum())
+    order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # kept (0) first, in position order
+    return order[:, : mask.shape[1] - num_masked]
 
 
 def count_masked(cfg: ViTConfig, mask_ratio: float | None = None) -> int:

@@ -109,12 +109,15 @@ class EpochStream:
         my_slots = slots.reshape(shape)[start_step:, self.rank].reshape(-1)
         return plan_to_table(self.sources, mine, my_slots)
 
-    def iterate(self, epoch: int, start_step: int, epochs: int, min_rows: int = 20_000):
+    def iterate(self, epoch: int, start_step: int, epochs: int, min_rows: int = 20_000, pin_memory: bool = False):
         """Yields ``(epoch, step_in_epoch, batch)`` from (epoch, start_step) to the end of training.
 
         Several short epochs share one Ray Data stream (at least ``min_rows`` slots per stream),
         so the pipeline neither restarts nor drains at every epoch boundary of a small dataset.
-        batch: dict of torch tensors: video (b, T, H, W, C) uint8, label, source, row, slot, ok.
+        batch: dict of CPU torch tensors (page-locked with ``pin_memory``, for a fast non-blocking
+        copy): video (b, T, H, W, C) uint8, label, source, row, slot, ok. Always the host: inside a
+        Ray Train worker Ray would otherwise move them to the worker's GPU ("auto"), before the
+        failed clips are counted and dropped on the host.
         """
         per_stream = max(1, min_rows // max(1, self.steps_per_epoch * self.videos_per_rank))
         while epoch < epochs:
@@ -124,7 +127,7 @@ class EpochStream:
             ds = build_dataset(pa.concat_tables(tables), self.clip, self.decode, self.seed, self.stage.repeats,
                                self.stage.randaug_ops, self.stage.randaug_magnitude)
             batches = ds.iter_torch_batches(batch_size=self.videos_per_rank * self.stage.repeats, drop_last=False,
-                                            prefetch_batches=2)
+                                            prefetch_batches=2, device="cpu", pin_memory=pin_memory)
             for (e, i), batch in zip(steps, batches):
                 yield e, i, batch
             epoch, start_step = last, 0
@@ -138,4 +141,4 @@ def eval_stream(source: Source, clip: ClipConfig, decode: DecodeConfig, world: i
     if table.num_rows == 0:
         return iter(())
     ds = build_eval_dataset(table, clip, decode, num_clips, num_crops)
-    return ds.iter_torch_batches(batch_size=batch_size, drop_last=False)
+    return ds.iter_torch_batches(batch_size=batch_size, drop_last=False, device="cpu")

@@ -11,6 +11,7 @@ always continues from ``ray.train.get_checkpoint()`` when there is one.
 
 from __future__ import annotations
 
+import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ import ray.train
 import ray.train.torch
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ppma_ray.config import PretrainConfig, StageConfig, StageKind, to_dict
 from ppma_ray.data.pipeline import FailureTracker
@@ -33,9 +35,11 @@ from ppma_ray.train.evaluate import multiview_test
 from ppma_ray.train.metrics import MetricsLog, Progress
 from ppma_ray.train.optim import build_optimizer, lr_at
 from ppma_ray.train.stages import AlignLoss, mae_loss
-from ppma_ray.train.step import LossFn, WorkerContext, train_step
+from ppma_ray.train.step import LossFn, WorkerContext, prefetch_to_device, train_step
 
-MAX_SKIPPED_STEPS = 5  # consecutive non-finite steps before the run is stopped
+# consecutive non-finite steps before the run is stopped; counted on the device and checked at log
+# steps (reading it every step would make each step wait for the GPU)
+MAX_SKIPPED_STEPS = 5
 
 
 @dataclass
@@ -79,7 +83,7 @@ class TrainState:
 class Stage:
     """What ``setup`` builds for one stage run."""
 
-    model: nn.Module  # unwrapped (DDP wraps it later)
+    model: nn.Module  # unwrapped (``wrap_ddp`` wraps it later)
     loss_fn: LossFn
     optimizer: torch.optim.Optimizer
     params: list[torch.Tensor]  # the trainable ones (grad-norm and clipping)
@@ -148,15 +152,16 @@ def train_loop(loop_config: dict) -> None:
     if cfg.scaling.torch_threads:
         torch.set_num_threads(cfg.scaling.torch_threads)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our progress line is the readable one
-    ctx = WorkerContext(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
-                        cfg.data.clip, cfg.data.decode.with_budget(options.decode_cpus))
+    world = context.get_world_size()
+    ctx = WorkerContext(context.get_world_rank(), world, ray.train.torch.get_device(),
+                        cfg.data.clip, cfg.data.decode.with_budget(options.decode_cpus).per_rank(world))
 
     stage = setup(cfg, options, ctx)
     state = restore(cfg, options, stage, ctx.rank)
     end = min(stage_cfg.epochs, options.stop_epoch or stage_cfg.epochs)
     if state.epoch >= end:  # finished before; the driver reads the checkpoint's metrics
         return
-    model = ray.train.torch.prepare_model(stage.model, move_to_device=False)
+    model = wrap_ddp(stage.model, ctx)
 
     stream = EpochStream([s.train for s in stage.sources], stage_cfg, ctx.clip, ctx.decode, cfg.run.seed,
                          ctx.world, ctx.rank)
@@ -167,28 +172,34 @@ def train_loop(loop_config: dict) -> None:
     progress = Progress(options.stage, total_steps, stage_cfg.epochs, ctx.world, verbose=ctx.rank == 0)
     metrics: dict = {}
     model.train()
+    skipped = torch.full((), state.skipped_steps, device=ctx.device)
+    stream_batches = stream.iterate(state.epoch, state.step_in_epoch, end, pin_memory=ctx.device.type == "cuda")
     t_fetch = time.perf_counter()
-    for epoch, i, batch in stream.iterate(state.epoch, state.step_in_epoch, end):
-        batch, weight = _drop_failed(tracker, batch)
+    for (epoch, i, weight, clips), batch in prefetch_to_device(ctx, _without_failed(stream_batches, tracker)):
         progress.waited(time.perf_counter() - t_fetch)
         if cfg.run.fail_at_step == state.step and ctx.rank == 0:
             _fail_once(cfg, options.run_name, state.step)
-        torch.manual_seed(step_seed(cfg.run.seed, ctx.rank, state.step))
+        seed = step_seed(cfg.run.seed, ctx.rank, state.step)
+        torch.manual_seed(seed)
+        random.seed(seed)  # timm's random erasing draws its boxes from Python's generator
         lr = lr_at(state.step, total_steps, stage_cfg.optim)
         result = train_step(ctx, model, stage.loss_fn, stage.optimizer, stage.params, batch, lr,
                             stage_cfg.optim.clip_grad, weight)
-        state.skipped_steps = 0 if result.taken else state.skipped_steps + 1
-        if state.skipped_steps > MAX_SKIPPED_STEPS:
-            raise FloatingPointError(f"{options.stage}: loss or gradient not finite for {MAX_SKIPPED_STEPS + 1} steps "
-                                     f"in a row (step {state.step})")
+        skipped = torch.where(result.taken, torch.zeros_like(skipped), skipped + 1)
         state.step += 1
         state.epoch, state.step_in_epoch = epoch, i + 1
-        progress.add(result, len(batch["video"]) if weight else 0)
+        progress.add(result, clips)
         end_of_epoch = i + 1 == stream.steps_per_epoch
+        stop = cfg.run.max_steps is not None and state.step >= cfg.run.max_steps
+        report = (cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0) or end_of_epoch or stop
+        if state.step % cfg.run.log_every == 0 or end_of_epoch or report:  # the host reads device values here only
+            state.skipped_steps = int(skipped)
+            if state.skipped_steps > MAX_SKIPPED_STEPS:
+                raise FloatingPointError(f"{options.stage}: loss or gradient not finite for {state.skipped_steps} steps "
+                                         f"in a row (step {state.step})")
         if state.step % cfg.run.log_every == 0 or end_of_epoch:
             metrics = progress.line(state.step, epoch, lr, result, int(tracker.failed.sum()))
             log.write(state.step, metrics)
-        stop = cfg.run.max_steps is not None and state.step >= cfg.run.max_steps
         if end_of_epoch:
             state.epoch, state.step_in_epoch = epoch + 1, 0
             evaluated = epoch_end(cfg, options, stage, model, ctx, epoch, log_dir)
@@ -196,7 +207,7 @@ def train_loop(loop_config: dict) -> None:
                 metrics.update(evaluated)
                 log.write(state.step, {k: v for k, v in evaluated.items() if k.startswith(("val", "test"))})
                 model.train()
-        if (cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0) or end_of_epoch or stop:
+        if report:
             metrics.update(progress.totals(), step=state.step, epoch=state.epoch, failed_clips=int(tracker.failed.sum()))
             state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
             _report(metrics, stage, state, cfg, ctx.rank)
@@ -260,13 +271,28 @@ def final_test(model, source: ResolvedSource, head: str, ctx: WorkerContext, vie
     return {"test_top1": res["top1"], "test_top5": res["top5"], "test_videos": res["videos"], "test_failed": res["failed"]}
 
 
-def _drop_failed(tracker: FailureTracker, batch: dict) -> tuple[dict, float]:
-    """The batch without its failed clips (counted), and the loss weight: a batch whose clips all
-    failed is kept (DDP needs every rank to step) but learns nothing."""
-    kept = tracker.update({k: v.numpy() for k, v in batch.items()})
-    if len(kept["ok"]) == 0:
-        return batch, 0.0
-    return {k: torch.from_numpy(v) for k, v in kept.items()}, 1.0
+def wrap_ddp(model: nn.Module, ctx: WorkerContext) -> nn.Module:
+    """DDP across the ranks (the model as it is for one rank). Buffers are not broadcast: ours are
+    fixed (positional tables, the frozen trunks of learned averaging: ~0.7 GB a step at K = 2 if
+    they were), and a broadcast in forward would hang a rank whose peer has no validation batch."""
+    if ctx.world == 1:
+        return model
+    device_ids = [ctx.device] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _without_failed(batches, tracker: FailureTracker):
+    """``(epoch, i, batch)`` -> ``((epoch, i, loss weight, clips learned from), batch)`` without the
+    failed clips (counted on the host). A batch whose clips all failed is kept (DDP needs every rank
+    to step) with weight 0: it learns nothing."""
+    for epoch, i, batch in batches:
+        kept = tracker.update({k: v.numpy() for k, v in batch.items()})
+        if len(kept["ok"]) == 0:
+            yield (epoch, i, 0.0, 0), batch
+        elif len(kept["ok"]) == len(batch["ok"]):
+            yield (epoch, i, 1.0, len(kept["ok"])), batch  # the (pinned) tensors as they came
+        else:
+            yield (epoch, i, 1.0, len(kept["ok"])), {k: torch.from_numpy(v) for k, v in kept.items()}
 
 
 def _report(metrics: dict, stage: Stage, state: TrainState, cfg: PretrainConfig, rank: int) -> None:

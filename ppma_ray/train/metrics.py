@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from ppma_ray.train.step import StepResult
 
 
@@ -38,7 +40,10 @@ class MetricsLog:
 
 
 class Progress:
-    """Running means since the last log step: loss, throughput and the time spent waiting for data."""
+    """Running means since the last log step: loss, throughput and the time spent waiting for data.
+
+    The loss is summed on the device and read at log steps only (``line``), so steps in between
+    never wait for the GPU."""
 
     def __init__(self, stage: str, total_steps: int, epochs: int, world: int, verbose: bool):
         self.stage, self.total_steps, self.epochs, self.world, self.verbose = stage, total_steps, epochs, world, verbose
@@ -47,7 +52,7 @@ class Progress:
         self._reset()
 
     def _reset(self) -> None:
-        self.loss, self.steps, self.wait, self.clips, self.t0 = 0.0, 0, 0.0, 0, time.perf_counter()
+        self.loss, self.steps, self.wait, self.clips, self.t0 = None, 0, 0.0, 0, time.perf_counter()
 
     def waited(self, seconds: float) -> None:
         self.wait += seconds
@@ -57,14 +62,17 @@ class Progress:
         self.clips += clips
         self.clips_done += clips
         self.steps += 1
-        self.loss += float(result.loss) if result.taken else 0.0
+        loss = torch.where(result.taken, result.loss, torch.zeros_like(result.loss))  # a skipped step adds 0
+        self.loss = loss if self.loss is None else self.loss + loss
 
     def line(self, step: int, epoch: int, lr: float, result: StepResult, failed_clips: int) -> dict:
         """The window's metrics (printed as one line on rank 0); starts a new window."""
+        loss = float(self.loss) / max(1, self.steps) if self.loss is not None else 0.0  # waits for the device
         elapsed = time.perf_counter() - self.t0
-        m = {"loss": self.loss / max(1, self.steps), "lr": lr, "grad_norm": float(result.grad_norm),
+        extra = {k: float(v) for k, v in result.extra.items()}
+        m = {"loss": loss, "lr": lr, "grad_norm": float(result.grad_norm),
              "clips_per_s": self.clips / elapsed, "data_wait_frac": min(1.0, self.wait / elapsed),
-             "failed_clips": failed_clips, **result.extra}
+             "failed_clips": failed_clips, **extra}
         if self.verbose:
             print(f"[{self.stage}] epoch {epoch + 1}/{self.epochs} step {step}/{self.total_steps} loss {m['loss']:.4f} "
                   f"lr {lr:.2e} grad {m['grad_norm']:.2f} {m['clips_per_s']:.1f} clips/s "

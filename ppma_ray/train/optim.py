@@ -16,6 +16,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
     With ``layer_decay`` the groups carry timm's ``lr_scale`` (patch embedding smallest, each block
     larger, the head 1.0). ``schedule_lr`` multiplies every group's lr by its ``lr_scale``.
+
+    Fused (one kernel for all parameters, on CUDA and CPU): faster, and its ``found_inf`` input lets
+    ``train_step`` skip a non-finite step on the device without waiting for it.
     """
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     if cfg.layer_decay:
@@ -24,7 +27,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
     for g in groups:
         g.setdefault("lr_scale", 1.0)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -7,6 +7,7 @@ than a float one and the CPU never normalizes.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data.random_erasing import RandomErasing
@@ -53,27 +54,31 @@ class AlignLoss:
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         x = to_model_input(batch["video"])  # (B, C, T, H, W)
-        labels, sources = batch["label"], batch["source"]
-        targets = {}
-        for k in sources.unique().tolist():
-            idx = (sources == k).nonzero().squeeze(1)
-            head = self.head_of_source[k]
+        labels = batch["label"]
+        # grouping by source is host bookkeeping: the column stays on the host (WorkerContext.to_device),
+        # so no device value is read back to find the groups
+        sources = batch["source"].numpy()
+        targets = []
+        for k in np.unique(sources):
+            rows = np.flatnonzero(sources == k)
+            idx = torch.from_numpy(rows).to(x.device, non_blocking=True)
+            head = self.head_of_source[int(k)]
             xs, ys = x[idx], labels[idx]
-            if self.mix[head] is not None and len(idx) > 1:
+            if self.mix[head] is not None and len(rows) > 1:
                 video, ys = self.mix[head](tv_tensors.Video(xs.transpose(1, 2)), ys)
                 xs = video.as_subclass(torch.Tensor).transpose(1, 2)
             else:
                 ys = F.one_hot(ys, self.num_classes[head]).to(x.dtype)
             x[idx] = xs
-            targets[k] = (idx, head, ys * (1 - self.smoothing) + self.smoothing / self.num_classes[head])
+            targets.append((idx, head, ys * (1 - self.smoothing) + self.smoothing / self.num_classes[head]))
         if self.erase is not None:  # one box through all frames: erase on (B, C*T, H, W)
             b, c, t, h, w = x.shape
             x = self.erase(x.reshape(b, c * t, h, w)).reshape(b, c, t, h, w)
         logits = model(x, head="all")
         loss = sum(0.0 * out.sum() for out in logits.values())  # every head in the graph (DDP)
-        correct = 0
-        for idx, head, soft in targets.values():
+        correct = torch.zeros((), device=x.device)
+        for idx, head, soft in targets:
             out = logits[head][idx]
             loss = loss + torch.sum(-soft * F.log_softmax(out.float(), dim=-1)) / len(labels)
-            correct += (out.argmax(-1) == soft.argmax(-1)).sum().item()
+            correct = correct + (out.argmax(-1) == soft.argmax(-1)).sum()
         return loss, {"train_top1": correct / max(1, len(labels))}

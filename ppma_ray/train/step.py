@@ -3,13 +3,18 @@
 Per step: uint8 batch -> device -> (the loss normalizes it there) -> autocast (bf16 on CUDA, fp32
 on CPU) -> loss -> backward -> grad norm (clipped when configured) -> finite check of loss and grad
 norm, agreed by all ranks -> optimizer step, or a step skipped by every rank together.
+
+The step never waits for the device: the finite check stays a device tensor, all-reduced on the
+device, and reaches the fused AdamW kernel as its ``found_inf`` flag (the mechanism GradScaler
+uses), which leaves weights, moments and the step count untouched when it is set. Loss, grad norm
+and the taken flag come back as device tensors; the caller reads them at log steps only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -38,13 +43,54 @@ class WorkerContext:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors the model reads (``video``, ``label``) on the device, copied from pinned
+        memory without blocking on CUDA; the bookkeeping columns (source, row, slot, ok) stay on the
+        host, where the loss groups by source without a device round trip."""
+        if self.device.type != "cuda":
+            return dict(batch)
+        out = dict(batch)
+        for key in DEVICE_KEYS:
+            if key in batch and batch[key].device.type == "cpu":
+                host = batch[key] if batch[key].is_pinned() else batch[key].pin_memory()
+                out[key] = host.to(self.device, non_blocking=True)
+        return out
+
+
+DEVICE_KEYS = ("video", "label")
+
+
+def prefetch_to_device(ctx: WorkerContext, items):
+    """``(meta, host_batch)`` items -> ``(meta, device_batch)``, with the *next* batch's copy issued
+    on a side CUDA stream while the current step runs (input/compute overlap). On CPU: as they come."""
+    if ctx.device.type != "cuda":
+        yield from items
+        return
+    side = torch.cuda.Stream(ctx.device)
+    pending = None
+    for meta, batch in items:
+        with torch.cuda.stream(side):
+            staged = ctx.to_device(batch)
+        if pending is not None:
+            yield pending
+        compute = torch.cuda.current_stream(ctx.device)
+        compute.wait_stream(side)
+        for key in DEVICE_KEYS:  # used on the compute stream: keep the memory alive until it is done
+            if key in staged and staged[key].is_cuda:
+                staged[key].record_stream(compute)
+        pending = (meta, staged)
+    if pending is not None:
+        yield pending
+
 
 @dataclass
 class StepResult:
+    """Device tensors (reading one waits for the step to finish: do it at log steps)."""
+
     loss: torch.Tensor  # detached scalar, weighted (0 when the step learned nothing)
     grad_norm: torch.Tensor  # before clipping
-    taken: bool  # False: the loss or the gradient was not finite on some rank, nobody stepped
-    extra: dict  # the loss function's own metrics (e.g. train_top1)
+    taken: torch.Tensor  # bool scalar; False: the loss or the gradient was not finite on some rank, nobody stepped
+    extra: dict = field(default_factory=dict)  # the loss function's own metrics (e.g. train_top1), tensors
 
 
 def train_step(ctx: WorkerContext, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
@@ -52,24 +98,26 @@ def train_step(ctx: WorkerContext, model: nn.Module, loss_fn: LossFn, optimizer:
                clip_grad: float | None = None, weight: float = 1.0) -> StepResult:
     """One optimizer step on ``batch`` (CPU tensors: video ``(B, T, H, W, C)`` uint8, labels, ...).
 
-    ``weight`` scales the loss: 0 keeps a step whose clips all failed to decode in lockstep with
-    the other ranks (DDP) without learning from it. Randomness (masks, drop-path, mixup) comes from
-    torch's global generator, which the caller seeds per step.
+    ``batch`` may already be on the device (``prefetch_to_device``); ``weight`` scales the loss: 0
+    keeps a step whose clips all failed to decode in lockstep with the other ranks (DDP) without
+    learning from it. Randomness (masks, drop-path, mixup) comes from torch's global generator,
+    which the caller seeds per step. ``optimizer`` must be fused AdamW (``build_optimizer``): its
+    ``found_inf`` flag is how the step is skipped without a host sync.
     """
     schedule_lr(optimizer, lr)
-    dev = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+    dev = ctx.to_device(batch)
     with ctx.autocast():
         loss, extra = loss_fn(model, dev)
         loss = loss * weight
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
-    finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+    finite = (torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)).float()
     if ctx.world > 1:  # all ranks must take (or skip) the step together
-        flag = finite.float().to(ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        finite = flag > 0
-    taken = bool(finite)
-    if taken:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    optimizer.found_inf = 1.0 - finite  # read by the fused kernel on the device: 1 = skip this step
+    try:
         optimizer.step()
-    return StepResult(loss.detach(), grad_norm.detach(), taken, extra)
+    finally:
+        optimizer.found_inf = None
+    return StepResult(loss.detach(), grad_norm.detach(), finite > 0, extra)
