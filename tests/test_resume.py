@@ -21,7 +21,8 @@ def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_sessi
         which a worker raises once at step 9 and Ray restarts it from the last checkpoint (step 8);
     (c) PBT's round trip: another run name continues the full state of (b)'s epoch-1 checkpoint."""
     common = ["align.epochs=2", "align.batch_size=8", "align.samples_per_epoch=48", "run.checkpoint_every=2",
-              "run.keep=10", "align.mix={nohuman: 0.5, synthetic: 0.5}", SCHEDULE]
+              "run.keep=10", "align.mix={nohuman: 0.5, synthetic: 0.5}", SCHEDULE,
+              "align.random_erase=0.5"]  # its boxes come from Python's random: reseeded per step too
     reference = run_stage(resolve_paths(tiny_config(*common, "run.name=ref")), RunOptions("align"))
     assert reference["steps"] == 12
 
