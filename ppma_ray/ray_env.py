@@ -20,3 +20,15 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
         ray.init(**kwargs)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def reserved_device():
+    """The torch device this process may use: inside a Ray task or actor, a GPU only if Ray assigned
+    it one (Ray then shows it as ``cuda``); a process that reserved none runs on the CPU, even on a
+    GPU node, rather than on ``cuda:0`` beside another job's trainer. Outside Ray: any GPU there is."""
+    import torch
+
+    in_ray_worker = ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    if in_ray_worker:
+        return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -167,3 +167,15 @@ def video_dir(tmp_path_factory) -> Path:
     full = (root / "good0.mp4").read_bytes()
     (root / "truncated.mp4").write_bytes(full[: len(full) // 3])
     return root
+
+
+def as_saved_on_gpu(path: Path) -> None:
+    """Rewrite a ``torch.save`` file so that its tensors are recorded as ``cuda:0`` storages, exactly
+    as a GPU worker writes them (the storage location is a string in ``data.pkl``)."""
+    with zipfile.ZipFile(path) as src:
+        entries = [(info, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for info, data in entries:
+            if info.filename.endswith("data.pkl"):  # pickle protocol 2: BINUNICODE, 4-byte length
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            out.writestr(info, data)

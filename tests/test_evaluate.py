@@ -153,3 +153,24 @@ def test_evaluate_job_linear_probe_on_ray_train_keeps_the_trunk(tmp_path, demo_r
             assert torch.equal(v, torch.ones_like(v) if k.endswith("weight") else torch.zeros_like(v))
         else:
             assert torch.equal(v, before[k]), k
+
+
+def test_evaluation_and_privacy_models_use_only_a_gpu_ray_reserved_for_them(ray_session, monkeypatch):
+    """A feature-extraction or segmentation process that reserved no GPU runs on the CPU even when
+    the node has GPUs (here: CUDA reported available); outside Ray a script uses the GPU it sees."""
+    import torch
+
+    from ppma_ray.ray_env import reserved_device
+
+    @ray_session.remote(num_gpus=0)
+    def device_in_a_task() -> str:
+        import torch
+
+        torch.cuda.is_available = lambda: True  # a GPU node
+        from ppma_ray.ray_env import reserved_device
+
+        return str(reserved_device())
+
+    assert ray_session.get(device_in_a_task.remote()) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert str(reserved_device()) == "cuda"  # the driver script (not a Ray worker) owns what it sees

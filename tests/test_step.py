@@ -171,3 +171,29 @@ def test_pbt_schedules_merge_rounds_and_replay_as_mixes():
     assert schedule == [[4, {"nohuman": 0.2, "synthetic": 0.8}]]
     stage = StageConfig(mix=mix, mix_schedule=[tuple(x) for x in schedule])
     assert stage.mix_at(3) == mix and stage.mix_at(4) == {"nohuman": 0.2, "synthetic": 0.8}
+
+
+def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_cpu_only_host(tmp_path):
+    """The driver on a CPU-only head node reads a finished stage's state, and a worker restores the
+    optimizer state a GPU worker saved (its tensors tagged cuda:0 on disk)."""
+    from conftest import as_saved_on_gpu
+
+    from ppma_ray.train.checkpoint import STATE_FILE, load_checkpoint, read_train_state, save_checkpoint
+
+    model = _mae()
+    opt = build_optimizer(model, OptimConfig(lr=1e-3))
+    torch.manual_seed(0)
+    train_step(CTX, model, mae_loss, opt, list(model.parameters()), _batch(), lr=1e-3)
+    save_checkpoint(tmp_path, model, opt, {"step": 1, "metrics": {"loss": 0.5}}, {})
+    as_saved_on_gpu(tmp_path / STATE_FILE)
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a bare torch.load does with this file here
+        torch.load(tmp_path / STATE_FILE, weights_only=True)
+
+    assert read_train_state(tmp_path)["metrics"] == {"loss": 0.5}
+    fresh = _mae()
+    fresh_opt = build_optimizer(fresh, OptimConfig(lr=1e-3))
+    assert load_checkpoint(tmp_path, fresh, fresh_opt)["step"] == 1
+    saved, restored = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[k][n], restored[k][n]) and restored[k][n].device.type == "cpu"
+               for k in saved for n in ("exp_avg", "exp_avg_sq"))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ppma_ray.ray_env import reserved_device
+
 PERSON = 15  # index of "person" in torchvision's COCO_WITH_VOC_LABELS
 ARCHS = ("deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_resnet101")
 
@@ -30,7 +32,7 @@ class TorchvisionSegmenter:
             from ppma_ray.models.checkpoint import read_state_dict
 
             self.model.load_state_dict(read_state_dict(weights_path), strict=False)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else reserved_device()  # never a GPU Ray did not assign
         self.model.to(self.device).eval()
         self.batch_size, self.short_side = batch_size, short_side
         self.mean = torch.tensor([0.485, 0.456, 0.406], device=self.device).view(1, 3, 1, 1)

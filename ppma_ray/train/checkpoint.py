@@ -32,11 +32,18 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     return d
 
 
+def read_train_state(directory: str | Path) -> dict:
+    """``train_state.pt`` on the host, whatever device its tensors were saved from: a GPU worker's
+    optimizer state is CUDA tensors, and the driver (often a CPU-only head node) reads it too."""
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Restore model (and optimizer) in place; returns the train state (without the optimizer)."""
+    """Restore model (and optimizer, whose state follows its parameters' device) in place; returns
+    the train state (without the optimizer)."""
     d = Path(directory)
     model.load_state_dict(load_file(str(d / MODEL_FILE)))
-    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+    state = read_train_state(d)
     opt_state = state.pop("optimizer", None)
     if optimizer is not None and opt_state is not None:
         optimizer.load_state_dict(opt_state)

@@ -21,16 +21,17 @@ from ppma_ray.data.pipeline import Source, build_eval_dataset, plan_to_table
 from ppma_ray.models.checkpoint import load_trunk
 from ppma_ray.models.heads import VideoClassifier
 from ppma_ray.models.config import ViTConfig
+from ppma_ray.ray_env import reserved_device
 from ppma_ray.train.evaluate import topk_correct, video_probs
 from ppma_ray.train.stages import to_model_input
 
 
 class FeatureExtractor:
-    """Ray Data actor: decoded views ``(n, V, T, H, W, C)`` -> pooled features ``(n, V, D)``."""
+    """Decoded views ``(n, V, T, H, W, C)`` -> pooled features ``(n, V, D)``: a Ray Data actor on a
+    GPU it reserved (bf16 autocast), or held per process by ``extract_batch`` on CPUs."""
 
-    def __init__(self, cfg: dict, weights_ref, threads: int = 1):
-        torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def __init__(self, cfg: dict, weights_ref):
+        self.device = reserved_device()
         self.model = VideoClassifier(ViTConfig(**{**cfg, "head_names": tuple(cfg["head_names"])}), num_classes=1)
         weights = ray.get(weights_ref) if weights_ref is not None else None
         if weights is not None:
@@ -45,23 +46,49 @@ class FeatureExtractor:
         ok = batch["ok"].astype(bool)
         if ok.any():
             x = to_model_input(video[ok].flatten(0, 1).to(self.device))
-            feats[ok] = self.model.features(x).reshape(int(ok.sum()), v, -1).float().cpu().numpy()
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+            with autocast:
+                f = self.model.features(x)
+            feats[ok] = f.reshape(int(ok.sum()), v, -1).float().cpu().numpy()
         return {"features": feats, "label": batch["label"], "source": batch["source"], "row": batch["row"],
                 "ok": batch["ok"]}
 
 
+_HELD: dict = {}  # this process's FeatureExtractor, reused by the CPU tasks of one extraction
+
+
+def extract_batch(batch: dict, cfg: dict, weights_ref) -> dict:
+    """``map_batches`` task on CPUs: the extractor is built once per worker process and reused by
+    the following batches (Ray reuses task processes), so no extra actor process is started."""
+    key = (weights_ref.hex() if weights_ref is not None else None, repr(cfg))
+    if key not in _HELD:
+        _HELD.clear()
+        _HELD[key] = FeatureExtractor(cfg, weights_ref)
+    return _HELD[key](batch)
+
+
 def extract_features(model_cfg: ViTConfig, weights: dict | None, sources: list[Source], clip: ClipConfig,
-                     num_clips: int, num_crops: int, decode: DecodeConfig, num_actors: int = 1) -> list[dict]:
-    """Features of every row of each source, in one pass (one actor pool for all of them):
+                     num_clips: int, num_crops: int, decode: DecodeConfig, num_gpus: int | None = None) -> list[dict]:
+    """Features of every row of each source, in one pass:
     ``[{"features": (N, V, D), "label": (N,), "failed_rows"}, ...]``; rows that cannot be decoded
-    are dropped and listed."""
+    are dropped and listed.
+
+    With GPUs in the cluster (``num_gpus``, default: the cluster's), a pool of 1 to ``num_gpus`` actors
+    that each reserve one GPU (as they come free of trainers); otherwise CPU tasks fused with the decode. Either way the model runs only
+    where Ray reserved the resources for it."""
     plan = np.concatenate([np.stack([np.full(s.table.num_rows, k, dtype=np.int64),
                                      np.arange(s.table.num_rows, dtype=np.int64)], 1) for k, s in enumerate(sources)])
     table = plan_to_table(sources, plan)
     ds = build_eval_dataset(table, clip, decode, num_clips, num_crops)
     ref = ray.put(weights) if weights is not None else None
-    ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs={"cfg": model_cfg.to_dict(), "weights_ref": ref},
-                        batch_size=8, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1)
+    kwargs = {"cfg": model_cfg.to_dict(), "weights_ref": ref}
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if num_gpus is None else num_gpus
+    if gpus:
+        ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs=kwargs, batch_size=8, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=gpus), num_gpus=1)
+    else:
+        ds = ds.map_batches(extract_batch, fn_kwargs=kwargs, batch_size=decode.rows_per_task, batch_format="numpy",
+                            num_cpus=decode.num_cpus_per_task)
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     cat = {key: np.concatenate([p[key] for p in parts]) for key in ("features", "label", "source", "row", "ok")}
     out = []

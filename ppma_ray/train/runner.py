@@ -9,13 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import ray
-import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ppma_ray.config import PretrainConfig
 from ppma_ray.data.demo import make_demo
-from ppma_ray.train.checkpoint import STATE_FILE
+from ppma_ray.train.checkpoint import read_train_state
 from ppma_ray.train.loop import RunOptions, train_loop
 
 
@@ -77,7 +76,7 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
     m = result.metrics or {}
     if "step" not in m and result.checkpoint:  # the stage had finished before: its last checkpoint knows
         with result.checkpoint.as_directory() as d:
-            m = torch.load(Path(d) / STATE_FILE, weights_only=True).get("metrics", {})
+            m = read_train_state(d).get("metrics", {})
     summary = {
         "steps": int(m.get("step", 0)),
         "final_loss": m.get("loss"),
