@@ -2,13 +2,19 @@
 
 ``cheap_checks`` needs no tasks (``jobs/pretrain.py`` runs it before training); ``full_checks`` also
 runs a probe task on every alive node. Each check gives a ``Check(name, ok, detail)``.
+
+On an autoscaling cluster (the YAMLs in ``cluster/`` start with a CPU-only head and no workers) the
+resources a run needs appear only once something asks for them: ``wait_for_resources`` asks the
+autoscaler (``request_resources``) and waits, up to ``scaling.resource_wait_s``.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -27,7 +33,14 @@ def _alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def cheap_checks(cfg: PretrainConfig) -> list[Check]:
+def resource_bundles(cfg: PretrainConfig) -> list[dict]:
+    """What a run needs from the cluster: one bundle per training worker, one CPU to decode."""
+    s = cfg.scaling
+    worker = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    return [worker] * s.num_workers + [{"CPU": 1}]
+
+
+def resource_checks(cfg: PretrainConfig) -> list[Check]:
     s = cfg.scaling
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
@@ -37,6 +50,43 @@ def cheap_checks(cfg: PretrainConfig) -> list[Check]:
     need = s.num_workers * s.cpus_per_worker + 1
     out.append(Check("CPUs", cpus >= need,
                      f"{s.num_workers} x {s.cpus_per_worker} CPUs for training + >= 1 for decoding = {need:g}; cluster has {cpus:g}"))
+    return out
+
+
+def wait_for_resources(cfg: PretrainConfig, timeout_s: float, poll_s: float = 2.0,
+                       say: Callable[[str], None] = print) -> list[Check]:
+    """The resource checks, after asking the autoscaler for the run's bundles and waiting up to
+    ``timeout_s`` for them to pass (0: no wait). The request is withdrawn when the wait ends, so it
+    does not hold the cluster at that size after the run: the run's own demand keeps its nodes."""
+    checks = resource_checks(cfg)
+    if all(c.ok for c in checks) or timeout_s <= 0:
+        return checks
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=resource_bundles(cfg))
+    start = time.monotonic()
+    last_said = -float("inf")
+    try:
+        while not all(c.ok for c in checks) and time.monotonic() - start < timeout_s:
+            waited = time.monotonic() - start
+            if waited - last_said >= 30:
+                missing = "; ".join(c.detail for c in checks if not c.ok)
+                say(f"waiting for the cluster to scale up ({waited:.0f} of {timeout_s:g} s, scaling.resource_wait_s): {missing}")
+                last_said = waited
+            time.sleep(poll_s)
+            checks = resource_checks(cfg)
+    finally:
+        request_resources(bundles=[])
+    return checks
+
+
+def cheap_checks(cfg: PretrainConfig, wait_s: float = 0.0) -> list[Check]:
+    """Resources (waiting up to ``wait_s`` for an autoscaler to provide them) and, on several nodes,
+    shared storage."""
+    out = wait_for_resources(cfg, wait_s)
+    if not all(c.ok for c in out) and wait_s > 0:
+        out.append(Check("autoscaling", False, f"the cluster did not provide the resources within {wait_s:g} s "
+                                               "(scaling.resource_wait_s; check the node types' max_workers and quotas)"))
     nodes = _alive_nodes()
     if len(nodes) > 1 and "://" not in cfg.run.storage_path:
         # several nodes write checkpoints: a local path must be one shared filesystem (NFS, ...)
@@ -100,11 +150,12 @@ def storage_checks(path: str, samples: list[str] | None = None) -> list[Check]:
     return out
 
 
-def full_checks(cfg: PretrainConfig, sample_per_source: int = 20) -> list[Check]:
-    """Resources, storage on every node, and a sample of every source's files from every node."""
+def full_checks(cfg: PretrainConfig, sample_per_source: int = 20, wait_s: float = 0.0) -> list[Check]:
+    """Resources (waiting up to ``wait_s`` for an autoscaler), storage on every node, and a sample of
+    every source's files from every node."""
     from ppma_ray.train.data import resolve_sources
 
-    out = [c for c in cheap_checks(cfg) if not c.name.startswith("storage")]
+    out = [c for c in cheap_checks(cfg, wait_s) if not c.name.startswith("storage")]
     samples: list[str] = []
     try:
         for r in resolve_sources(cfg.data, sorted(set(cfg.mae.source_names()) | set(cfg.align.source_names()))):

@@ -34,6 +34,9 @@ def test_launcher_yaml_passes_rays_schema_with_three_roles(name):
     assert types["gpu_worker"]["resources"]["GPU"] == 8
     assert (types["gpu_worker"]["min_workers"], types["gpu_worker"]["max_workers"]) == (0, 2)
     assert "GPU" not in types["cpu_decode_worker"]["resources"]
+    if name == "cluster/aws.yaml":  # multi-node all-reduce over EFA, not TCP
+        assert [ni["InterfaceType"] for ni in types["gpu_worker"]["node_config"]["NetworkInterfaces"]] == ["efa"]
+        assert "--device=/dev/infiniband" in types["gpu_worker"]["docker"]["worker_run_options"]
     assert (types["cpu_decode_worker"]["min_workers"], types["cpu_decode_worker"]["max_workers"]) == (0, 8)
     assert config["docker"]["image"].startswith("rayproject/ray:") and config["docker"]["image"].endswith("-py311-gpu")
     assert any("pip install" in c and "ppma_ray" in c for c in config["setup_commands"])
@@ -127,6 +130,32 @@ def test_preflight_passes_on_two_nodes_and_fails_clearly_on_unwritable_storage(t
     bad = _preflight(two_node_cluster, demo_root, "--set", "run.storage_path=/dev/null/runs")
     assert bad.returncode == 1
     assert "| storage writable (driver) | FAIL | /dev/null/runs is not writable" in bad.stdout
+
+
+def test_preflight_asks_for_missing_resources_waits_for_a_node_and_times_out_clearly(two_node_cluster, demo_root, tmp_path):
+    """An autoscaling cluster starts without the nodes a run needs: the preflight asks for them and
+    waits (here a node joins by hand, as the autoscaler would add one), or fails with a clear line."""
+    needs_3_cpus = ["--set", f"run.storage_path={tmp_path / 'runs'}", "--set", "scaling.cpus_per_worker=2"]
+    late = _preflight(two_node_cluster, demo_root, *needs_3_cpus, "--set", "scaling.resource_wait_s=3")
+    assert late.returncode == 1, late.stdout + late.stderr
+    assert "waiting for the cluster to scale up" in late.stdout
+    assert "| autoscaling | FAIL | the cluster did not provide the resources within 3 s" in late.stdout
+
+    args = ["--set", f"data.demo_root={demo_root}", *needs_3_cpus, "--set", "scaling.resource_wait_s=240"]
+    env = {**two_node_cluster["env"], "RAY_ADDRESS": two_node_cluster["gcs"]}
+    waiting = subprocess.Popen([sys.executable, str(ROOT / "jobs/preflight.py"), *args], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(5)
+    node = subprocess.Popen([str(BIN / "ray"), "start", f"--address={two_node_cluster['gcs']}", "--num-cpus=1", "--block",
+                             *agent_ports()], env=two_node_cluster["env"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, err = waiting.communicate(timeout=280)
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(timeout=60)
+    assert waiting.returncode == 0, out + err
+    assert "waiting for the cluster to scale up" in out and "| CPUs | PASS |" in out
 
 
 def test_token_auth_accepts_the_token_and_refuses_none_or_a_wrong_one(two_node_cluster):

@@ -83,14 +83,16 @@ def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> None:
 
 def start_ray(cfg: PretrainConfig) -> PretrainConfig:
     """Join the cluster (or start a local Ray), resolve the paths, and run the cheap preflight;
-    a failed preflight prints its table and exits 1."""
+    a failed preflight prints its table and exits 1. On a cluster the preflight first asks the
+    autoscaler for missing GPUs/CPUs and waits up to ``scaling.resource_wait_s`` (a local Ray cannot
+    grow: no wait)."""
     from ppma_ray.preflight import cheap_checks, format_table
     from ppma_ray.ray_env import init_ray
     from ppma_ray.train.runner import resolve_paths
 
-    init_ray()
+    joined = init_ray()
     cfg = resolve_paths(cfg)
-    checks = cheap_checks(cfg)
+    checks = cheap_checks(cfg, cfg.scaling.resource_wait_s if joined else 0.0)
     if not all(c.ok for c in checks):
         print(format_table(checks), file=sys.stderr)
         print("error: preflight failed (python jobs/preflight.py runs every check)", file=sys.stderr)

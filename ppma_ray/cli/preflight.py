@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     from ppma_ray.ray_env import init_ray
     from ppma_ray.train.runner import resolve_paths
 
-    init_ray()
-    checks = full_checks(resolve_paths(cfg))
+    joined = init_ray()
+    checks = full_checks(resolve_paths(cfg), wait_s=cfg.scaling.resource_wait_s if joined else 0.0)
     print(format_table(checks))
     failed = [c for c in checks if not c.ok]
     print(f"preflight: {len(checks) - len(failed)} checks passed, {len(failed)} failed")

@@ -88,6 +88,8 @@ class ScalingSettings:
     use_gpu: bool = False
     cpus_per_worker: float = option(1.0, gt=0, help="CPUs a worker reserves (fractions are fine); the rest decode")
     torch_threads: int | None = option(None, ge=1, help="CPU training: intra-op threads per worker")
+    resource_wait_s: float = option(900.0, ge=0, help="on a cluster: how long the preflight waits for the autoscaler "
+                                                      "to add the nodes the run needs (0: fail at once)")
 
 
 @dataclass
