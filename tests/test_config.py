@@ -168,3 +168,11 @@ def test_console_entry_points_are_the_jobs():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert {v.split(":")[0].rsplit(".", 1)[1] for v in scripts.values()} == set(ALL_JOBS)
     assert all(v.endswith(":main") for v in scripts.values())
+
+
+def test_each_training_rank_gets_its_share_of_the_decode_cpus():
+    from ppma_ray.data.config import DecodeConfig
+
+    budget = DecodeConfig(num_cpus_per_task=1.0).with_budget(64.0)
+    assert budget.per_rank(8).cpu_limit == 8.0 and budget.per_rank(1).cpu_limit == 64.0
+    assert DecodeConfig(num_cpus_per_task=2.0).with_budget(4.0).per_rank(8).cpu_limit == 2.0  # one task each at least

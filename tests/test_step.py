@@ -197,3 +197,21 @@ def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_cpu_only_host(tmp_path):
     assert saved.keys() == restored.keys()
     assert all(torch.equal(saved[k][n], restored[k][n]) and restored[k][n].device.type == "cpu"
                for k in saved for n in ("exp_avg", "exp_avg_sq"))
+
+
+def test_a_compiled_model_trains_the_same_step_and_keeps_its_checkpoint_keys():
+    """``scaling.compile`` (traced here with aot_eager: the inductor backend's kernel generation is
+    what a GPU run pays for, not what this test is about)."""
+    from ppma_ray.train.config import ScalingSettings
+    from ppma_ray.train.loop import compile_model
+
+    eager, compiled = _mae(), compile_model(_mae(), ScalingSettings(compile=True, compile_backend="aot_eager"))
+    results = []
+    for model in (eager, compiled):
+        opt = build_optimizer(model, OptimConfig(lr=1e-3, clip_grad=1.0))
+        torch.manual_seed(7)
+        results.append(train_step(CTX, model, mae_loss, opt, list(model.parameters()), _batch(), lr=1e-3, clip_grad=1.0))
+    assert torch.allclose(results[0].loss, results[1].loss, atol=1e-6)
+    assert torch.allclose(results[0].grad_norm, results[1].grad_norm, rtol=1e-4)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(eager.state_dict().values(), compiled.state_dict().values()))

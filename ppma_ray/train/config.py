@@ -88,6 +88,9 @@ class ScalingSettings:
     use_gpu: bool = False
     cpus_per_worker: float = option(1.0, gt=0, help="CPUs a worker reserves (fractions are fine); the rest decode")
     torch_threads: int | None = option(None, ge=1, help="CPU training: intra-op threads per worker")
+    compile: bool = option(False, help="torch.compile the model's forward (and backward) on each worker")
+    compile_backend: Literal["inductor", "aot_eager"] = option(
+        "inductor", help="inductor: generated kernels (the fast one); aot_eager: tracing only, for debugging")
     resource_wait_s: float = option(900.0, ge=0, help="on a cluster: how long the preflight waits for the autoscaler "
                                                       "to add the nodes the run needs (0: fail at once)")
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ppma_ray.config import PretrainConfig, StageConfig, StageKind, to_dict
+from ppma_ray.config import PretrainConfig, ScalingSettings, StageConfig, StageKind, to_dict
 from ppma_ray.data.pipeline import FailureTracker
 from ppma_ray.models import build_model
 from ppma_ray.models.averaging import LearnedAverage, load_trunks
@@ -125,7 +125,16 @@ def setup(cfg: PretrainConfig, options: RunOptions, ctx: WorkerContext) -> Stage
         model.set_linear_probe(True)
     optimizer = build_optimizer(model, stage.optim)
     params = [p for p in model.parameters() if p.requires_grad]
+    compile_model(model, cfg.scaling)
     return Stage(model, loss_fn, optimizer, params, sources, heads)
+
+
+def compile_model(model: nn.Module, scaling: ScalingSettings) -> nn.Module:
+    """``torch.compile`` in place (``nn.Module.compile``): the module's ``__call__`` is compiled and
+    its parameters and state-dict keys stay as they are, so checkpoints do not change."""
+    if scaling.compile:
+        model.compile(backend=scaling.compile_backend)
+    return model
 
 
 def restore(cfg: PretrainConfig, options: RunOptions, stage: Stage, rank: int) -> TrainState:
