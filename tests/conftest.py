@@ -37,7 +37,7 @@ RAY_FIXTURES = {"ray_session", "two_node_cluster", "head_node"}
 # loadfile``) take files in collection order, so a long file picked up last would leave one worker
 # idle while the other finishes it.
 LONGEST_FIRST = ["test_tune_pbt.py", "test_resume.py", "test_tune.py", "test_cluster.py", "test_train.py",
-                 "test_evaluate.py"]
+                 "test_evaluate.py", "test_benchmarks.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -1,0 +1,233 @@
+"""The one prepared check for a machine with an NVIDIA GPU: is the training step, the input pipeline
+and the main job ready to spend GPU hours on? Writes one JSON.
+
+    bash benchmarks/gpu_check.sh [--dry-run] --out DIR     (DIR/gpu_check.json)
+
+1. ``step``: clips/s and MFU of ``train_step`` (the function every stage trains with: bf16 autocast,
+   clipping, the on-device finite check, fused AdamW) for MAE and for alignment, ViT-B 16x224^2, 16
+   clips per step, in-memory uint8 batches; eager and (``--compile``) torch.compile.
+2. ``feed``: clips/s of the Ray Data pipeline on this machine's CPUs, 224^2 crops of generated
+   340x256 H.264 clips, k = 4 repeated augmentations, after a warm-up pass.
+3. ``pretrain``: ``jobs/pretrain.py --stage mae`` with the paper's config (``ppma_vitb.yaml``) on
+   one GPU and generated 224^2 footage for ``--pretrain-steps`` steps; its progress lines'
+   ``data_wait_frac`` (the share of step time spent waiting for input) and clips/s.
+
+``--dry-run`` does the same with a tiny model, 32^2 crops and few steps on the CPU (CI runs it), so
+the script is known to work before anyone spends GPU time on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ppma_ray.config import ClipConfig, DecodeConfig, OptimConfig  # noqa: E402
+from ppma_ray.data.manifest import write_ppma_manifest  # noqa: E402
+from ppma_ray.data.pipeline import Source, build_dataset, plan_to_table  # noqa: E402
+from ppma_ray.data.video import write_video  # noqa: E402
+from ppma_ray.models import create_model, flops  # noqa: E402
+from ppma_ray.train.checkpoint import step_seed  # noqa: E402
+from ppma_ray.train.optim import build_optimizer, lr_at  # noqa: E402
+from ppma_ray.train.stages import AlignLoss, mae_loss  # noqa: E402
+from ppma_ray.train.step import WorkerContext, train_step  # noqa: E402
+
+# dense bf16 peaks (TFLOP/s) by device name; others: --peak-tflops
+PEAKS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+FULL = {"model": "vit_base", "img_size": 224, "num_frames": 16, "batch": 16, "steps": 20, "short_side": 256,
+        "videos": 64, "video_size": (256, 340), "video_frames": 75}
+DRY = {"model": "vit_tiny", "img_size": 32, "num_frames": 8, "batch": 4, "steps": 3, "short_side": 36,
+       "videos": 8, "video_size": (48, 64), "video_frames": 30}
+DRY_MODEL = ["model.preset=vit_tiny", "model.depth=2", "model.decoder_depth=1", "model.decoder_embed_dim=64",
+             "model.decoder_num_heads=2"]
+
+
+def peak_tflops(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    return next((v for k, v in PEAKS.items() if k in name), None)
+
+
+def time_step(stage: str, p: dict, device: torch.device, compile_model: bool) -> dict:
+    """Clips/s of ``train_step`` on one in-memory batch, after warm-up steps (compilation included there)."""
+    torch.manual_seed(0)
+    clip = ClipConfig(num_frames=p["num_frames"], img_size=p["img_size"], short_side=p["short_side"])
+    ctx = WorkerContext(0, 1, device, clip, DecodeConfig())
+    kw = {"img_size": p["img_size"], "num_frames": p["num_frames"]}
+    b = p["batch"]
+    video = torch.randint(0, 255, (b, p["num_frames"], p["img_size"], p["img_size"], 3), dtype=torch.uint8)
+    batch = {"video": video}
+    if stage == "mae":
+        model, loss_fn = create_model(p["model"], "mae", **kw), mae_loss
+        optim = OptimConfig(lr=8e-4, weight_decay=0.05, betas=(0.9, 0.95))
+    else:  # the recipe's stage 2: two sources with their own heads, mixup/cutmix, label smoothing, erasing
+        classes = {"nohuman": 150, "synthetic": 150}
+        model = create_model(p["model"], "classifier", num_classes=classes, drop_path_rate=0.1, **kw)
+        loss_fn = AlignLoss(list(classes), classes, 0.1, 0.8, 1.0, 0.25, device=device)
+        batch.update(label=torch.randint(0, 150, (b,)), source=torch.arange(b) % 2)
+        optim = OptimConfig(lr=2e-3, weight_decay=1e-4, betas=(0.9, 0.999), layer_decay=0.75, clip_grad=None)
+    model.to(device).train()
+    if compile_model:
+        model.compile()
+    opt = build_optimizer(model, optim)
+    params = [q for q in model.parameters() if q.requires_grad]
+    warmup, steps = 3, p["steps"]
+
+    def run(i: int):
+        torch.manual_seed(step_seed(0, 0, i))
+        return train_step(ctx, model, loss_fn, opt, params, batch, lr_at(i, warmup + steps, optim), optim.clip_grad)
+
+    for i in range(warmup):
+        run(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        result = run(i)
+    taken = bool(result.taken)  # waits for the last step
+    elapsed = time.perf_counter() - t0
+    f = flops(model) if stage == "mae" else flops(model, num_classes=150)
+    out = {"clips_per_s": steps * b / elapsed, "gflops_per_clip_fwd": f / 1e9, "steps": steps, "batch": b,
+           "last_step_taken": taken, "compiled": compile_model}
+    if device.type == "cuda":
+        out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def make_videos(folder: Path, n: int, size: tuple[int, int], frames: int) -> Path:
+    """``n`` H.264 clips of moving noise blocks (incompressible enough to cost a real decode) and a
+    two-class manifest; returns the manifest."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    for i in range(n):
+        base = rng.integers(0, 255, (h // 8 + 2, w // 8 + 2, 3), dtype=np.uint8)
+        video = np.empty((frames, h, w, 3), dtype=np.uint8)
+        for t in range(frames):
+            video[t] = np.kron(np.roll(base, t, axis=1), np.ones((8, 8, 1), dtype=np.uint8))[:h, :w]
+        write_video(folder / f"v{i:03d}.mp4", video, fps=25)
+    table = pa.table({"path": [f"v{i:03d}.mp4" for i in range(n)], "label": [i % 2 for i in range(n)]})
+    write_ppma_manifest(table, folder / "train.csv")
+    return folder / "train.csv"
+
+
+def feed_rate(manifest: Path, p: dict, repeats: int = 4) -> dict:
+    """Ray Data pipeline clips/s on all CPUs: a warm-up pass, then a timed pass over every video."""
+    import ray
+
+    from ppma_ray.data.manifest import read_manifest
+    from ppma_ray.ray_env import init_ray
+
+    init_ray(log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cpus = ray.cluster_resources().get("CPU", 1)
+    table = read_manifest(manifest, root=manifest.parent)
+    plan = np.stack([np.zeros(table.num_rows, dtype=np.int64), np.arange(table.num_rows)], 1)
+    plan_table = plan_to_table([Source("gen", table)], plan)
+    clip = ClipConfig(num_frames=p["num_frames"], clip_seconds=2.7 if p is FULL else 1.0, img_size=p["img_size"],
+                      short_side=p["short_side"])
+    decode = DecodeConfig(rows_per_task=2)
+    for _ in build_dataset(plan_table.slice(0, min(plan_table.num_rows, 2 * int(cpus))), clip, decode, 1, repeats).iter_batches():
+        pass
+    t0 = time.perf_counter()
+    n = sum(int(b["ok"].sum()) for b in build_dataset(plan_table, clip, decode, 0, repeats).iter_batches(batch_format="numpy"))
+    rate = n / (time.perf_counter() - t0)
+    ray.shutdown()
+    return {"clips_per_s": rate, "cpus": cpus, "repeats": repeats, "clips": n, "img_size": p["img_size"]}
+
+
+def pretrain_run(manifest: Path, out: Path, p: dict, steps: int, dry: bool) -> dict:
+    """``jobs/pretrain.py --stage mae`` on the paper's config (one GPU), the progress lines read back."""
+    sets = [f"data.sources.nohuman.manifest={manifest}", f"data.sources.nohuman.root={manifest.parent}",
+            "data.sources.nohuman.val_manifest=null", "data.sources.nohuman.fps=null",
+            f"data.sources.synthetic.manifest={manifest}", f"data.sources.synthetic.root={manifest.parent}",
+            "data.sources.synthetic.val_manifest=null",
+            f"run.storage_path={out / 'runs'}", "run.name=gpu_check", f"run.max_steps={steps}", "run.log_every=1",
+            "run.checkpoint_every=0", "run.max_failures=0", "scaling.num_workers=1",
+            f"scaling.cpus_per_worker={min(2, max(0.25, (os.cpu_count() or 2) / 4))}"]
+    sets.append(f"mae.batch_size={p['batch']}")  # the paper's 16 clips per GPU (dry: 4)
+    if dry:
+        sets += DRY_MODEL + ["scaling.use_gpu=false", "scaling.torch_threads=1",
+                             f"data.clip.img_size={p['img_size']}", f"data.clip.short_side={p['short_side']}",
+                             f"data.clip.num_frames={p['num_frames']}", "data.clip.clip_seconds=1.0"]
+    cmd = [sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(ROOT / "jobs/configs/ppma_vitb.yaml"),
+           "--stage", "mae", *[a for s in sets for a in ("--set", s)]]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    wall = time.perf_counter() - t0
+    lines = [json.loads(x) for x in (out / "runs/gpu_check-mae/mae_metrics.jsonl").read_text().splitlines()] \
+        if (out / "runs/gpu_check-mae/mae_metrics.jsonl").is_file() else []
+    steady = [m for m in lines if "loss" in m][1:]  # the first step includes start-up
+    result = {"returncode": r.returncode, "wall_s": wall, "steps": len(lines)}
+    if steady:
+        result["data_wait_frac"] = sum(m["data_wait_frac"] for m in steady) / len(steady)
+        result["clips_per_s"] = sum(m["clips_per_s"] for m in steady) / len(steady)
+    if r.returncode:
+        result["error_tail"] = (r.stdout + r.stderr)[-2000:]
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="directory for gpu_check.json")
+    ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script itself")
+    ap.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="steps of the pretrain run (default 30; dry: 4)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    p = DRY if args.dry_run else FULL
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if not cuda and not args.dry_run:
+        raise SystemExit("error: no CUDA device; use --dry-run to check the script on a CPU")
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
+    peak = peak_tflops(name, args.peak_tflops) if cuda else None
+    report: dict = {"device": name, "dry_run": args.dry_run, "torch": torch.__version__, "peak_tflops": peak,
+                    "config": {k: v for k, v in p.items() if k != "video_size"}}
+
+    def save() -> None:
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+
+    for stage in ("mae", "align"):
+        for compiled in (False, True) if args.compile else (False,):
+            r = time_step(stage, p, device, compiled)
+            if peak:  # forward + backward ~ 3x the forward FLOPs
+                r["mfu"] = 3 * r["gflops_per_clip_fwd"] * 1e9 * r["clips_per_s"] / (peak * 1e12)
+            report.setdefault("step", {})[stage + ("_compiled" if compiled else "")] = r
+            print(f"step {stage}{' compiled' if compiled else ''}: {r['clips_per_s']:.1f} clips/s"
+                  + (f", MFU {r['mfu']:.1%}" if "mfu" in r else ""), flush=True)
+            save()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
+        manifest = make_videos(Path(work) / "videos", p["videos"], p["video_size"], p["video_frames"])
+        report["feed"] = feed_rate(manifest, p)
+        print(f"feed: {report['feed']['clips_per_s']:.1f} clips/s on {report['feed']['cpus']:g} CPUs (k = 4)", flush=True)
+        save()
+        steps = args.pretrain_steps or (4 if args.dry_run else 30)
+        report["pretrain"] = pretrain_run(manifest, Path(work), p, steps, args.dry_run)
+        print(f"pretrain: {json.dumps({k: v for k, v in report['pretrain'].items() if k != 'error_tail'})}", flush=True)
+    save()
+    print(f"wrote {out / 'gpu_check.json'}")
+    if report["pretrain"]["returncode"]:
+        print(report["pretrain"]["error_tail"], file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
