@@ -89,3 +89,27 @@ def read_manifest_rows(video_dir):
     import pyarrow as pa
 
     return pa.table({"path": [str(video_dir / "empty.mp4"), str(video_dir / "text.mp4")], "label": [0, 1]})
+
+
+def test_resizing_once_per_video_gives_the_pixels_of_the_composed_transform():
+    """Repeated augmentation resizes a decoded clip once and crops it k times: exactly what the one
+    composed torchvision pipeline (resize, crop, flip, RandAugment) gives each replica."""
+    import torch
+    from torchvision.transforms import v2
+
+    from conftest import make_clip
+    from ppma_ray.data.transforms import CROP_RATIO, CROP_SCALE, RANDAUG_PROB, _to_numpy, _to_video
+
+    clip_cfg = ClipConfig(img_size=32, short_side=40, flip=True)
+    reference = v2.Compose([v2.Resize(40, antialias=True),
+                            v2.RandomResizedCrop(32, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
+                            v2.RandomHorizontalFlip(), v2.RandomApply([v2.RandAugment(2, 9)], p=RANDAUG_PROB)])
+    transform = TrainTransform(clip_cfg, randaug_ops=2, randaug_magnitude=9)
+    frames = make_clip(num_frames=8, h=48, w=72)
+    resized = transform.resize(frames)
+    out = np.zeros((4, 8, 32, 32, 3), dtype=np.uint8)
+    for seed in range(4):
+        transform.augment(resized, seed=seed, out=out[seed])
+        torch.manual_seed(seed)
+        assert np.array_equal(out[seed], _to_numpy(reference(_to_video(frames))))
+    assert len({o.tobytes() for o in out}) == 4  # four different replicas

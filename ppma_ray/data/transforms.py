@@ -31,26 +31,42 @@ def _to_numpy(video: torch.Tensor) -> np.ndarray:
 
 
 class TrainTransform:
-    """Random-crop augmentation: ``__call__(clip, seed=None) -> (T, crop, crop, C)`` uint8."""
+    """Random-crop augmentation: ``__call__(clip, seed=None) -> (T, crop, crop, C)`` uint8.
+
+    Split in two for repeated augmentation: ``resize`` (short side to ``clip.short_side``,
+    deterministic) once per decoded clip, then ``augment`` (crop, flip, RandAugment) per replica.
+    Resize draws no randomness, so the split gives exactly the pixels of one composed transform.
+    """
 
     def __init__(self, clip: ClipConfig, randaug_ops: int = 0, randaug_magnitude: int = 7):
-        steps = [
-            v2.Resize(clip.short_side, antialias=True),
-            v2.RandomResizedCrop(clip.img_size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
-        ]
+        self._resize = v2.Resize(clip.short_side, antialias=True)
+        steps = [v2.RandomResizedCrop(clip.img_size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True)]
         if clip.flip:
             steps.append(v2.RandomHorizontalFlip())
         if randaug_ops:
             randaug = v2.RandAugment(num_ops=randaug_ops, magnitude=randaug_magnitude)
             steps.append(v2.RandomApply([randaug], p=RANDAUG_PROB))
-        self.transform = v2.Compose(steps)
+        self._augment = v2.Compose(steps)
+
+    def resize(self, clip: np.ndarray) -> tv_tensors.Video:
+        """(T, H, W, C) uint8 -> (T, C, h, w) Video with the short side at ``short_side``."""
+        return self._resize(_to_video(clip))
+
+    def augment(self, video: tv_tensors.Video, seed: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """One replica of a resized clip -> ``(T, crop, crop, C)`` uint8 (written into ``out`` if given)."""
+        if seed is None:
+            result = self._augment(video)
+        else:
+            with torch.random.fork_rng(devices=[]):  # v2 draws from torch's global generator
+                torch.manual_seed(seed)
+                result = self._augment(video)
+        if out is None:
+            return _to_numpy(result)
+        out[...] = result.permute(0, 2, 3, 1).numpy()
+        return out
 
     def __call__(self, clip: np.ndarray, seed: int | None = None) -> np.ndarray:
-        if seed is None:
-            return _to_numpy(self.transform(_to_video(clip)))
-        with torch.random.fork_rng(devices=[]):  # v2 draws from torch's global generator
-            torch.manual_seed(seed)
-            return _to_numpy(self.transform(_to_video(clip)))
+        return self.augment(self.resize(clip), seed)
 
 
 class EvalTransform:
