@@ -113,3 +113,25 @@ def test_resizing_once_per_video_gives_the_pixels_of_the_composed_transform():
         torch.manual_seed(seed)
         assert np.array_equal(out[seed], _to_numpy(reference(_to_video(frames))))
     assert len({o.tobytes() for o in out}) == 4  # four different replicas
+
+
+def test_the_training_stream_stays_on_the_host_whatever_device_ray_train_gives_the_worker(ray_session, tiny_config,
+                                                                                          monkeypatch):
+    """Inside a Ray Train worker Ray Data would move batches to the worker's device ("auto": a GPU
+    there); the stream asks for the host, where the failed clips are counted and dropped before
+    the copy (here the worker's device is faked as ``meta``, which any tensor sent there shows)."""
+    import ray.train.torch
+    import ray.train.utils
+    import torch
+
+    from ppma_ray.train.data import EpochStream, resolve_sources
+    from ppma_ray.train.runner import resolve_paths
+
+    monkeypatch.setattr(ray.train.utils, "_in_ray_train_worker", lambda: True)  # what iter_torch_batches asks
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("meta"))
+    cfg = resolve_paths(tiny_config("align.samples_per_epoch=32", "align.batch_size=8"))
+    sources = [r.train for r in resolve_sources(cfg.data, cfg.align.source_names())]
+    stream = EpochStream(sources, cfg.align, cfg.data.clip, cfg.data.decode, 0, 1, 0)
+    epoch, step, batch = next(stream.iterate(0, 0, 1))
+    assert (epoch, step) == (0, 0) and {v.device.type for v in batch.values()} == {"cpu"}
+    assert batch["video"].shape == (8, 8, 32, 32, 3) and batch["video"].dtype == torch.uint8
