@@ -36,7 +36,7 @@ def _alive_nodes() -> list[dict]:
 def resource_bundles(cfg: PretrainConfig) -> list[dict]:
     """What a run needs from the cluster: one bundle per training worker, one CPU to decode."""
     s = cfg.scaling
-    worker = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    worker = {"CPU": s.cpus_per_worker, **s.worker_resources, **({"GPU": 1} if s.use_gpu else {})}
     return [worker] * s.num_workers + [{"CPU": 1}]
 
 
@@ -50,6 +50,10 @@ def resource_checks(cfg: PretrainConfig) -> list[Check]:
     need = s.num_workers * s.cpus_per_worker + 1
     out.append(Check("CPUs", cpus >= need,
                      f"{s.num_workers} x {s.cpus_per_worker} CPUs for training + >= 1 for decoding = {need:g}; cluster has {cpus:g}"))
+    for name, amount in sorted(s.worker_resources.items()):
+        have = res.get(name, 0.0)
+        out.append(Check(f"resource {name}", have >= s.num_workers * amount,
+                         f"{s.num_workers} workers x {amount:g} needed (scaling.worker_resources), cluster has {have:g}"))
     return out
 
 

@@ -2,6 +2,7 @@
 cluster with token authentication: the preflight, `ray job submit` of the main job, and the token
 checked for real."""
 
+import json
 import os
 import re
 import secrets
@@ -70,14 +71,16 @@ def test_no_yaml_opens_the_internet_or_holds_a_token():
 
 @pytest.fixture(scope="session")
 def two_node_cluster():
-    """A head with token auth and a second 'node' with a custom resource, both on localhost; started
-    once per test worker (--dist loadfile keeps this module on one)."""
+    """A head with token auth marked as the trainer node (a custom ``trainer`` resource, 1 CPU) and a
+    CPU-only decode node (1 CPU), both on localhost; started once per test worker (--dist loadfile
+    keeps this module on one)."""
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     token = secrets.token_hex(16)
     gcs, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PATH=f"{BIN}:{env['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=1", '--resources={"trainer": 1}',
+                             "--include-dashboard=true",
                             f"--dashboard-port={dash}", f"--temp-dir={temp}", "--block", *agent_ports()],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_http(f"http://127.0.0.1:{dash}")
@@ -177,12 +180,14 @@ def test_token_auth_accepts_the_token_and_refuses_none_or_a_wrong_one(two_node_c
 
 
 def test_ray_job_submit_runs_pretrain_on_the_cluster(two_node_cluster, demo_root, tmp_path):
-    """The README's `ray job submit -- python jobs/pretrain.py`, against the two-node cluster."""
+    """The README's `ray job submit -- python jobs/pretrain.py`, against the two-node cluster, in the
+    scale-out shape: the Train worker on the trainer node, the decode tasks on the CPU-only node."""
     import json
 
     out = tmp_path / "out"
     tiny = ["model.depth=2", "model.decoder_depth=1", "data.clip.img_size=32", "data.clip.short_side=36",
-            "data.clip.num_frames=8", "scaling.cpus_per_worker=0.5", "mae.epochs=1", "align.epochs=1",
+            "data.clip.num_frames=8", "scaling.cpus_per_worker=0.5", "scaling.worker_resources={trainer: 1}",
+            "mae.epochs=1", "align.epochs=1",
             f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={demo_root}", "run.name=job"]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", two_node_cluster["dashboard"], "--working-dir", str(ROOT),
            "--", "python", "jobs/pretrain.py", "--stage", "mae", *[a for t in tiny for a in ("--set", t)],
@@ -196,3 +201,32 @@ def test_ray_job_submit_runs_pretrain_on_the_cluster(two_node_cluster, demo_root
     assert "succeeded" in r.stdout + r.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["stages"]["mae"]["steps"] == 6 and Path(results["stages"]["mae"]["checkpoint"]).is_dir()
+
+    placement = _placement(two_node_cluster)
+    trainer, decoder = placement["trainer_node"], placement["decode_node"]
+    assert placement["train_workers"] == [trainer]  # the custom resource kept training on its node
+    decode = placement["decode_tasks"]
+    # the trainer node's CPU is half taken by the worker: whole-CPU decode tasks run on the other node
+    assert decode and decode.count(decoder) == len(decode), placement
+    print(f"two-node run: {results['stages']['mae']['clips_per_s']:.1f} clips/s, {len(decode)} decode tasks "
+          f"on the decode node, the Train worker on the trainer node")
+
+
+def _placement(cluster) -> dict:
+    """Where the cluster ran the Train workers and the decode tasks (Ray's state API)."""
+    code = """
+import json, ray
+from ray.util.state import list_actors, list_tasks
+ray.init(address=%r, log_to_driver=False)
+nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+print(json.dumps({
+    "trainer_node": next(i for i, r in nodes.items() if "trainer" in r),
+    "decode_node": next(i for i, r in nodes.items() if "trainer" not in r),
+    "train_workers": [a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)],
+    "decode_tasks": [t.node_id for t in list_tasks(limit=10000, raise_on_missing_output=False)
+                     if "decode_batch" in t.name and t.node_id],
+}))
+""" % cluster["gcs"]
+    r = subprocess.run([sys.executable, "-c", code], env=cluster["env"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])

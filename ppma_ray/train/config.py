@@ -88,6 +88,9 @@ class ScalingSettings:
     use_gpu: bool = False
     cpus_per_worker: float = option(1.0, gt=0, help="CPUs a worker reserves (fractions are fine); the rest decode")
     torch_threads: int | None = option(None, ge=1, help="CPU training: intra-op threads per worker")
+    worker_resources: dict[str, float] = option(
+        default_factory=dict, help="custom Ray resources each training worker requests too, e.g. {trainer: 1} "
+                                   "to keep training on nodes started with --resources='{\"trainer\": N}'")
     compile: bool = option(False, help="torch.compile the model's forward (and backward) on each worker")
     compile_backend: Literal["inductor", "aot_eager"] = option(
         "inductor", help="inductor: generated kernels (the fast one); aot_eager: tracing only, for debugging")

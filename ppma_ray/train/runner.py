@@ -56,7 +56,7 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
     options = replace(options, run_name=options.run_name or f"{cfg.run.name}-{options.stage}",
                       decode_cpus=decode_cpu_budget(cfg))
     s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker}
+    resources = {"CPU": s.cpus_per_worker, **s.worker_resources}
     if s.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
