@@ -222,11 +222,12 @@ nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
 print(json.dumps({
     "trainer_node": next(i for i, r in nodes.items() if "trainer" in r),
     "decode_node": next(i for i, r in nodes.items() if "trainer" not in r),
-    "train_workers": [a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)],
-    "decode_tasks": [t.node_id for t in list_tasks(limit=10000, raise_on_missing_output=False)
+    "train_workers": [a.node_id for a in list_actors(address=%r, filters=[("class_name", "=", "RayTrainWorker")],
+                                                     limit=1000)],
+    "decode_tasks": [t.node_id for t in list_tasks(address=%r, limit=10000, raise_on_missing_output=False)
                      if "decode_batch" in t.name and t.node_id],
 }))
-""" % cluster["gcs"]
+""" % (cluster["gcs"], cluster["dashboard"], cluster["dashboard"])  # explicit: the test session runs other Ray instances
     r = subprocess.run([sys.executable, "-c", code], env=cluster["env"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
