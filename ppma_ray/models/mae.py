@@ -108,19 +108,17 @@ class PretrainVideoMAE(nn.Module):
         num_masked = None  # a caller's mask is counted once
         if mask is None:
             mask, num_masked = random_mask(self.cfg, b, device=video.device), count_masked(self.cfg)
-        ids = visible_index(mask, num_masked)  # (B, N_vis)
-        visible = self.encoder.forward_features(video, mask, mask.shape[1] - ids.shape[1])  # (B, N_vis, D)
+        ids = visible_index(mask, num_masked)  # (B, N_vis), shared by the encoder and the decoder
+        visible = self.encoder.forward_features(video, ids)  # (B, N_vis, D)
         pred = self.forward_decoder(visible, mask, ids)
         loss = masked_mse(pred, normalized_pixel_target(video, self.cfg), mask)
         return loss, pred, mask
 
-    def forward_decoder(self, visible: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_decoder(self, visible: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Scatter visible tokens back to their positions (``ids``: ``visible_index(mask)``), fill
         the rest with the mask token."""
         b, _, _ = visible.shape
         n = mask.shape[1]
-        if ids is None:
-            ids = visible_index(mask, n - visible.shape[1])
         if self.cfg.decoder_style == "videomae":
             visible = self.encoder_to_decoder(visible)
         full = self.mask_token.to(visible.dtype).expand(b, n, -1)

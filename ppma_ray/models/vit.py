@@ -2,7 +2,7 @@
 
 Tokens come from a Conv3d tubelet embedding (kernel = stride = t x p x p), get a fixed 1-D sinusoid
 table over the flattened (t, h, w) raster, and run through pre-norm blocks. There is no CLS token.
-The trunk can run on a subset of tokens: ``forward_features(x, mask)`` drops the masked tokens
+The trunk can run on a subset of tokens: ``forward_features(x, keep)`` drops the masked tokens
 *before* the blocks, which is what makes MAE pretraining cheap.
 """
 
@@ -123,19 +123,17 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
         self.apply(init_weights)
 
-    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                         num_masked: int | None = None) -> torch.Tensor:
-        """x: (B, C, T, H, W); mask: (B, N) bool, True = dropped (``num_masked`` per clip; None:
-        counted from the mask, which waits for the device once).
+    def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, T, H, W); keep: (B, N_visible) positions of the tokens to run (``visible_index``
+        of a mask), None for all.
 
         Returns the visible tokens after the last block (and ``norm``): (B, N_visible, D).
         """
         # the residual stream stays in the parameters' dtype (fp32) under bf16 autocast: only the
         # matmuls inside the blocks run in bf16
         x = self.patch_embed(x).to(self.pos_embed.dtype) + self.pos_embed
-        if mask is not None:
-            ids = visible_index(mask, num_masked)
-            x = x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
         x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)
 

@@ -201,12 +201,13 @@ def train_loop(loop_config: dict) -> None:
         end_of_epoch = i + 1 == stream.steps_per_epoch
         stop = cfg.run.max_steps is not None and state.step >= cfg.run.max_steps
         report = (cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0) or end_of_epoch or stop
-        if state.step % cfg.run.log_every == 0 or end_of_epoch or report:  # the host reads device values here only
+        log_line = state.step % cfg.run.log_every == 0 or end_of_epoch
+        if log_line or report:  # the host reads device values here only
             state.skipped_steps = int(skipped)
             if state.skipped_steps > MAX_SKIPPED_STEPS:
                 raise FloatingPointError(f"{options.stage}: loss or gradient not finite for {state.skipped_steps} steps "
                                          f"in a row (step {state.step})")
-        if state.step % cfg.run.log_every == 0 or end_of_epoch:
+        if log_line:
             metrics = progress.line(state.step, epoch, lr, result, int(tracker.failed.sum()))
             log.write(state.step, metrics)
         if end_of_epoch:
