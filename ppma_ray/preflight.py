@@ -35,9 +35,7 @@ def _alive_nodes() -> list[dict]:
 
 def resource_bundles(cfg: PretrainConfig) -> list[dict]:
     """What a run needs from the cluster: one bundle per training worker, one CPU to decode."""
-    s = cfg.scaling
-    worker = {"CPU": s.cpus_per_worker, **s.worker_resources, **({"GPU": 1} if s.use_gpu else {})}
-    return [worker] * s.num_workers + [{"CPU": 1}]
+    return [cfg.scaling.worker_bundle()] * cfg.scaling.num_workers + [{"CPU": 1}]
 
 
 def resource_checks(cfg: PretrainConfig) -> list[Check]:

@@ -97,6 +97,10 @@ class ScalingSettings:
     resource_wait_s: float = option(900.0, ge=0, help="on a cluster: how long the preflight waits for the autoscaler "
                                                       "to add the nodes the run needs (0: fail at once)")
 
+    def worker_bundle(self) -> dict[str, float]:
+        """What one training worker reserves: its CPUs, its custom resources, one GPU with use_gpu."""
+        return {"CPU": self.cpus_per_worker, **self.worker_resources, **({"GPU": 1.0} if self.use_gpu else {})}
+
 
 @dataclass
 class RunSettings:

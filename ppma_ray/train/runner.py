@@ -56,13 +56,10 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
     options = replace(options, run_name=options.run_name or f"{cfg.run.name}-{options.stage}",
                       decode_cpus=decode_cpu_budget(cfg))
     s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker, **s.worker_resources}
-    if s.use_gpu:
-        resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg, "options": options},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=s.worker_bundle()),
         run_config=RunConfig(
             storage_path=cfg.run.storage_path, name=options.run_name,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep),
