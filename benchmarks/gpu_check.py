@@ -130,9 +130,7 @@ def feed_rate(manifest: Path, p: dict, repeats: int = 4) -> dict:
     import ray
 
     from ppma_ray.data.manifest import read_manifest
-    from ppma_ray.ray_env import init_ray
 
-    init_ray(log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = ray.cluster_resources().get("CPU", 1)
     table = read_manifest(manifest, root=manifest.parent)
@@ -146,7 +144,6 @@ def feed_rate(manifest: Path, p: dict, repeats: int = 4) -> dict:
     t0 = time.perf_counter()
     n = sum(int(b["ok"].sum()) for b in build_dataset(plan_table, clip, decode, 0, repeats).iter_batches(batch_format="numpy"))
     rate = n / (time.perf_counter() - t0)
-    ray.shutdown()
     return {"clips_per_s": rate, "cpus": cpus, "repeats": repeats, "clips": n, "img_size": p["img_size"]}
 
 
@@ -166,7 +163,11 @@ def pretrain_run(manifest: Path, out: Path, p: dict, steps: int, dry: bool) -> d
                              f"data.clip.num_frames={p['num_frames']}", "data.clip.clip_seconds=1.0"]
     cmd = [sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(ROOT / "jobs/configs/ppma_vitb.yaml"),
            "--stage", "mae", *[a for s in sets for a in ("--set", s)]]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # the job joins the Ray instance this check started (as under ``ray job submit``): one set of
+    # Ray processes for the whole check
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     wall = time.perf_counter() - t0
@@ -214,6 +215,11 @@ def main() -> None:
             print(f"step {stage}{' compiled' if compiled else ''}: {r['clips_per_s']:.1f} clips/s"
                   + (f", MFU {r['mfu']:.1%}" if "mfu" in r else ""), flush=True)
             save()
+    import ray
+
+    from ppma_ray.ray_env import init_ray
+
+    init_ray(log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
         manifest = make_videos(Path(work) / "videos", p["videos"], p["video_size"], p["video_frames"])
         report["feed"] = feed_rate(manifest, p)
@@ -222,6 +228,7 @@ def main() -> None:
         steps = args.pretrain_steps or (4 if args.dry_run else 30)
         report["pretrain"] = pretrain_run(manifest, Path(work), p, steps, args.dry_run)
         print(f"pretrain: {json.dumps({k: v for k, v in report['pretrain'].items() if k != 'error_tail'})}", flush=True)
+    ray.shutdown()
     save()
     print(f"wrote {out / 'gpu_check.json'}")
     if report["pretrain"]["returncode"]:

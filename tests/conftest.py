@@ -52,11 +52,19 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
-    """The demo datasets, generated once per session (about 20 s on 2 cores)."""
+    """The demo datasets, generated once per test run (about 20 s on 2 cores) and shared by the
+    test workers: the first to get the lock writes them, the others wait and reuse them
+    (``make_demo`` returns at once when its stamp matches)."""
+    from filelock import FileLock
+
     from ppma_ray.data.demo import make_demo
 
-    root = tmp_path_factory.mktemp("demo")
-    make_demo(root, seed=0)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's base folder, common to every xdist worker
+    root = shared / "demo"
+    with FileLock(str(shared / "demo.lock")):
+        make_demo(root, seed=0)
     return root
 
 

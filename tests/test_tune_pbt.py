@@ -22,7 +22,7 @@ def test_pbt_changes_p_during_stage_2_and_best_yaml_replays_the_winning_schedule
     from ppma_ray.tune.search import run_experiment
 
     sets = TUNE + ["run.name=pbt", "tune.scheduler=pbt", "tune.pbt_population=2", "tune.pbt_interval=1", "tune.align_epochs=2", "tune.pbt_resample=0.0",
-                   "align.samples_per_epoch=64"]
+                   "align.samples_per_epoch=32"]
     out = tmp_path / "out"
     run_experiment(tiny_config(*sets), out, stage1=stage1)
     rows = _rows(out)
@@ -45,5 +45,5 @@ def test_pbt_changes_p_during_stage_2_and_best_yaml_replays_the_winning_schedule
     replay = load_config(out / "best.yaml")  # checked as it loads
     trained = json.loads((Path(best["stage2_checkpoint"]) / "config.json").read_text())["align"]
     assert [replay.align.mix, [[s, m] for s, m in replay.align.mix_schedule]] == [trained["mix"], trained["mix_schedule"]]
-    assert (replay.align.epochs, replay.align.samples_per_epoch) == (trained["epochs"], trained["samples_per_epoch"]) == (2, 64)
+    assert (replay.align.epochs, replay.align.samples_per_epoch) == (trained["epochs"], trained["samples_per_epoch"]) == (2, 32)
     assert (out / "tune.png").stat().st_size > 1000
