@@ -8,7 +8,8 @@ from ppma_ray.config import OptimConfig, load_config
 from ppma_ray.data.config import ClipConfig, DecodeConfig
 from ppma_ray.data.pipeline import Source
 from ppma_ray.models import create_model
-from ppma_ray.models.averaging import LearnedAverage, average_state_dicts, load_trunks
+from ppma_ray.models.averaging import LearnedAverage, average_state_dicts
+from ppma_ray.models.checkpoint import load_trunks
 from ppma_ray.train.data import eval_stream
 from ppma_ray.train.evaluate import multiview_test, video_probs
 from ppma_ray.train.optim import build_optimizer

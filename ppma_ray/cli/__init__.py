@@ -81,6 +81,25 @@ def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> None:
                 raise FileNotFoundError(f"data.sources.{name}.{key}: {path} does not exist")
 
 
+def check_weights(cfg: PretrainConfig, source: str | None, partial: bool = False) -> None:
+    """Match a local weights source (any layout ``load_trunk`` reads) against the run's model, built
+    on the meta device: a file that would load partially or not at all fails here, in a second,
+    instead of inside a training worker. URIs are checked where they are read."""
+    if not source or "://" in source:
+        return
+    import torch
+
+    from ppma_ray.models import build_model
+    from ppma_ray.models.checkpoint import match_trunk
+
+    with torch.device("meta"):
+        model = build_model(cfg.model, "classifier", 1, img_size=cfg.data.clip.img_size,
+                            num_frames=cfg.data.clip.num_frames)
+    report = match_trunk(model, source, strict=not partial)[0]
+    if report.missing or report.unexpected:
+        print(f"warning: loading {source} partially (--init-from-partial): {report}", file=sys.stderr)
+
+
 def start_ray(cfg: PretrainConfig) -> PretrainConfig:
     """Join the cluster (or start a local Ray), resolve the paths, and run the cheap preflight;
     a failed preflight prints its table and exits 1. On a cluster the preflight first asks the

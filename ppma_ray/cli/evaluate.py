@@ -5,9 +5,11 @@
     python jobs/evaluate.py --checkpoint A B --learned-alpha --task demo:motion --protocol lp
     python jobs/evaluate.py --task mydata --train-manifest train.csv --val-manifest test.csv --root /videos
 
---checkpoint: a run directory (its newest checkpoint), a checkpoint directory or a weights file
-(.safetensors, or a VideoMAE .pth); none = random init; several = weight averaging (fixed --alpha,
-one per checkpoint or one for the first of two; or --learned-alpha with the linear probe).
+--checkpoint: a run directory (its newest checkpoint), a checkpoint or Hugging Face VideoMAE folder, or
+a weights file (.safetensors, .bin, a VideoMAE .pth, a released PPMA .pt); none = random init; several,
+or the released ensemble file = weight averaging (fixed --alpha, one per model or one for the first of
+two; or --learned-alpha with the linear probe). A checkpoint that lacks a tensor the model needs is an
+error naming it.
 Testing: 2 clips x 3 crops per video, softmax averaged; undecodable test videos are excluded and
 reported, never replaced. Writes DIR/results.json (entries under "eval") and appends DIR/results.csv.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from ppma_ray.cli import bad_input_exits, finish_config, parser, read_config, start_ray
 from ppma_ray.config import ConfigError, SourceConfig
+from ppma_ray.models.errors import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,20 +47,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.task_root:
             cfg.eval.task_root = args.task_root
         cfg = finish_config(args, cfg)
-        alphas = args.alpha
-        if alphas is not None and len(alphas) == 1 and len(args.checkpoint) == 2:
-            alphas = [alphas[0], 1.0 - alphas[0]]
-        if alphas is not None and len(alphas) != len(args.checkpoint):
-            raise ConfigError(f"--alpha: {len(alphas)} coefficients for {len(args.checkpoint)} checkpoints")
         if args.learned_alpha and args.protocol != "lp":
             raise ConfigError("--learned-alpha: the averaging coefficients are learned with the linear probe (--protocol lp)")
 
-    from ppma_ray.train.downstream import evaluate, write_results
+    from ppma_ray.train.downstream import count_models, evaluate, write_results
     from ppma_ray.train.report import print_results
+
+    with bad_input_exits(CheckpointError):  # unreadable files, and --alpha against the models they hold
+        n_models = count_models(args.checkpoint)
+        alphas = args.alpha
+        if alphas is not None and not (len(alphas) == n_models or (len(alphas) == 1 and n_models == 2)):
+            raise ConfigError(f"--alpha: {len(alphas)} coefficients for {n_models} models")
 
     cfg = start_ray(cfg)
     name = args.model_name or ("random_init" if not args.checkpoint else
-                               "avg" if len(args.checkpoint) > 1 else Path(args.checkpoint[0]).name)
+                               "avg" if n_models > 1 else Path(args.checkpoint[0]).name)
     with bad_input_exits(KeyError, ValueError):
         entry = evaluate(cfg, args.task, args.protocol, name, args.checkpoint, alphas, args.learned_alpha,
                          args.per_layer, args.cache_features, args.num_classes)

@@ -13,20 +13,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ppma_ray.cli import bad_input_exits, check_manifests_exist, finish_config, parser, read_config, start_ray
+from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_weights, finish_config, parser, read_config,
+                          start_ray)
 from ppma_ray.config import PretrainConfig, to_dict
+from ppma_ray.models.errors import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--stage", choices=["mae", "align"], default=None, help="run one stage only")
-    ap.add_argument("--init-from", default=None, help="checkpoint directory or weights file to start the (first) stage from")
+    ap.add_argument("--init-from", default=None,
+                    help="weights to start the (first) stage from: a checkpoint or run folder, a Hugging Face VideoMAE "
+                         "folder, a .safetensors/.pth/.pt/.bin file (ours, VideoMAE, the released PPMA code)")
+    ap.add_argument("--init-from-partial", action="store_true",
+                    help="load --init-from even if trunk tensors are missing or left over (printed); default: an error")
     args = ap.parse_args(argv)
     stages = (args.stage,) if args.stage else ("mae", "align")
-    with bad_input_exits():
+    with bad_input_exits(CheckpointError):
         cfg = finish_config(args, read_config(args))
         check_manifests_exist(cfg, stages)
+        check_weights(cfg, args.init_from, args.init_from_partial)
 
     from ppma_ray.train.report import print_results
     from ppma_ray.train.runner import pretrain, run_dir
@@ -35,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.output_dir) if args.output_dir else run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    results = {"config": str(out_dir / "config.json"), "stages": pretrain(cfg, stages, init_from=args.init_from)}
+    results = {"config": str(out_dir / "config.json"), "stages": pretrain(cfg, stages, init_from=args.init_from,
+                                                                        init_partial=args.init_from_partial)}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     if "align" in results["stages"] and cfg.eval.tasks:
         results["eval"] = probe_tasks(cfg, results["stages"]["align"]["checkpoint"])

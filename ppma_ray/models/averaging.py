@@ -14,21 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ppma_ray.models.checkpoint import canonical_trunk, read_state_dict
 from ppma_ray.models.heads import VideoClassifier
-
-
-def load_trunks(sources: list) -> list[dict[str, torch.Tensor]]:
-    """Canonical trunk tensors (final norm kept) of each checkpoint path or state dict."""
-    trunks = []
-    for src in sources:
-        state = read_state_dict(src) if not isinstance(src, dict) else src
-        trunks.append(canonical_trunk(state, keep_final_norm=True)[0])
-    keys = set(trunks[0])
-    for i, t in enumerate(trunks[1:], start=1):
-        if set(t) != keys:
-            raise ValueError(f"checkpoint {i} has other trunk tensors than checkpoint 0: {sorted(set(t) ^ keys)[:5]}")
-    return trunks
 
 
 def average_state_dicts(trunks: list[dict[str, torch.Tensor]], alphas) -> dict[str, torch.Tensor]:

@@ -39,9 +39,10 @@ class ViTConfig:
     decoder_num_heads: int = option(16, ge=1, help="MAE decoder attention heads")
     mask_ratio: float = option(0.9, ge=0, lt=1, help="MAE: fraction of tokens masked")
     masking: Literal["random", "tube"] = option("random", help="MAE: random (PPMA) or tube (VideoMAE) masking")
-    # "ppma": the decoder adds its sinusoid table at encoder width, then projects, and the mask
-    # token has encoder width (the released code). "videomae": project, then add a table at
-    # decoder width (VideoMAE / Hugging Face; needed to export a pretraining model to HF).
+    # "ppma": the decoder adds its sinusoid table at encoder width, then projects (with a bias), the
+    # mask token has encoder width, and the pixel target divides by sqrt(var + 1e-6) (the released
+    # code). "videomae": project (no bias), then add a table at decoder width, target / (std + 1e-6)
+    # (VideoMAE / Hugging Face; needed to export a pretraining model to HF, and HF's loss).
     decoder_style: Literal["ppma", "videomae"] = option("ppma", help="MAE decoder layout: the released PPMA code or VideoMAE/HF")
     # classifier
     head_names: tuple[str, ...] = field(default_factory=lambda: ("default",))

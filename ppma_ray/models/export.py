@@ -1,8 +1,9 @@
 """Hugging Face ``transformers`` VideoMAE interop (optional extra ``hf``).
 
 Exports a classifier to ``VideoMAEForVideoClassification`` and a pretraining model to
-``VideoMAEForPreTraining`` (``config.json`` + ``model.safetensors``), and imports them back.
-Only what HF reproduces exactly is exported:
+``VideoMAEForPreTraining`` (``config.json`` + ``model.safetensors``, the tensor names transformers
+itself writes on disk, so 4.x and 5.x both load them), and imports any VideoMAE folder transformers
+wrote (``model.safetensors`` or ``pytorch_model.bin``). Only what HF reproduces exactly is exported:
 
 * HF's decoder projects to decoder width *before* adding positions; a PPMA-style decoder
   (``decoder_style="ppma"``) adds them before, so it cannot be exported as a pretraining model
@@ -20,8 +21,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ppma_ray.models.checkpoint import read_state_dict
 from ppma_ray.models.heads import VideoClassifier
 from ppma_ray.models.mae import PretrainVideoMAE
 from ppma_ray.models.config import ViTConfig
@@ -65,8 +67,10 @@ def _blocks_to_hf(state: dict, src: str, dst: str, depth: int) -> dict:
         out[d + "attention.attention.query.weight"] = q
         out[d + "attention.attention.key.weight"] = k
         out[d + "attention.attention.value.weight"] = v
-        out[d + "attention.attention.query.bias"] = state[s + "attn.q_bias"]
-        out[d + "attention.attention.value.bias"] = state[s + "attn.v_bias"]
+        # the names on disk in every transformers version: 4.x has q_bias / v_bias parameters, 5.x
+        # renames them to query.bias / value.bias when loading and back when saving
+        out[d + "attention.attention.q_bias"] = state[s + "attn.q_bias"]
+        out[d + "attention.attention.v_bias"] = state[s + "attn.v_bias"]
         for ours, theirs in HF_BLOCK.items():
             for wb in ("weight", "bias"):
                 out[f"{d}{theirs}.{wb}"] = state[f"{s}{ours}.{wb}"]
@@ -79,8 +83,8 @@ def _blocks_from_hf(state: dict, src: str, dst: str, depth: int) -> dict:
         s, d = f"{src}{i}.", f"{dst}{i}."
         a = s + "attention.attention."
         out[d + "attn.qkv.weight"] = torch.cat([state[a + "query.weight"], state[a + "key.weight"], state[a + "value.weight"]])
-        out[d + "attn.q_bias"] = state[a + "query.bias"]
-        out[d + "attn.v_bias"] = state[a + "value.bias"]
+        out[d + "attn.q_bias"] = state[a + "q_bias"] if a + "q_bias" in state else state[a + "query.bias"]
+        out[d + "attn.v_bias"] = state[a + "v_bias"] if a + "v_bias" in state else state[a + "value.bias"]
         for ours, theirs in HF_BLOCK.items():
             for wb in ("weight", "bias"):
                 out[f"{d}{ours}.{wb}"] = state[f"{s}{theirs}.{wb}"]
@@ -129,19 +133,34 @@ def _trunk_to_hf(state: dict, cfg: ViTConfig) -> dict:
     return hf
 
 
-def from_hf(path: str | os.PathLike) -> VideoClassifier | PretrainVideoMAE:
-    """Build our model from a HF VideoMAE directory (``config.json`` + ``model.safetensors``)."""
-    path = Path(path)
-    c = json.loads((path / "config.json").read_text())
-    hf = load_file(str(path / "model.safetensors"))
-    pretraining = "decoder.head.weight" in hf
-    cfg = ViTConfig(
+def hf_vit_config(c: dict) -> ViTConfig:
+    """Our architecture for a transformers ``VideoMAEConfig`` (as a dict from its config.json)."""
+    if c.get("model_type", "videomae") != "videomae":
+        raise ValueError(f"a {c.get('model_type')!r} model, not VideoMAE")
+    if c.get("use_cls_token") or not c.get("qkv_bias", c.get("qv_bias", True)) or c.get("hidden_act", "gelu") != "gelu":
+        raise ValueError("only VideoMAE with q/v biases, GELU and no CLS token maps onto our trunk")
+    return ViTConfig(
         img_size=c["image_size"], num_frames=c["num_frames"], tubelet_size=c["tubelet_size"], patch_size=c["patch_size"],
         in_chans=c["num_channels"], embed_dim=c["hidden_size"], depth=c["num_hidden_layers"],
         num_heads=c["num_attention_heads"], mlp_ratio=c["intermediate_size"] / c["hidden_size"],
         decoder_embed_dim=c["decoder_hidden_size"], decoder_depth=c["decoder_num_hidden_layers"],
         decoder_num_heads=c["decoder_num_attention_heads"], decoder_style="videomae",
     ).validate()
+
+
+def from_hf(path: str | os.PathLike) -> VideoClassifier | PretrainVideoMAE:
+    """Build our model from a folder transformers wrote (``config.json`` + ``model.safetensors`` or
+    ``pytorch_model.bin``; attention biases as ``q_bias``/``v_bias`` or ``query.bias``/``value.bias``).
+    Every tensor is loaded (strict)."""
+    path = Path(path)
+    cfg = hf_vit_config(json.loads((path / "config.json").read_text()))
+    hf = read_state_dict(path)
+    if any(k.startswith(("embeddings.", "encoder.layer.")) for k in hf):  # a bare VideoMAEModel
+        hf = {f"videomae.{k}": v for k, v in hf.items()}
+    pretraining = "decoder.head.weight" in hf
+    if pretraining and "videomae.layernorm.weight" not in hf:
+        raise ValueError(f"{path}: a VideoMAEForPreTraining without the encoder's final LayerNorm (use_mean_pooling=true) "
+                         f"has no counterpart here; its encoder loads as a trunk (load_trunk / --init-from)")
     trunk = {"patch_embed.proj.weight": hf["videomae.embeddings.patch_embeddings.projection.weight"],
              "patch_embed.proj.bias": hf["videomae.embeddings.patch_embeddings.projection.bias"]}
     trunk.update(_blocks_from_hf(hf, "videomae.encoder.layer.", "blocks.", cfg.depth))
@@ -150,11 +169,16 @@ def from_hf(path: str | os.PathLike) -> VideoClassifier | PretrainVideoMAE:
         state = {f"encoder.{k}": v for k, v in trunk.items()}
         state.update({ours: hf[theirs] for ours, theirs in PRETRAIN_RENAMES.items()})
         state.update(_blocks_from_hf(hf, "decoder.decoder_layers.", "decoder.blocks.", cfg.decoder_depth))
-    else:
+    elif "classifier.weight" in hf:
+        if not json.loads((path / "config.json").read_text()).get("use_mean_pooling", True):
+            raise ValueError(f"{path}: a classifier without mean pooling (use_mean_pooling=false) has no counterpart here")
         model = VideoClassifier(cfg, num_classes=hf["classifier.weight"].shape[0])
         state = dict(trunk)
         for wb in ("weight", "bias"):
             state[f"fc_norm.{wb}"] = hf[f"fc_norm.{wb}"]
             state[f"heads.{model.default_head}.{wb}"] = hf[f"classifier.{wb}"]
+    else:
+        raise ValueError(f"{path}: neither VideoMAEForPreTraining nor VideoMAEForVideoClassification weights "
+                         f"(a bare encoder loads as a trunk: load_trunk / --init-from)")
     model.load_state_dict(state, strict=True)
     return model

@@ -46,15 +46,17 @@ def normalized_pixel_target(video: torch.Tensor, cfg: ViTConfig) -> torch.Tensor
     """The MAE target: (B, N, t*p*p*C), channel fastest.
 
     Undo ImageNet normalization to [0, 1] pixels, then per token and per channel subtract the mean
-    and divide by sqrt(unbiased variance + 1e-6) over the token's t*p*p pixels.
+    and divide over the token's t*p*p pixels by sqrt(unbiased variance + 1e-6) (PPMA), or by
+    std + 1e-6 with ``decoder_style="videomae"`` (VideoMAE and transformers, so a VideoMAE-style
+    run has transformers' loss). The two differ only on near-flat patches.
     """
     mean = video.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
     std = video.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
     patches = patchify(video * std + mean, cfg)  # B, N, P, C
     mu = patches.mean(dim=-2, keepdim=True)
     var = patches.var(dim=-2, unbiased=True, keepdim=True)
-    target = (patches - mu) / torch.sqrt(var + 1e-6)
-    return target.flatten(2)
+    scale = var.sqrt() + 1e-6 if cfg.decoder_style == "videomae" else torch.sqrt(var + 1e-6)
+    return ((patches - mu) / scale).flatten(2)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -93,7 +95,8 @@ class PretrainVideoMAE(nn.Module):
         ppma = cfg.decoder_style == "ppma"
         token_dim = cfg.embed_dim if ppma else cfg.decoder_embed_dim
         self.encoder = VisionTransformer(cfg, global_pool=False)
-        self.encoder_to_decoder = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=False)
+        # the released PPMA projection (``decoder_embed``) has a bias; VideoMAE's has none
+        self.encoder_to_decoder = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=ppma)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, token_dim))
         self.register_buffer("decoder_pos_embed", sinusoid_table(cfg.num_patches, token_dim), persistent=False)
         self.decoder = MAEDecoder(cfg)

@@ -116,7 +116,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed3d(cfg, cfg.embed_dim)
         # non-persistent: a fixed table is recomputed from the config, never read from a checkpoint
         self.register_buffer("pos_embed", sinusoid_table(cfg.num_patches, cfg.embed_dim), persistent=False)
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        dpr = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # linear, no tensor (meta-safe)
         self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, dpr[i]) for i in range(cfg.depth))
         self.norm = nn.Identity() if global_pool else nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6) if global_pool else None

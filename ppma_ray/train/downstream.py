@@ -11,10 +11,11 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ppma_ray.config import ClipConfig, ModelConfig, PretrainConfig, from_dict
+from ppma_ray.config import ClipConfig, ConfigError, ModelConfig, PretrainConfig, from_dict
 from ppma_ray.models import vit_config
-from ppma_ray.models.averaging import average_state_dicts, load_trunks
-from ppma_ray.models.checkpoint import read_state_dict
+from ppma_ray.models.averaging import average_state_dicts
+from ppma_ray.models.checkpoint import load_trunks, read_checkpoint, read_state_dict, weights_file
+from ppma_ray.models.errors import CheckpointError
 from ppma_ray.train.checkpoint import CONFIG_FILE, MODEL_FILE
 from ppma_ray.train.data import resolve_sources, task_source
 from ppma_ray.train.linear_probe import linear_probe_cached
@@ -30,20 +31,33 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path).resolve()
     if p.is_file():
         return p
-    if (p / MODEL_FILE).is_file():
-        return p / MODEL_FILE
     ckpts = sorted(c for c in p.glob("checkpoint_*") if (c / MODEL_FILE).is_file())
-    if ckpts:
+    if ckpts and not (p / MODEL_FILE).is_file():
         return ckpts[-1] / MODEL_FILE
-    raise FileNotFoundError(f"--checkpoint {path}: no weights file, checkpoint or run directory there")
+    try:  # a checkpoint folder or a Hugging Face folder (model.safetensors or pytorch_model.bin)
+        return weights_file(p)
+    except CheckpointError:
+        raise FileNotFoundError(f"--checkpoint {path}: no weights file, checkpoint, run or Hugging Face folder there") from None
+
+
+def count_models(checkpoints: list[str]) -> int:
+    """Models in the checkpoints: one per file, K for the released ensemble file."""
+    return sum(len(read_checkpoint(resolve_checkpoint(c))) for c in checkpoints)
 
 
 def config_for_checkpoint(cfg: PretrainConfig, weights: Path | None) -> PretrainConfig:
-    """Take the architecture and clip geometry from the checkpoint's own config.json, if any."""
+    """Take the architecture and clip geometry from the checkpoint's own config.json, if any (for
+    a Hugging Face folder: the architecture from transformers' config.json)."""
     if weights is None or not (weights.parent / CONFIG_FILE).is_file():
         return cfg
     saved = json.loads((weights.parent / CONFIG_FILE).read_text())
     cfg = copy.deepcopy(cfg)
+    if saved.get("model_type") == "videomae":
+        from ppma_ray.models.export import hf_vit_config
+
+        arch = hf_vit_config(saved).to_dict()
+        cfg.model = from_dict(ModelConfig, {k: arch[k] for k in ModelConfig.__dataclass_fields__ if k in arch}, "model")
+        return cfg
     cfg.model = from_dict(ModelConfig, saved.get("model", {}), "model")
     cfg.data.clip = from_dict(ClipConfig, saved.get("data", {}).get("clip", {}), "data.clip")
     return cfg
@@ -63,6 +77,11 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
     the labels."""
     weights = [resolve_checkpoint(c) for c in checkpoints or []]
     cfg = config_for_checkpoint(cfg, weights[0] if weights else None)
+    n_models = count_models(checkpoints or [])
+    if alphas is not None and len(alphas) == 1 and n_models == 2:
+        alphas = [alphas[0], 1.0 - alphas[0]]
+    if alphas is not None and len(alphas) != n_models:
+        raise ConfigError(f"--alpha: {len(alphas)} coefficients for {n_models} models")
     name = task_name(task)
     cfg.data.sources = {**cfg.data.sources, name: task_source(task, cfg.data, cfg.eval)}
     cfg = resolve_paths(cfg)
@@ -73,15 +92,15 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
     t0 = time.perf_counter()
 
     init_state, init_from, average = None, None, None
-    if len(weights) == 1:
+    if n_models == 1:
         init_from = str(weights[0])
-    elif len(weights) > 1:
+    elif n_models > 1:  # several checkpoints, or the released ensemble file
         if learned_alpha:
             if protocol != "lp":
                 raise ValueError("a learned averaging coefficient is trained with the linear probe (--protocol lp)")
             average = AverageSpec([str(w) for w in weights], per_layer)
         else:
-            alphas = alphas or [1.0 / len(weights)] * len(weights)
+            alphas = alphas or [1.0 / n_models] * n_models
             init_state = average_state_dicts(load_trunks([str(w) for w in weights]), alphas)
             run_dir.mkdir(parents=True, exist_ok=True)
             init_from = str(run_dir / "averaged.safetensors")

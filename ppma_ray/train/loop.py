@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ppma_ray.config import PretrainConfig, ScalingSettings, StageConfig, StageKind, to_dict
 from ppma_ray.data.pipeline import FailureTracker
 from ppma_ray.models import build_model
-from ppma_ray.models.averaging import LearnedAverage, load_trunks
-from ppma_ray.models.checkpoint import load_trunk
+from ppma_ray.models.averaging import LearnedAverage
+from ppma_ray.models.checkpoint import load_trunk, load_trunks
 from ppma_ray.train.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint, step_seed
 from ppma_ray.train.data import EpochStream, ResolvedSource, resolve_sources
 from ppma_ray.train.evaluate import multiview_test
@@ -57,7 +57,8 @@ class RunOptions:
     stage: StageKind
     run_name: str | None = None  # <storage_path>/<run_name> holds checkpoints and metrics (None: <run.name>-<stage>)
     decode_cpus: float | None = None  # Ray Data's CPU budget when data.decode.cpu_limit is unset
-    init_from: str | None = None  # trunk weights to start from (stage transfer)
+    init_from: str | None = None  # trunk weights to start from (stage transfer), any layout load_trunk reads
+    init_partial: bool = False  # load init_from even if tensors are missing or left over (an explicit opt-in)
     resume_from: str | None = None  # another run's full state to continue (a PBT round)
     stop_epoch: int | None = None  # end after this epoch (a PBT round); schedules still span stage.epochs
     average: AverageSpec | None = None
@@ -121,8 +122,8 @@ def setup(cfg: PretrainConfig, options: RunOptions, ctx: WorkerContext) -> Stage
     model.to(ctx.device)
     if options.average:  # learned weight averaging of K checkpoints, trained with the LP head
         model = LearnedAverage(model, load_trunks(options.average.checkpoints), options.average.per_layer).to(ctx.device)
-    elif options.stage == "lp":
-        model.set_linear_probe(True)
+    elif options.stage == "lp":  # a drop-path rate for the LP keeps it active on the frozen trunk (release)
+        model.set_linear_probe(True, trunk_drop_path=stage.drop_path_rate > 0)
     optimizer = build_optimizer(model, stage.optim)
     params = [p for p in model.parameters() if p.requires_grad]
     compile_model(model, cfg.scaling)
@@ -147,7 +148,7 @@ def restore(cfg: PretrainConfig, options: RunOptions, stage: Stage, rank: int) -
         with checkpoint.as_directory() as d:
             return TrainState.from_saved(load_checkpoint(d, stage.model, stage.optimizer))
     if options.init_from:
-        report = _load_init(getattr(stage.model, "classifier", stage.model), options.init_from)
+        report = _load_init(getattr(stage.model, "classifier", stage.model), options.init_from, not options.init_partial)
         if rank == 0:
             print(f"[{options.stage}] initialised from {options.init_from}: {report}", flush=True)
     return TrainState(seed=cfg.run.seed)
@@ -321,14 +322,12 @@ def _local_dir(cfg: PretrainConfig, run_name: str) -> Path | None:
     return Path(cfg.run.storage_path).resolve() / run_name
 
 
-def _load_init(model, init_from: str):
-    """Trunk from a weights file, a checkpoint directory, or a checkpoint URI (cloud storage)."""
-    if init_from.endswith((".safetensors", ".pth", ".pt")):
-        return load_trunk(model, init_from)
+def _load_init(model, init_from: str, strict: bool):
+    """Trunk from a weights file, a checkpoint or Hugging Face folder, or a checkpoint URI."""
     if "://" in init_from:
         with ray.train.Checkpoint(init_from).as_directory() as d:
-            return load_trunk(model, Path(d) / MODEL_FILE)
-    return load_trunk(model, Path(init_from) / MODEL_FILE)
+            return load_trunk(model, d, strict)
+    return load_trunk(model, init_from, strict)
 
 
 def _fail_once(cfg: PretrainConfig, run_name: str, step: int) -> None:

@@ -91,13 +91,14 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
     return summary
 
 
-def pretrain(cfg: PretrainConfig, stages: tuple[str, ...] = ("mae", "align"), init_from: str | None = None) -> dict:
+def pretrain(cfg: PretrainConfig, stages: tuple[str, ...] = ("mae", "align"), init_from: str | None = None,
+             init_partial: bool = False) -> dict:
     """Stage 1 (MAE) then stage 2 (alignment, initialised from stage 1's last checkpoint)."""
     cfg = resolve_paths(cfg)
     out: dict = {}
     for stage in stages:
         start = init_from if stage == stages[0] else out[stages[0]]["checkpoint"]
-        out[stage] = run_stage(cfg, RunOptions(stage, init_from=start))
+        out[stage] = run_stage(cfg, RunOptions(stage, init_from=start, init_partial=init_partial and stage == stages[0]))
     return out
 
 

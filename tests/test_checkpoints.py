@@ -1,0 +1,171 @@
+"""Weights from outside: Hugging Face folders written by transformers itself, the released PPMA
+(omnivision) layout and its ensemble file, VideoMAE names; and nothing loads partially by accident."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ppma_ray.models import create_model
+from ppma_ray.models.checkpoint import CheckpointError, detect_layout, load_trunk, load_trunks, read_state_dict
+
+SMALL = dict(img_size=32, num_frames=4, patch_size=8, tubelet_size=2, depth=2)
+
+
+def _randomize(model, seed=0):
+    """Non-trivial biases and norms, so a wrong mapping cannot hide behind zeros and ones."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def _hf_config(transformers, **kw):
+    return transformers.VideoMAEConfig(
+        image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=256, decoder_num_attention_heads=2, decoder_hidden_size=32,
+        decoder_num_hidden_layers=1, decoder_intermediate_size=128, layer_norm_eps=1e-6, **kw)
+
+
+def _as_bin(folder):
+    """The folder as a Hub repo that ships ``pytorch_model.bin`` (same on-disk names as transformers 4.x
+    writes), with the attention biases renamed to ``query.bias``/``value.bias`` if asked."""
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+
+
+def _rename_biases(folder):
+    path = folder / "model.safetensors"
+    state = {k.replace("attention.attention.q_bias", "attention.attention.query.bias")
+              .replace("attention.attention.v_bias", "attention.attention.value.bias"): v
+             for k, v in load_file(str(path)).items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("storage", ["safetensors", "bin", "query.bias names"])
+def test_a_transformers_classifier_imports_with_its_outputs(tmp_path, storage):
+    transformers = pytest.importorskip("transformers")
+    from ppma_ray.models.export import from_hf
+
+    torch.manual_seed(0)
+    hf = _randomize(transformers.VideoMAEForVideoClassification(_hf_config(transformers, num_labels=5)))
+    hf.save_pretrained(tmp_path)
+    assert "videomae.encoder.layer.0.attention.attention.q_bias" in load_file(str(tmp_path / "model.safetensors"))
+    if storage == "bin":
+        _as_bin(tmp_path)
+    elif storage != "safetensors":
+        _rename_biases(tmp_path)
+    x = torch.randn(2, 3, 4, 32, 32)
+    ours = from_hf(tmp_path).eval()
+    with torch.no_grad():
+        ref = hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits
+        assert (ours(x) - ref).abs().max() <= 1e-4
+        # the same folder as --init-from: every trunk tensor loads (strict), fc_norm is re-initialised
+        clf = create_model("vit_tiny", "classifier", num_classes=5, embed_dim=64, num_heads=4, **SMALL).eval()
+        report = load_trunk(clf, tmp_path)
+        assert report.layout == "hf" and not report.missing and not report.unexpected
+        tokens = hf.videomae(pixel_values=x.permute(0, 2, 1, 3, 4)).last_hidden_state
+        assert (clf.forward_features(x) - tokens).abs().max() <= 1e-4
+
+
+def test_a_transformers_pretraining_model_imports_with_its_loss(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from ppma_ray.models.export import from_hf
+
+    torch.manual_seed(0)
+    # the Hub's pretraining checkpoints (MCG-NJU/videomae-*) end the encoder with a LayerNorm
+    hf = _randomize(transformers.VideoMAEForPreTraining(_hf_config(transformers, norm_pix_loss=True, use_mean_pooling=False)))
+    hf.save_pretrained(tmp_path)
+    ours = from_hf(tmp_path).eval()
+    x = torch.rand(2, 3, 4, 32, 32)
+    mask = torch.zeros(2, 32, dtype=torch.bool)
+    mask[:, torch.randperm(32)[:24]] = True
+    with torch.no_grad():
+        out = hf(pixel_values=x.permute(0, 2, 1, 3, 4), bool_masked_pos=mask)
+        loss, pred, _ = ours(x, mask)
+    assert (pred[mask].reshape(2, 24, -1) - out.logits).abs().max() <= 1e-4
+    # decoder_style="videomae" divides the target by std + 1e-6, as transformers does: same loss
+    assert abs(loss.item() - out.loss.item()) <= 1e-4 * max(1.0, abs(out.loss.item()))
+
+
+def test_an_exported_model_loads_in_transformers_with_nothing_missing(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from ppma_ray.models.export import to_hf
+
+    ours = _randomize(create_model("vit_tiny", "classifier", num_classes=3, **SMALL))
+    to_hf(ours, tmp_path)
+    names = set(load_file(str(tmp_path / "model.safetensors")))
+    assert "videomae.encoder.layer.1.attention.attention.q_bias" in names  # what transformers writes
+    hf, info = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def _omnivision(model, k_bias_seed=1) -> dict:
+    """A state dict in the released PPMA code's layout (``MIMOHeadWrapper``: ``trunk.`` + ``heads.``):
+    ``patch_embed.proj`` is ``Sequential(PadIm2Video, Conv3d)``, attention has one full qkv bias, the
+    trunk's ``norm`` is the pooled feature's LayerNorm, the head is ``Sequential(Linear)``."""
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(k_bias_seed)
+    out = {"trunk.pos_embed": torch.zeros(1, model.cfg.num_patches, model.cfg.embed_dim)}
+    for k, v in state.items():
+        if k.startswith("patch_embed.proj."):
+            out["trunk.patch_embed.proj.1." + k.split(".")[-1]] = v
+        elif k.endswith("attn.q_bias"):
+            v_bias = state[k.replace("q_bias", "v_bias")]
+            k_bias = torch.randn(v.shape, generator=g)  # any k bias: the softmax cancels it
+            out["trunk." + k.replace("q_bias", "qkv.bias")] = torch.cat([v, k_bias, v_bias])
+        elif k.endswith("attn.v_bias"):
+            continue
+        elif k.startswith("fc_norm."):
+            out["trunk.norm." + k.split(".")[-1]] = v
+        elif k.startswith("heads."):
+            out["heads.0.0." + k.split(".")[-1]] = v
+        else:
+            out["trunk." + k] = v
+    return out
+
+
+def test_the_released_ppma_layout_loads_completely_and_gives_the_same_logits(tmp_path):
+    ours = _randomize(create_model("vit_tiny", "classifier", num_classes=4, **SMALL))
+    torch.save({"model": _omnivision(ours)}, tmp_path / "vitb_b128_ep200_labels.pt")
+    assert detect_layout(_omnivision(ours)) == "omnivision"
+    fresh = create_model("vit_tiny", "classifier", num_classes=4, **SMALL).eval()
+    report = load_trunk(fresh, tmp_path / "vitb_b128_ep200_labels.pt", keep_final_norm=True)
+    assert report.missing == [] and report.unexpected == []
+    fresh.heads.load_state_dict(ours.heads.state_dict())  # heads never transfer; copy to compare logits
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert (fresh(x) - ours(x)).abs().max() <= 1e-5
+
+
+def test_the_released_ensemble_file_gives_its_models_for_averaging(tmp_path):
+    a = _randomize(create_model("vit_tiny", "classifier", num_classes=4, **SMALL), seed=1)
+    b = _randomize(create_model("vit_tiny", "classifier", num_classes=4, **SMALL), seed=2)
+    path = tmp_path / "vitb_b128_ep200_ensemble_sim_inpk150_checkpoint_50_labels.pt"
+    torch.save({"ensemble_weights": [_omnivision(a), _omnivision(b)]}, path)
+    trunks = load_trunks([path])
+    assert len(trunks) == 2 and torch.equal(trunks[1]["blocks.1.attn.v_bias"], b.blocks[1].attn.v_bias)
+    assert torch.equal(trunks[0]["fc_norm.weight"], a.fc_norm.weight)  # averaged too, as released
+    with pytest.raises(CheckpointError, match="an ensemble of 2 models"):
+        read_state_dict(path)
+
+
+def test_a_missing_or_extra_tensor_raises_naming_it_unless_partial_on_purpose(tmp_path):
+    src = _randomize(create_model("vit_tiny", "mae", **SMALL))
+    state = {k: v for k, v in src.state_dict().items() if k != "encoder.blocks.1.attn.v_bias"}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    clf = create_model("vit_tiny", "classifier", num_classes=2, **SMALL)
+    with pytest.raises(CheckpointError, match=r"model.safetensors \(videomae layout\).*blocks\.1\.attn\.v_bias"):
+        load_trunk(clf, tmp_path)
+    report = load_trunk(clf, tmp_path, strict=False)
+    assert report.missing == ["blocks.1.attn.v_bias"]
+    deeper = create_model("vit_tiny", "mae", **{**SMALL, "depth": 3}).state_dict()
+    with pytest.raises(CheckpointError, match=r"no place in the model: blocks\.2\."):
+        load_trunk(clf, deeper)
+
+
+def test_a_folder_in_an_unknown_layout_fails_instead_of_training_from_random_init(tmp_path):
+    save_file({"backbone.stem.weight": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="tensor\\(s\\) the model needs are not in it: blocks.0"):
+        load_trunk(create_model("vit_tiny", "classifier", num_classes=2, **SMALL), tmp_path)
