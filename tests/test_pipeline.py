@@ -98,12 +98,13 @@ def test_resizing_once_per_video_gives_the_pixels_of_the_composed_transform():
     from torchvision.transforms import v2
 
     from conftest import make_clip
+    from ppma_ray.data.randaug import VideoRandAugment
     from ppma_ray.data.transforms import CROP_RATIO, CROP_SCALE, RANDAUG_PROB, _to_numpy, _to_video
 
     clip_cfg = ClipConfig(img_size=32, short_side=40, flip=True)
     reference = v2.Compose([v2.Resize(40, antialias=True),
                             v2.RandomResizedCrop(32, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
-                            v2.RandomHorizontalFlip(), v2.RandomApply([v2.RandAugment(2, 9)], p=RANDAUG_PROB)])
+                            v2.RandomHorizontalFlip(), VideoRandAugment(9, 2, prob=RANDAUG_PROB)])
     transform = TrainTransform(clip_cfg, randaug_ops=2, randaug_magnitude=9)
     frames = make_clip(num_frames=8, h=48, w=72)
     resized = transform.resize(frames)

@@ -70,7 +70,7 @@ def plan_to_table(sources: list[Source], plan: np.ndarray, slots: np.ndarray | N
 
 
 def decode_batch(batch: dict[str, np.ndarray], clip: ClipConfig, seed: int, repeats: int = 1, max_retries: int = 2,
-                 randaug_ops: int = 0, randaug_magnitude: int = 7) -> dict[str, np.ndarray]:
+                 randaug_ops: int = 0, randaug_magnitude: float = 7) -> dict[str, np.ndarray]:
     """``map_batches`` UDF: n slots -> n * repeats clips ``video: (n*k, T, S, S, C)`` uint8."""
     transform = TrainTransform(clip, randaug_ops, randaug_magnitude)
     k, s = repeats, clip.img_size
@@ -152,7 +152,7 @@ def _map(table: pa.Table, fn, fn_kwargs: dict, decode: DecodeConfig) -> "ray.dat
 
 
 def build_dataset(plan_table: pa.Table, clip: ClipConfig, decode: DecodeConfig, seed: int, repeats: int = 1,
-                  randaug_ops: int = 0, randaug_magnitude: int = 7) -> "ray.data.Dataset":
+                  randaug_ops: int = 0, randaug_magnitude: float = 7) -> "ray.data.Dataset":
     """The Ray Dataset of augmented clips for the slots of ``plan_table``, in plan order:
     ``repeats`` clips per slot (repeated augmentation), each with its own crop (and RandAugment)."""
     kw = {"clip": clip, "seed": seed, "repeats": repeats, "max_retries": decode.max_retries,

@@ -13,10 +13,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ppma_ray.data.config import ClipConfig
+from ppma_ray.data.randaug import VideoRandAugment
 
 
 # PPMA §2.5: RandomResizedCrop with torchvision's default scale and ratio; RandAugment (stage 2 /
-# fine-tuning) applied with probability 0.5.
+# fine-tuning) with pytorchvideo's semantics, each op applied with probability 0.5 (``randaug.py``).
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 RANDAUG_PROB = 0.5
 
@@ -38,14 +39,13 @@ class TrainTransform:
     Resize draws no randomness, so the split gives exactly the pixels of one composed transform.
     """
 
-    def __init__(self, clip: ClipConfig, randaug_ops: int = 0, randaug_magnitude: int = 7):
+    def __init__(self, clip: ClipConfig, randaug_ops: int = 0, randaug_magnitude: float = 7):
         self._resize = v2.Resize(clip.short_side, antialias=True)
         steps = [v2.RandomResizedCrop(clip.img_size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True)]
         if clip.flip:
             steps.append(v2.RandomHorizontalFlip())
         if randaug_ops:
-            randaug = v2.RandAugment(num_ops=randaug_ops, magnitude=randaug_magnitude)
-            steps.append(v2.RandomApply([randaug], p=RANDAUG_PROB))
+            steps.append(VideoRandAugment(randaug_magnitude, randaug_ops, prob=RANDAUG_PROB))
         self._augment = v2.Compose(steps)
 
     def resize(self, clip: np.ndarray) -> tv_tensors.Video:

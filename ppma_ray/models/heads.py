@@ -30,7 +30,7 @@ class VideoClassifier(VisionTransformer):
         for head in self.heads.values():
             nn.init.normal_(head.weight, std=0.01)  # PPMA §4.1
             nn.init.zeros_(head.bias)
-        self.linear_probe = False
+        self.linear_probe, self.trunk_drop_path = False, False
 
     @property
     def default_head(self) -> str:
@@ -58,16 +58,18 @@ class VideoClassifier(VisionTransformer):
         """The pooled, normalized feature the heads see: (B, D)."""
         return self.forward_head(self.forward_features(video), pre_logits=True)
 
-    def set_linear_probe(self, enable: bool = True) -> None:
-        """Freeze every trunk parameter (heads stay trainable) and keep the trunk in eval mode."""
-        self.linear_probe = enable
+    def set_linear_probe(self, enable: bool = True, trunk_drop_path: bool = False) -> None:
+        """Freeze every trunk parameter (heads stay trainable) and keep the trunk in eval mode, so
+        no drop-path on frozen weights; ``trunk_drop_path`` keeps drop-path active in training, as
+        the released LP does (the trunk has no other train-mode layer)."""
+        self.linear_probe, self.trunk_drop_path = enable, trunk_drop_path
         for name, p in self.named_parameters():
             p.requires_grad_(name.startswith("heads.") or not enable)
         self.train(self.training)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.linear_probe:  # trunk always in eval mode: no drop-path on frozen weights
+        if self.linear_probe and not (mode and self.trunk_drop_path):
             for name, module in self.named_children():
                 if name != "heads":
                     module.eval()

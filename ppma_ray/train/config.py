@@ -19,6 +19,10 @@ class OptimConfig:
     weight_decay: float = option(0.05, ge=0, help="AdamW weight decay (none on biases, norms, tables)")
     betas: tuple[float, float] = (0.9, 0.95)
     layer_decay: float | None = option(None, gt=0, le=1, help="per-block LR decay, e.g. 0.75 for stage 2 / FT")
+    # timm/BEiT: head 1, block k d^(depth-k), patch embed d^(depth+1). The released code has an
+    # off-by-one that multiplies every group by one more d (head and final LN at d, not 1).
+    layer_decay_style: Literal["timm", "release"] = option(
+        "timm", help="timm: head at 1.0 (BEiT, VideoMAE); release: every multiplier times layer_decay once more (PPMA code)")
     clip_grad: float | None = option(None, gt=0, help="gradient-norm clipping")
     # reproduce the released code's bug: the cosine starts at peak / lr_bug_scale (§7 #2); 1 = fixed
     lr_bug_scale: float = option(1.0, gt=0, help="released code's bug: the cosine starts at lr / this (1: fixed)")
@@ -41,6 +45,11 @@ class StageConfig:
     # epochs before the first entry use ``mix``
     mix_schedule: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     granularity: Literal["sample", "batch"] = option("sample", help="mixed batches, or single-source batches (release)")
+    # "weights": source k gets exactly w_k / sum(w) of the slots (the proportion Tune searches).
+    # "sizes": every source with w_k > 0 gets slots in proportion to its number of videos, so an
+    # epoch passes over each about once: the released code's concatenated datasets.
+    mix_by: Literal["weights", "sizes"] = option("weights", help="slots per source: by the mix weights, or by the "
+                                                                 "sources' sizes (release; weights > 0 only select)")
     optim: OptimConfig = field(default_factory=OptimConfig)
     drop_path_rate: float = option(0.0, ge=0, lt=1, help="stochastic depth of the last block")
     grad_checkpointing: bool = option(False, help="recompute activations in backward (saves memory)")
@@ -49,9 +58,9 @@ class StageConfig:
     label_smoothing: float = option(0.0, ge=0, lt=1)
     mixup_alpha: float = option(0.0, ge=0)
     cutmix_alpha: float = option(0.0, ge=0)
-    randaug_ops: int = option(0, ge=0, help="RandAugment ops per clip (0: off); PPMA: 4 ops, magnitude 7, p 0.5")
-    randaug_magnitude: int = option(7, ge=0, le=30, help="RandAugment magnitude on torchvision's 31-bin scale")
-    random_erase: float = option(0.0, ge=0, le=1, help="probability of erasing one box per clip")
+    randaug_ops: int = option(0, ge=0, le=14, help="RandAugment ops per clip, each applied with p 0.5 (0: off); PPMA: 4")
+    randaug_magnitude: float = option(7.0, ge=0, le=10, help="RandAugment magnitude on pytorchvideo's 0-10 scale (PPMA: 7)")
+    random_erase: float = option(0.0, ge=0, le=1, help="probability of erasing one box per clip (before Mixup/CutMix)")
 
     def check(self) -> None:
         mixes = [("mix", self.mix)] + [(f"mix_schedule[{i}]", m) for i, (_, m) in enumerate(self.mix_schedule)]

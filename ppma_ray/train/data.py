@@ -102,6 +102,8 @@ class EpochStream:
         n = self.videos_per_epoch
         mix = self.stage.mix_at(epoch)
         weights = [mix.get(s.name, 0.0) for s in self.sources]
+        if self.stage.mix_by == "sizes":
+            weights = [float(n) if w > 0 else 0.0 for n, w in zip(self.sizes, weights)]
         plan = plan_epoch(self.sizes, weights, n, self.seed, epoch, self.granularity, self.videos_per_step)
         slots = np.arange(epoch * n, (epoch + 1) * n, dtype=np.int64)  # run-wide slot ids
         shape = (self.steps_per_epoch, self.world, self.videos_per_rank)

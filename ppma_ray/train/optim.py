@@ -14,8 +14,10 @@ from ppma_ray.config import OptimConfig
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases, norms, positional tables and the mask token.
 
-    With ``layer_decay`` the groups carry timm's ``lr_scale`` (patch embedding smallest, each block
-    larger, the head 1.0). ``schedule_lr`` multiplies every group's lr by its ``lr_scale``.
+    With ``layer_decay`` the groups carry timm's ``lr_scale`` (patch embedding d^(depth+1), block k
+    d^(depth-k), the head and ``fc_norm`` 1.0); ``layer_decay_style="release"`` multiplies each by
+    d once more, the released PPMA code's multipliers (patch embed d^14, block k d^(13-k), head d
+    for ViT-B). ``schedule_lr`` multiplies every group's lr by its ``lr_scale``.
 
     Fused (one kernel for all parameters, on CUDA and CPU): faster, and its ``found_inf`` input lets
     ``train_step`` skip a non-finite step on the device without waiting for it.
@@ -25,8 +27,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         groups = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay)
     else:
         groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    extra = cfg.layer_decay if cfg.layer_decay and cfg.layer_decay_style == "release" else 1.0
     for g in groups:
-        g.setdefault("lr_scale", 1.0)
+        g["lr_scale"] = g.get("lr_scale", 1.0) * extra
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
 
 

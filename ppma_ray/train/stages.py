@@ -36,7 +36,8 @@ class AlignLoss:
     ``head_of_source[k]`` names the head that source k's clips are scored with (one per source, or
     one shared head). Mixup/CutMix mix only clips of the same source (their labels live in one
     label space); label smoothing is applied to the (mixed) one-hot targets. Random erasing erases
-    one box through all frames of a clip, filled with per-pixel noise (timm, ``mode="pixel"``).
+    one box through all frames of a clip, filled with per-pixel noise (timm, ``mode="pixel"``),
+    before Mixup/CutMix as in the released code.
     """
 
     def __init__(self, head_of_source: list[str], num_classes: dict[str, int], label_smoothing: float = 0.0,
@@ -54,6 +55,9 @@ class AlignLoss:
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         x = to_model_input(batch["video"])  # (B, C, T, H, W)
+        if self.erase is not None:  # per clip, before mixing (the release's order); one box through
+            b, c, t, h, w = x.shape  # all frames: erase on (B, C*T, H, W)
+            x = self.erase(x.reshape(b, c * t, h, w)).reshape(b, c, t, h, w)
         labels = batch["label"]
         # grouping by source is host bookkeeping: the column stays on the host (WorkerContext.to_device),
         # so no device value is read back to find the groups
@@ -71,9 +75,6 @@ class AlignLoss:
                 ys = F.one_hot(ys, self.num_classes[head]).to(x.dtype)
             x[idx] = xs
             targets.append((idx, head, ys * (1 - self.smoothing) + self.smoothing / self.num_classes[head]))
-        if self.erase is not None:  # one box through all frames: erase on (B, C*T, H, W)
-            b, c, t, h, w = x.shape
-            x = self.erase(x.reshape(b, c * t, h, w)).reshape(b, c, t, h, w)
         logits = model(x, head="all")
         loss = sum(0.0 * out.sum() for out in logits.values())  # every head in the graph (DDP)
         correct = torch.zeros((), device=x.device)

@@ -33,6 +33,9 @@ def check(cfg: PretrainConfig) -> None:
         name = getattr(t, key)
         if name not in cfg.data.sources:
             raise ConfigError.at(f"tune.{key}", f"{name!r} is not a source in data.sources ({', '.join(sorted(cfg.data.sources))})")
+    if cfg.align.mix_by != "weights":  # with "sizes" the proportion p would be ignored
+        raise ConfigError.at("align.mix_by", f"{cfg.align.mix_by!r} ignores the proportion p that Tune searches; "
+                                             "set align.mix_by=weights")
     EXPERIMENTS[t.scheduler].check(cfg)
 
 
