@@ -169,3 +169,38 @@ def test_a_folder_in_an_unknown_layout_fails_instead_of_training_from_random_ini
     save_file({"backbone.stem.weight": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="tensor\\(s\\) the model needs are not in it: blocks.0"):
         load_trunk(create_model("vit_tiny", "classifier", num_classes=2, **SMALL), tmp_path)
+
+
+def test_the_jobs_refuse_weights_that_do_not_fit_before_ray_starts(tmp_path, demo_root, capsys):
+    """--init-from a file that lacks a tensor, and --alpha against an ensemble file: exit 2 with one
+    line, no Ray started; --init-from-partial gets past the check."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TINY
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    src = create_model("vit_tiny", "classifier", num_classes=2, depth=2, img_size=32, num_frames=8, patch_size=16)
+    state = {k: v for k, v in src.state_dict().items() if k != "blocks.0.mlp.fc1.weight"}
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    torch.save({"ensemble_weights": [_omnivision(src), _omnivision(src)]}, tmp_path / "ensemble.pt")
+    common = [a for s in [*TINY, f"data.demo_root={demo_root}", f"run.storage_path={tmp_path / 'runs'}"] for a in ("--set", s)]
+
+    def job(name, *args):
+        return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{name}.py"), *args, *common],
+                              capture_output=True, text=True, timeout=120, env=env)
+
+    r = job("pretrain", "--stage", "align", "--init-from", str(tmp_path / "partial.safetensors"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "partial.safetensors (videomae layout)" in r.stderr and "blocks.0.mlp.fc1.weight" in r.stderr
+    r = job("evaluate", "--checkpoint", str(tmp_path / "ensemble.pt"), "--alpha", "0.2", "0.3", "0.5", "--task", "demo:motion")
+    assert r.returncode == 2 and "--alpha: 3 coefficients for 2 models" in r.stderr, r.stderr
+    assert "Started a local Ray" not in r.stdout + r.stderr
+    # the same check with --init-from-partial passes and says what it leaves out
+    from ppma_ray.cli import check_weights
+    from ppma_ray.config import load_config
+
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [*TINY, f"data.demo_root={demo_root}"])
+    check_weights(cfg, str(tmp_path / "partial.safetensors"), partial=True)
+    assert "missing ['blocks.0.mlp.fc1.weight']" in capsys.readouterr().err

@@ -144,6 +144,7 @@ def test_evaluate_job_linear_probe_on_ray_train_keeps_the_trunk(tmp_path, demo_r
     assert code == 0
     (entry,) = json.loads((tmp_path / "out/results.json").read_text())["eval"]
     assert entry["protocol"] == "lp" and entry["task"] == "motion" and entry["videos"] == 60
+    assert entry["lp_protocol"] == "augmented-clips"  # the release's LP, not the cached-feature probe
     assert len((tmp_path / "out/results.csv").read_text().splitlines()) == 2
     (final,) = sorted(p for p in (tmp_path / "runs/e-ckpt-motion-lp").glob("checkpoint_*") if p.is_dir())[-1:]
     after, before = load_file(str(final / "model.safetensors")), model.state_dict()

@@ -120,11 +120,13 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
         res = linear_probe_cached(model_cfg, state, src.train, src.val, n_classes, cfg.data.clip, decode, cfg.eval.test_clips,
                                   cfg.eval.test_crops, cfg.eval.lp_epochs, cfg.eval.lp_lr, cfg.eval.lp_weight_decay, cfg.run.seed)
         top1, top5, videos, failed = res["top1"], res["top5"], res["videos"], res["failed"]
-        extra = {}
+        extra = {"lp_protocol": "cached-features"}  # full-batch head on un-augmented features: not the release's LP
     else:
         out = run_stage(cfg, RunOptions(protocol, run_name, init_from=init_from, average=average))
         top1, top5, videos, failed = out["test_top1"], out["test_top5"], out["test_videos"], out["test_failed"]
         extra = {"learned_alpha": out["learned_alpha"]} if "learned_alpha" in out else {}
+        if protocol == "lp":
+            extra["lp_protocol"] = "augmented-clips"  # the head trained on the lp: stage's augmented clips (release)
     return {"model": model_name, "task": name, "protocol": protocol, "top1": top1, "top5": top5, "videos": videos,
             "failed": failed, "num_classes": n_classes, "wall_s": time.perf_counter() - t0,
             "checkpoint": ",".join(str(w) for w in weights) or "random_init", **extra}
