@@ -130,10 +130,22 @@ def score_head(head: torch.nn.Linear, features: np.ndarray, labels: np.ndarray) 
     return {"top1": topk_correct(probs, y, 1) / n, "top5": topk_correct(probs, y, 5) / n, "videos": len(labels)}
 
 
+def trunk_weights(model_cfg: ViTConfig, weights: dict | None, seed: int) -> dict:
+    """The weights every extractor process loads: ``weights``, or for a random-init trunk one seeded
+    draw made here. Left to themselves, the processes would each draw their own random trunk, and
+    the probe would mix features of different networks (a different score every run)."""
+    if weights is not None:
+        return weights
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VideoClassifier(model_cfg, num_classes=1).state_dict()
+
+
 def linear_probe_cached(model_cfg: ViTConfig, weights: dict | None, train: Source, test: Source, num_classes: int,
                         clip: ClipConfig, decode: DecodeConfig, num_clips: int = 2, num_crops: int = 3,
                         epochs: int = 100, lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0) -> dict:
     t0 = time.perf_counter()
+    weights = trunk_weights(model_cfg, weights, seed)
     tr, te = extract_features(model_cfg, weights, [train, test], clip, num_clips, num_crops, decode)
     head = fit_linear_head(tr["features"], tr["label"], num_classes, epochs, lr, weight_decay, seed)
     result = score_head(head, te["features"], te["label"])
