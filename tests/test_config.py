@@ -146,11 +146,13 @@ def test_job_specific_bad_input_exits_2_before_ray():
         "tasks": ("tune_mix", "--set", "eval.tasks=[]"),
         "pbt": ("tune_mix", "--scheduler", "pbt", "--set", "tune.pbt_interval=6"),
         "manifest": ("pretrain", "--set", "data.sources.nohuman.manifest=/nope/train.csv"),
+        "ablation": ("pretrain", "--ablation", "--stage", "mae"),
     })
     expected = {"search": "--set tune.search: 'bayes' is not one of",
                 "tasks": "eval.tasks: the tuning objective needs at least one downstream task",
                 "pbt": "tune.pbt_interval: 6 epochs leaves no second round",
-                "manifest": "data.sources.nohuman.manifest: /nope/train.csv does not exist"}
+                "manifest": "data.sources.nohuman.manifest: /nope/train.csv does not exist",
+                "ablation": "--ablation runs both stages from scratch"}
     for key, r in results.items():
         assert r.returncode == 2 and expected[key] in r.stderr and len(r.stderr.strip().splitlines()) == 1, (key, r.stderr)
 

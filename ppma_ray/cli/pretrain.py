@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_weights, finish_config, parser, read_config,
                           start_ray)
-from ppma_ray.config import PretrainConfig, to_dict
+from ppma_ray.config import ConfigError, PretrainConfig, to_dict
 from ppma_ray.models.errors import CheckpointError
 
 
@@ -28,10 +28,17 @@ def main(argv: list[str] | None = None) -> int:
                          "folder, a .safetensors/.pth/.pt/.bin file (ours, VideoMAE, the released PPMA code)")
     ap.add_argument("--init-from-partial", action="store_true",
                     help="load --init-from even if trunk tensors are missing or left over (printed); default: an error")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also train stage 2 from random init, and probe the paper's four rows on eval.tasks: random "
+                         "init, MAE only, alignment only, MAE + alignment (PPMA)")
     args = ap.parse_args(argv)
     stages = (args.stage,) if args.stage else ("mae", "align")
     with bad_input_exits(CheckpointError):
+        if args.ablation and (args.stage or args.init_from):
+            raise ConfigError("--ablation runs both stages from scratch: leave out --stage and --init-from")
         cfg = finish_config(args, read_config(args))
+        if args.ablation and not cfg.eval.tasks:
+            raise ConfigError("--ablation: eval.tasks is empty; the ablation probes every task")
         check_manifests_exist(cfg, stages)
         check_weights(cfg, args.init_from, args.init_from_partial)
 
@@ -45,17 +52,28 @@ def main(argv: list[str] | None = None) -> int:
     results = {"config": str(out_dir / "config.json"), "stages": pretrain(cfg, stages, init_from=args.init_from,
                                                                         init_partial=args.init_from_partial)}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if args.ablation:  # stage 2 without stage 1: the "alignment only" row
+        from ppma_ray.train.loop import RunOptions
+        from ppma_ray.train.runner import run_stage
+
+        results["stages"]["align_only"] = run_stage(cfg, RunOptions("align", f"{cfg.run.name}-align_only"))
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     if "align" in results["stages"] and cfg.eval.tasks:
-        results["eval"] = probe_tasks(cfg, results["stages"]["align"]["checkpoint"])
+        results["eval"] = probe_tasks(cfg, results["stages"], args.ablation)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     print_results(results)
     print(f"results: {out_dir / 'results.json'}")
     return 0
 
 
-def probe_tasks(cfg: PretrainConfig, checkpoint: str) -> list[dict]:
-    """Linear probes (cached features) of the PPMA trunk and of a random-init trunk."""
+def probe_tasks(cfg: PretrainConfig, stages: dict, ablation: bool = False) -> list[dict]:
+    """Linear probes (cached features) of the PPMA trunk and of a random-init trunk; with
+    ``ablation`` also of the MAE-only and alignment-only trunks."""
     from ppma_ray.train.downstream import evaluate
 
-    models = [("ppma", [checkpoint])] + ([("random_init", [])] if cfg.eval.compare_random_init else [])
+    models = [("ppma", [stages["align"]["checkpoint"]])]
+    if ablation:
+        models += [("mae_only", [stages["mae"]["checkpoint"]]), ("align_only", [stages["align_only"]["checkpoint"]])]
+    if cfg.eval.compare_random_init or ablation:
+        models.append(("random_init", []))
     return [evaluate(cfg, task, "lp", name, ckpts, cache_features=True) for task in cfg.eval.tasks for name, ckpts in models]

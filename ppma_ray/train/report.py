@@ -22,3 +22,11 @@ def print_results(results: dict) -> None:
         print("|---|---|---|---|---|")
         for e in evals:
             print(f"| {e['model']} | {e['task']} | {e['protocol']} | {e['top1']:.3f} | {e['top5']:.3f} |")
+        models = list(dict.fromkeys(e["model"] for e in evals))
+        tasks = list(dict.fromkeys(e["task"] for e in evals))
+        if len(models) > 1 and len(tasks) > 1:  # e.g. the ablation: one row per model, one column per task
+            top1 = {(e["model"], e["task"]): e["top1"] for e in evals}
+            print("\n| model | " + " | ".join(f"{t} top-1" for t in tasks) + " |")
+            print("|---|" + "---|" * len(tasks))
+            for m in models:
+                print(f"| {m} | " + " | ".join(_fmt(top1.get((m, t)), ".3f") for t in tasks) + " |")
