@@ -68,8 +68,20 @@ def demo_root(tmp_path_factory) -> Path:
     return root
 
 
-# Tune tests: one stage-2 epoch, one probe task, one test view
-TUNE = ["tune.align_epochs=1", "eval.tasks=[demo:motion]", "eval.test_clips=1", "eval.test_crops=1", "eval.lp_epochs=20"]
+# Tune tests: one stage-2 epoch, one small probe task (``tune_task``), one test view
+TUNE = ["tune.align_epochs=1", "eval.tasks=[motion]", "eval.test_clips=1", "eval.test_crops=1", "eval.lp_epochs=20"]
+
+
+@pytest.fixture(scope="session")
+def tune_task(demo_root, tmp_path_factory) -> list[str]:
+    """``--set`` entries for the Tune tests' probe task ``motion``: a quarter of demo:motion (24
+    training videos, 4 per class and whole groups, 12 test videos), so every trial's probe decodes
+    a quarter of the videos. The tests are about the search, not about the score."""
+    d = tmp_path_factory.mktemp("tune_task")
+    for split, n in (("train", 24), ("val", 12)):
+        lines = (demo_root / "motion" / f"{split}.csv").read_text().splitlines(keepends=True)[:n]
+        (d / f"{split}.csv").write_text("".join(lines))
+    return [f"data.sources.motion={{manifest: {d / 'train.csv'}, val_manifest: {d / 'val.csv'}, root: {demo_root / 'motion'}}}"]
 
 
 @pytest.fixture(scope="session")

@@ -39,10 +39,10 @@ def _rows(out):
 
 
 @pytest.mark.integration
-def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_session, stage1, tiny_config, tmp_path):
+def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_session, stage1, tiny_config, tune_task, tmp_path):
     from ppma_ray.tune.search import run_experiment
 
-    sets = TUNE + ["run.name=t", "align.samples_per_epoch=32"]
+    sets = TUNE + tune_task + ["run.name=t", "align.samples_per_epoch=32"]
     first = tiny_config(*sets, *["tune.p_values=[0.0, 0.5, 1.0]", "tune.fail_p=0.5",
                                                                  "tune.alpha_values=[]", "tune.learned_alpha=false"])
     out = tmp_path / "out"

@@ -18,10 +18,10 @@ def _rows(out):
 
 
 @pytest.mark.integration
-def test_pbt_changes_p_during_stage_2_and_best_yaml_replays_the_winning_schedule(ray_session, stage1, tiny_config, tmp_path):
+def test_pbt_changes_p_during_stage_2_and_best_yaml_replays_the_winning_schedule(ray_session, stage1, tiny_config, tune_task, tmp_path):
     from ppma_ray.tune.search import run_experiment
 
-    sets = TUNE + ["run.name=pbt", "tune.scheduler=pbt", "tune.pbt_population=2", "tune.pbt_interval=1", "tune.align_epochs=2", "tune.pbt_resample=0.0",
+    sets = TUNE + tune_task + ["run.name=pbt", "tune.scheduler=pbt", "tune.pbt_population=2", "tune.pbt_interval=1", "tune.align_epochs=2", "tune.pbt_resample=0.0",
                    "align.samples_per_epoch=32"]
     out = tmp_path / "out"
     run_experiment(tiny_config(*sets), out, stage1=stage1)
