@@ -4,6 +4,8 @@ config's downstream sections."""
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -116,3 +118,39 @@ def test_recipe_keys_reject_values_outside_their_range(key):
 
     with pytest.raises(ConfigError, match=key.split("=")[0]):
         load_config(ROOT / "jobs/configs/demo.yaml", [key])
+
+
+@pytest.mark.parametrize("kind", ["mae", "align", "ft", "lp"])
+def test_the_paper_config_trains_a_step_of_every_stage(kind, demo_root):
+    """ppma_vitb.yaml's own stage sections (layer decay, RandAugment, erasing, Mixup/CutMix, the LP's
+    frozen trunk with drop-path) build through the worker's ``setup`` and take one step on CPU, with
+    the demo data as sources, a small clip and a two-block ViT (block 1 has the drop-path). (A whole run of the paper
+    config is what benchmarks/gpu_check.sh does, stage 1, on a GPU machine.)"""
+    from ppma_ray.data.transforms import TrainTransform
+    from ppma_ray.train.loop import RunOptions, setup
+    from ppma_ray.train.optim import lr_at
+    from ppma_ray.train.step import WorkerContext, train_step
+
+    sets = ["data.sources.nohuman={manifest: 'demo:nohuman'}", "data.sources.synthetic={manifest: 'demo:synthetic'}",
+            f"data.demo_root={demo_root}", "data.clip={num_frames: 8, clip_seconds: 1.0, img_size: 32, short_side: 36}",
+            "model.preset=vit_tiny", "model.depth=2", "model.decoder_depth=1", "model.patch_size=16",
+            "scaling.use_gpu=false", "ft.mix={nohuman: 1.0}", "lp.mix={nohuman: 1.0}"]
+    cfg = load_config(ROOT / "jobs/configs/ppma_vitb.yaml", sets)
+    stage_cfg = getattr(cfg, kind)
+    ctx = WorkerContext(0, 1, torch.device("cpu"), cfg.data.clip, cfg.data.decode)
+    stage = setup(cfg, RunOptions(kind), ctx)
+    transform = TrainTransform(cfg.data.clip, stage_cfg.randaug_ops, stage_cfg.randaug_magnitude)
+    raw = torch.randint(0, 256, (8, 40, 48, 3), dtype=torch.uint8).numpy()
+    video = torch.from_numpy(np.stack([transform(raw, seed=i) for i in range(4)]))
+    batch = {"video": video, "label": torch.tensor([0, 1, 2, 3]), "source": torch.tensor([0, 0, 1, 1] if kind == "align" else [0] * 4)}
+    before = {k: v.clone() for k, v in stage.model.state_dict().items()}
+    torch.manual_seed(0)
+    result = train_step(ctx, stage.model, stage.loss_fn, stage.optimizer, stage.params, batch,
+                        lr_at(5, 10, stage_cfg.optim), stage_cfg.optim.clip_grad)
+    assert bool(result.taken) and torch.isfinite(result.loss)
+    changed = {k for k, v in stage.model.state_dict().items() if not torch.equal(v, before[k])}
+    if kind == "lp":  # the frozen trunk is untouched even with drop-path active
+        assert changed and all(k.startswith("heads.") for k in changed)
+        assert stage.model.blocks.training  # drop-path on, as released
+    else:
+        assert any(k.startswith(("blocks.", "encoder.blocks.")) for k in changed)
