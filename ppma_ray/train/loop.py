@@ -32,7 +32,7 @@ from ppma_ray.models.checkpoint import load_trunk, load_trunks
 from ppma_ray.train.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint, step_seed
 from ppma_ray.train.data import EpochStream, ResolvedSource, resolve_sources
 from ppma_ray.train.evaluate import multiview_test
-from ppma_ray.train.metrics import MetricsLog, Progress
+from ppma_ray.train.metrics import MetricsLog, Progress, console
 from ppma_ray.train.optim import build_optimizer, lr_at
 from ppma_ray.train.stages import AlignLoss, mae_loss
 from ppma_ray.train.step import LossFn, WorkerContext, prefetch_to_device, train_step
@@ -150,7 +150,7 @@ def restore(cfg: PretrainConfig, options: RunOptions, stage: Stage, rank: int) -
     if options.init_from:
         report = _load_init(getattr(stage.model, "classifier", stage.model), options.init_from, not options.init_partial)
         if rank == 0:
-            print(f"[{options.stage}] initialised from {options.init_from}: {report}", flush=True)
+            console(f"[{options.stage}] initialised from {options.init_from}: {report}")
     return TrainState(seed=cfg.run.seed)
 
 
@@ -260,7 +260,7 @@ def validate(model, sources: list[ResolvedSource], head_of_source: list[str], ct
     if top1:
         out["val_top1_mean"] = sum(top1) / len(top1)  # one number for schedulers (ASHA)
     if ctx.rank == 0 and out:
-        print("  validation: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items() if "top1" in k), flush=True)
+        console("  validation: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items() if "top1" in k))
     return out
 
 
@@ -270,15 +270,15 @@ def final_test(model, source: ResolvedSource, head: str, ctx: WorkerContext, vie
     res = multiview_test(model, source.val, ctx, head=head, num_clips=views[0], num_crops=views[1])
     if ctx.rank == 0:
         if res["failed"]:
-            print(f"  WARNING: {res['failed']} of {res['failed'] + res['videos']} test videos could not be decoded "
-                  f"and were excluded (rows {res['failed_rows'][:20]}...)", flush=True)
+            console(f"  WARNING: {res['failed']} of {res['failed'] + res['videos']} test videos could not be decoded "
+                    f"and were excluded (rows {res['failed_rows'][:20]}...)")
             if run_dir is not None:
                 import json
 
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "test_failed_rows.json").write_text(json.dumps(res["failed_rows"]))
-        print(f"  test ({views[0]}x{views[1]} views): top-1 {res['top1']:.4f} top-5 {res['top5']:.4f} "
-              f"on {res['videos']} videos", flush=True)
+        console(f"  test ({views[0]}x{views[1]} views): top-1 {res['top1']:.4f} top-5 {res['top5']:.4f} "
+                f"on {res['videos']} videos")
     return {"test_top1": res["top1"], "test_top5": res["top5"], "test_videos": res["videos"], "test_failed": res["failed"]}
 
 

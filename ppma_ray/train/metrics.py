@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,17 @@ class MetricsLog:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+
+
+# The process's own stdout: Ray Train replaces ``print`` in its workers with one that logs the line
+# and also echoes it when stdout is wrapped, which showed every progress line twice. A print to an
+# explicit file is passed through once.
+_CONSOLE = sys.__stdout__ or sys.stdout
+
+
+def console(message: str) -> None:
+    """One line for the person watching the run, printed once from a Ray Train worker."""
+    print(message, flush=True, file=_CONSOLE)
 
 
 class Progress:
@@ -74,9 +86,9 @@ class Progress:
              "clips_per_s": self.clips / elapsed, "data_wait_frac": min(1.0, self.wait / elapsed),
              "failed_clips": failed_clips, **extra}
         if self.verbose:
-            print(f"[{self.stage}] epoch {epoch + 1}/{self.epochs} step {step}/{self.total_steps} loss {m['loss']:.4f} "
+            console(f"[{self.stage}] epoch {epoch + 1}/{self.epochs} step {step}/{self.total_steps} loss {m['loss']:.4f} "
                   f"lr {lr:.2e} grad {m['grad_norm']:.2f} {m['clips_per_s']:.1f} clips/s "
-                  f"data-wait {m['data_wait_frac']:.0%} failed {failed_clips}", flush=True)
+                  f"data-wait {m['data_wait_frac']:.0%} failed {failed_clips}")
         self._reset()
         return m
 
