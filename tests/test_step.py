@@ -215,3 +215,33 @@ def test_a_compiled_model_trains_the_same_step_and_keeps_its_checkpoint_keys():
     assert torch.allclose(results[0].grad_norm, results[1].grad_norm, rtol=1e-4)
     assert list(compiled.state_dict()) == list(eager.state_dict())
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(eager.state_dict().values(), compiled.state_dict().values()))
+
+
+def test_a_progress_line_reaches_the_console_once_under_ray_trains_patched_print(capfd, monkeypatch):
+    """Ray Train replaces ``print`` in its workers with one that logs the line and also echoes it to
+    a wrapped stdout, so a plain print reached the console twice (every progress line did); worker
+    lines bypass it and appear once."""
+    import builtins
+    import io
+    import logging
+    import sys
+
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    from ppma_ray.train.metrics import console
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.__stdout__)  # Ray's log forwarding, in short
+    monkeypatch.setattr(root, "level", logging.INFO)
+    root.addHandler(handler)
+    wrapped = io.StringIO()  # a Ray worker's stdout is wrapped
+    monkeypatch.setattr(builtins, "print", redirected_print)
+    monkeypatch.setattr(sys, "stdout", wrapped)
+    try:
+        print("a plain print")
+        console("[mae] epoch 1/1 step 6/6")
+    finally:
+        root.removeHandler(handler)
+    seen = wrapped.getvalue() + capfd.readouterr().out
+    assert seen.count("a plain print") == 2  # the bug this guards against
+    assert seen.count("[mae] epoch 1/1 step 6/6") == 1

@@ -40,15 +40,16 @@ class MetricsLog:
             self.tb.close()
 
 
-# The process's own stdout: Ray Train replaces ``print`` in its workers with one that logs the line
-# and also echoes it when stdout is wrapped, which showed every progress line twice. A print to an
-# explicit file is passed through once.
+# The process's own stdout, written without ``print``: Ray Train replaces ``print`` in its workers
+# with one that sends the line to its logger and, depending on how stdout is wrapped, echoes it too,
+# which showed every progress line twice on a cluster. Ray forwards this stream to the driver once.
 _CONSOLE = sys.__stdout__ or sys.stdout
 
 
 def console(message: str) -> None:
     """One line for the person watching the run, printed once from a Ray Train worker."""
-    print(message, flush=True, file=_CONSOLE)
+    _CONSOLE.write(message + "\n")
+    _CONSOLE.flush()
 
 
 class Progress:
