@@ -89,3 +89,23 @@ def test_errors_survive_pickling_and_copying():
     for e in (ManifestError("m.csv", 3, "bad label"), VideoDecodeError("v.mp4", "truncated")):
         for clone in (pickle.loads(pickle.dumps(e)), copy.copy(e)):
             assert type(clone) is type(e) and str(clone) == str(e)
+
+
+@pytest.mark.parametrize("case", ["relative without root", "bad label", "escapes root"])
+def test_pretrain_rejects_a_manifest_that_cannot_work_before_ray_starts(case, tmp_path, capsys, monkeypatch):
+    """Manifest problems used to surface inside the Ray worker, 30-50 s later; a relative manifest
+    without a root failed every decode. Now: one line naming the file (and line), exit 2, no Ray."""
+    from ppma_ray.cli import pretrain
+
+    monkeypatch.setattr(pretrain, "start_ray", lambda cfg: pytest.fail("the job started Ray"))
+    lines = {"relative without root": "videos/a.mp4;0\n", "bad label": "videos/a.mp4;zero\n",
+             "escapes root": "../a.mp4;0\n"}[case]
+    (tmp_path / "train.csv").write_text(lines)
+    root = [] if case == "relative without root" else ["--set", f"data.sources.nohuman.root={tmp_path}"]
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.main(["--stage", "mae", "--set", f"data.sources.nohuman.manifest={tmp_path / 'train.csv'}", *root])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    expected = {"relative without root": "data.sources.nohuman.root is not set", "bad label": "train.csv:1",
+                "escapes root": "escapes the root"}[case]
+    assert str(tmp_path / "train.csv") in err and expected in err, err

@@ -9,13 +9,14 @@ one line on stderr and exit code 2. The jobs' modules import torch and Ray only 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import ppma_ray
 from ppma_ray.config import ConfigError, PretrainConfig, dump_yaml, load_config
-from ppma_ray.data.manifest import ManifestError
+from ppma_ray.data.manifest import ManifestError, read_manifest
 from ppma_ray.schema import check_all
 
 # The demo config ships beside the jobs (jobs/configs/); an installed entry point finds it from a
@@ -69,7 +70,10 @@ def bad_input_exits(*more: type[BaseException]):
 
 
 def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> None:
-    """The manifests the stages read exist (URIs are checked where they are read)."""
+    """The manifests the stages read exist and parse (a ``ManifestError`` names file:line), and their
+    relative video paths have a root to be relative to: without ``root`` they would resolve in each
+    Ray worker's own working directory, and every decode would fail. URIs are checked where they are
+    read."""
     names = {n for stage in stages for n in getattr(cfg, stage).source_names()}
     for name in sorted(names):
         src = cfg.data.sources[name]
@@ -77,8 +81,16 @@ def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> None:
             continue
         for key in ("manifest", "val_manifest"):
             path = getattr(src, key)
-            if path and "://" not in path and not Path(path).is_file():
+            if not path or "://" in path:
+                continue
+            if not Path(path).is_file():
                 raise FileNotFoundError(f"data.sources.{name}.{key}: {path} does not exist")
+            table = read_manifest(path, root=src.root)
+            if src.root is None:
+                relative = next((p for p in table.column("path").to_pylist() if not os.path.isabs(p) and "://" not in p), None)
+                if relative is not None:
+                    raise ManifestError(path, None, f"video path {relative!r} is relative and data.sources.{name}.root is "
+                                                    f"not set: set it to the folder the paths are relative to")
 
 
 def check_weights(cfg: PretrainConfig, source: str | None, partial: bool = False) -> None:
