@@ -35,10 +35,11 @@ NOT_TRUNK = ("decoder.", "encoder_to_decoder.", "mask_token", "decoder_pos_embed
 PREFIXES = ("module.", "trunk.", "_orig_mod.", "encoder.")
 # files looked for in a folder, in this order: ours and transformers' safetensors, transformers' .bin
 FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")
-# Hugging Face VideoMAE names -> ours inside a block (the q/k/v projections are handled apart)
+# our names -> Hugging Face VideoMAE's inside a block (the q/k/v projections are handled apart);
+# the one table for both directions (export.py writes with it)
 HF_BLOCK = {
-    "layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
-    "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
+    "norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+    "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
 }
 
 
@@ -179,7 +180,7 @@ def _from_hf(state: dict) -> dict:
             else:
                 out[f"blocks.{i}.attn.{part}"] = value  # unknown: reported as unexpected
             continue
-        for theirs, ours in HF_BLOCK.items():
+        for ours, theirs in HF_BLOCK.items():
             if rest.startswith(theirs + "."):
                 out[f"blocks.{i}.{ours}{rest[len(theirs):]}"] = value
                 break

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ppma_ray.models.checkpoint import read_state_dict
+from ppma_ray.models.checkpoint import HF_BLOCK, read_state_dict
 from ppma_ray.models.heads import VideoClassifier
 from ppma_ray.models.mae import PretrainVideoMAE
 from ppma_ray.models.config import ViTConfig
@@ -35,12 +35,6 @@ PRETRAIN_RENAMES = {
     "encoder_to_decoder.weight": "encoder_to_decoder.weight",
     "mask_token": "mask_token",
 }
-
-HF_BLOCK = {
-    "norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
-    "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
-}
-
 
 def _hf_config(cfg: ViTConfig, pretraining: bool, id2label: dict[int, str] | None = None):
     from transformers import VideoMAEConfig
@@ -153,7 +147,8 @@ def from_hf(path: str | os.PathLike) -> VideoClassifier | PretrainVideoMAE:
     ``pytorch_model.bin``; attention biases as ``q_bias``/``v_bias`` or ``query.bias``/``value.bias``).
     Every tensor is loaded (strict)."""
     path = Path(path)
-    cfg = hf_vit_config(json.loads((path / "config.json").read_text()))
+    hf_cfg = json.loads((path / "config.json").read_text())
+    cfg = hf_vit_config(hf_cfg)
     hf = read_state_dict(path)
     if any(k.startswith(("embeddings.", "encoder.layer.")) for k in hf):  # a bare VideoMAEModel
         hf = {f"videomae.{k}": v for k, v in hf.items()}
@@ -170,7 +165,7 @@ def from_hf(path: str | os.PathLike) -> VideoClassifier | PretrainVideoMAE:
         state.update({ours: hf[theirs] for ours, theirs in PRETRAIN_RENAMES.items()})
         state.update(_blocks_from_hf(hf, "decoder.decoder_layers.", "decoder.blocks.", cfg.decoder_depth))
     elif "classifier.weight" in hf:
-        if not json.loads((path / "config.json").read_text()).get("use_mean_pooling", True):
+        if not hf_cfg.get("use_mean_pooling", True):
             raise ValueError(f"{path}: a classifier without mean pooling (use_mean_pooling=false) has no counterpart here")
         model = VideoClassifier(cfg, num_classes=hf["classifier.weight"].shape[0])
         state = dict(trunk)
