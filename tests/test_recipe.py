@@ -127,7 +127,8 @@ def test_the_paper_config_trains_a_step_of_every_stage(kind, demo_root):
     the demo data as sources, a small clip and a two-block ViT (block 1 has the drop-path). (A whole run of the paper
     config is what benchmarks/gpu_check.sh does, stage 1, on a GPU machine.)"""
     from ppma_ray.data.transforms import TrainTransform
-    from ppma_ray.train.loop import RunOptions, setup
+    from ppma_ray.train.config import RunOptions
+    from ppma_ray.train.loop import setup
     from ppma_ray.train.optim import lr_at
     from ppma_ray.train.step import WorkerContext, train_step
 

@@ -6,7 +6,7 @@ import torch
 from test_train import _final_weights, _metrics
 
 from ppma_ray.train.checkpoint import STATE_FILE
-from ppma_ray.train.loop import RunOptions
+from ppma_ray.train.config import RunOptions
 from ppma_ray.train.runner import resolve_paths, run_stage
 
 pytestmark = pytest.mark.integration

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                         init_partial=args.init_from_partial)}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     if args.ablation:  # stage 2 without stage 1: the "alignment only" row
-        from ppma_ray.train.loop import RunOptions
+        from ppma_ray.train.config import RunOptions
         from ppma_ray.train.runner import run_stage
 
         results["stages"]["align_only"] = run_stage(cfg, RunOptions("align", f"{cfg.run.name}-align_only"))

@@ -1,5 +1,6 @@
 """Training sections of a run: the optimizer, a stage (``mae``, ``align``, ``lp``, ``ft``), scaling,
-run bookkeeping and downstream evaluation. Torch-free, so a config is checked in milliseconds."""
+run bookkeeping and downstream evaluation; and ``RunOptions``, the rest of what a training worker
+is given. Torch-free, so a config is checked in milliseconds."""
 
 from __future__ import annotations
 
@@ -139,3 +140,25 @@ class EvalSettings:
     lp_lr: float = option(1.0e-2, gt=0)
     lp_weight_decay: float = option(1.0e-4, ge=0)
     compare_random_init: bool = option(True, help="the pretrain run also probes a random-init trunk")
+
+
+@dataclass
+class AverageSpec:
+    """Learned weight averaging (LP only): the trunks of ``checkpoints`` mixed by trained coefficients."""
+
+    checkpoints: list[str]
+    per_layer: bool = False
+
+
+@dataclass
+class RunOptions:
+    """What the driver asks of one stage run: the worker's whole interface besides the config."""
+
+    stage: StageKind
+    run_name: str | None = None  # <storage_path>/<run_name> holds checkpoints and metrics (None: <run.name>-<stage>)
+    decode_cpus: float | None = None  # Ray Data's CPU budget when data.decode.cpu_limit is unset
+    init_from: str | None = None  # trunk weights to start from (stage transfer), any layout load_trunk reads
+    init_partial: bool = False  # load init_from even if tensors are missing or left over (an explicit opt-in)
+    resume_from: str | None = None  # another run's full state to continue (a PBT round)
+    stop_epoch: int | None = None  # end after this epoch (a PBT round); schedules still span stage.epochs
+    average: AverageSpec | None = None

@@ -19,7 +19,7 @@ from ppma_ray.models.errors import CheckpointError
 from ppma_ray.train.checkpoint import CONFIG_FILE, MODEL_FILE
 from ppma_ray.train.data import resolve_sources, task_source
 from ppma_ray.train.linear_probe import linear_probe_cached
-from ppma_ray.train.loop import AverageSpec, RunOptions
+from ppma_ray.train.config import AverageSpec, RunOptions
 from ppma_ray.train.runner import decode_cpu_budget, resolve_paths, run_stage
 
 CSV_FIELDS = ["model", "task", "protocol", "top1", "top5", "videos", "failed", "wall_s", "checkpoint"]

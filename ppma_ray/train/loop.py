@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ppma_ray.config import PretrainConfig, ScalingSettings, StageConfig, StageKind, to_dict
+from ppma_ray.train.config import RunOptions
 from ppma_ray.data.pipeline import FailureTracker
 from ppma_ray.models import build_model
 from ppma_ray.models.averaging import LearnedAverage
@@ -40,28 +41,6 @@ from ppma_ray.train.step import LossFn, WorkerContext, prefetch_to_device, train
 # consecutive non-finite steps before the run is stopped; counted on the device and checked at log
 # steps (reading it every step would make each step wait for the GPU)
 MAX_SKIPPED_STEPS = 5
-
-
-@dataclass
-class AverageSpec:
-    """Learned weight averaging (LP only): the trunks of ``checkpoints`` mixed by trained coefficients."""
-
-    checkpoints: list[str]
-    per_layer: bool = False
-
-
-@dataclass
-class RunOptions:
-    """What the driver asks of one stage run: the worker's whole interface besides the config."""
-
-    stage: StageKind
-    run_name: str | None = None  # <storage_path>/<run_name> holds checkpoints and metrics (None: <run.name>-<stage>)
-    decode_cpus: float | None = None  # Ray Data's CPU budget when data.decode.cpu_limit is unset
-    init_from: str | None = None  # trunk weights to start from (stage transfer), any layout load_trunk reads
-    init_partial: bool = False  # load init_from even if tensors are missing or left over (an explicit opt-in)
-    resume_from: str | None = None  # another run's full state to continue (a PBT round)
-    stop_epoch: int | None = None  # end after this epoch (a PBT round); schedules still span stage.epochs
-    average: AverageSpec | None = None
 
 
 @dataclass

@@ -29,7 +29,7 @@ from ray import tune
 
 from ppma_ray.config import ConfigError, PretrainConfig, TuneSettings, from_dict
 from ppma_ray.train.data import resolve_sources
-from ppma_ray.train.loop import RunOptions
+from ppma_ray.train.config import RunOptions
 from ppma_ray.train.runner import run_stage
 from ppma_ray.tune.outputs import scored, write_best, write_csv
 from ppma_ray.tune.trial import Experiment, in_trial, result_row, run_tuner, score

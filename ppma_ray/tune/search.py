@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ppma_ray.config import ConfigError, PretrainConfig, to_dict
-from ppma_ray.train.loop import RunOptions
+from ppma_ray.train.config import RunOptions
 from ppma_ray.train.runner import resolve_paths, run_stage
 from ppma_ray.tune import grid, pbt
 from ppma_ray.tune.trial import Experiment, tuning_tasks
