@@ -1,3 +1,5 @@
+import csv
+
 import numpy as np
 import pytest
 
@@ -68,21 +70,67 @@ def test_pipeline_batches_shapes_labels_and_planned_proportion(ray_session, demo
     assert not np.array_equal(video[0], video[1])  # the two replicas have different crops
 
 
-def test_corrupt_videos_are_skipped_counted_and_the_threshold_stops_the_run(ray_session, demo, video_dir):
+def test_corrupt_videos_are_skipped_counted_and_the_threshold_stops_the_run(ray_session, demo, video_dir, tmp_path):
     sources = _sources(demo)
     bad = read_manifest_rows(video_dir)
     sources.append(Source("broken", bad))
     plan = np.array([[0, 0], [2, 0], [1, 0], [2, 1], [0, 1], [1, 1]], dtype=np.int64)
     ds = build_dataset(plan_to_table(sources, plan), CLIP, DECODE, seed=0, repeats=2)
-    tracker = FailureTracker(sources, max_failure_rate=0.5, min_seen=1)
+    tracker = FailureTracker(sources, max_failure_rate=0.5, min_videos=1)
     kept = [tracker.update({k: v.numpy() for k, v in b.items()}) for b in ds.iter_torch_batches(batch_size=4)]
-    assert sum(len(b["label"]) for b in kept) == 8
-    assert tracker.summary()["broken"] == {"seen": 4, "failed": 4}
-    assert sorted(p.split("/")[-1] for p in tracker.rejects.values()) == ["empty.mp4", "text.mp4"]
-    strict = FailureTracker(sources, max_failure_rate=0.1, min_seen=1)
+    assert sum(len(b["label"]) for b in kept) == 8 and tracker.failed_clips == 4
+    assert tracker.summary()["broken"] == {"videos": 2, "failed": 2}  # per video, not per clip (repeats=2)
+    rejects = tmp_path / "rejects.csv"
+    tracker.write_rejects(rejects)
+    rows = list(csv.DictReader(rejects.open()))
+    assert [r["path"].split("/")[-1] for r in rows] == ["empty.mp4", "text.mp4"]
+    assert all(r["source"] == "broken" and r["reason"] for r in rows)
+    strict = FailureTracker(sources, max_failure_rate=0.0, min_videos=1)
     with pytest.raises(DataFailureError, match="failed to decode"):
         for b in ds.iter_torch_batches(batch_size=4):
             strict.update({k: v.numpy() for k, v in b.items()})
+
+
+def _batch(source: int, rows, ok, repeats: int = 4) -> dict:
+    rows = np.repeat(np.asarray(rows), repeats)
+    return {"source": np.full(len(rows), source), "row": rows, "ok": np.repeat(np.asarray(ok, dtype=np.int64), repeats),
+            "label": np.zeros(len(rows), dtype=np.int64)}
+
+
+def test_failures_are_judged_per_video_with_confidence_and_survive_a_checkpoint(monkeypatch):
+    """3% bad videos under a 5% limit train through every epoch (k = 4 clips each); a single bad
+    video among the first ever seen does not stop a run; a source whose every video fails stops
+    after min_videos videos; the state round-trips through a checkpoint and merges across ranks."""
+    import pyarrow as pa
+
+    from ppma_ray.data import pipeline
+
+    monkeypatch.setattr(pipeline, "decode_error", lambda path, fps=None: f"cannot open {path}")
+    n = 1000
+    table = pa.table({"path": [f"v{i}.mp4" for i in range(n)], "label": [0] * n})
+    bad = set(np.random.default_rng(0).choice(n, 30, replace=False).tolist())
+    tracker = FailureTracker([Source("nohuman", table)], max_failure_rate=0.05)
+    tracker.update(_batch(0, [min(bad)], [0]))  # the very first video fails
+    for epoch in range(3):
+        order = np.random.default_rng(epoch).permutation(n)
+        for chunk in np.array_split(order, n // 8):
+            kept = tracker.update(_batch(0, chunk, [int(r) not in bad for r in chunk]))
+            assert kept["ok"].all()
+    assert tracker.summary() == {"nohuman": {"videos": n, "failed": 30}} and tracker.failed_clips == 3 * 30 * 4 + 4
+
+    broken = FailureTracker([Source("broken", table)], max_failure_rate=0.05, min_videos=50)
+    with pytest.raises(DataFailureError, match=r"50 of 50 videos failed"):
+        for r in range(n):
+            broken.update(_batch(0, [r], [0]))
+
+    a, b = (FailureTracker([Source("nohuman", table)]) for _ in range(2))
+    a.update(_batch(0, [1, 2, 3], [1, 0, 1]))
+    b.update(_batch(0, [3, 4], [1, 0]))
+    a.merge([b.state_dict()])
+    restored = FailureTracker([Source("nohuman", table)])
+    restored.load_state_dict(a.state_dict())
+    assert restored.summary() == a.summary() == {"nohuman": {"videos": 4, "failed": 2}}
+    assert restored.rejects == {(0, 2): "cannot open v2.mp4", (0, 4): "cannot open v4.mp4"}
 
 
 def read_manifest_rows(video_dir):

@@ -1,6 +1,8 @@
 """Ray Train end to end on the demo data (tiny models, CPU, gloo): both stages under two-worker DDP."""
 
+import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,11 +23,30 @@ def _final_weights(result: dict) -> dict:
     return load_file(str(Path(result["checkpoint"]) / "model.safetensors"))
 
 
-def test_two_worker_ddp_pretraining_end_to_end(ray_session, tiny_config, tmp_path):
+def _with_corrupt_videos(demo_root: Path, dest: Path) -> tuple[Path, set[str]]:
+    """The demo's no-human set plus 6 corrupt videos (3%: empty, text, truncated), as its own root."""
+    shutil.copytree(demo_root / "nohuman", dest)
+    good = (dest / "train/c0_g000_v0.mp4").read_bytes()
+    bad = {f"bad/empty{i}.mp4": b"" for i in range(2)} | {f"bad/text{i}.mp4": b"not a video\n" * 40 for i in range(2)} \
+        | {f"bad/truncated{i}.mp4": good[: len(good) // (3 + i)] for i in range(2)}
+    (dest / "bad").mkdir()
+    for name, data in bad.items():
+        (dest / name).write_bytes(data)
+    lines = (dest / "train.csv").read_text() + "".join(f"{name};{i % 6}\n" for i, name in enumerate(bad))
+    (dest / "train_with_bad.csv").write_text(lines)
+    return dest / "train_with_bad.csv", set(bad)
+
+
+def test_two_worker_ddp_pretraining_end_to_end(ray_session, tiny_config, demo_root, tmp_path):
+    """Both stages under two-worker DDP, with 3% corrupt videos in the no-human set: they are
+    skipped, counted once per video (both ranks' counts merged) and listed, and training goes on."""
+    manifest, bad = _with_corrupt_videos(demo_root, tmp_path / "nohuman")
     cfg = tiny_config("scaling.num_workers=2", "run.name=e2e", "mae.epochs=3", "mae.batch_size=16",
                       "mae.samples_per_epoch=128", "align.epochs=3", "align.batch_size=16", "align.samples_per_epoch=192",
-                      "align.optim.lr=2e-3", "run.val_every=3")
-    out = pretrain(cfg)
+                      "align.optim.lr=2e-3", "run.val_every=3",
+                      f"data.sources.nohuman={{manifest: {manifest}, val_manifest: {demo_root / 'nohuman/val.csv'}, "
+                      f"root: {tmp_path / 'nohuman'}}}")
+    out = pretrain(cfg, output_dir=tmp_path / "out")
     mae = _metrics(tmp_path / "runs/e2e-mae", "mae")
     assert mae[-1]["loss"] < mae[0]["loss"]
     assert out["mae"]["steps"] == 3 * (128 // 16)
@@ -37,3 +58,12 @@ def test_two_worker_ddp_pretraining_end_to_end(ray_session, tiny_config, tmp_pat
         state = torch.load(ckpt / STATE_FILE, weights_only=True)
         assert state["step"] == out[stage]["steps"] and "optimizer" in state
         assert load_file(str(ckpt / "model.safetensors"))
+    # videos drawn from the 198 no-human ones: MAE 3 x 32 (4 clips each), stage 2 3 x 96 (all of them)
+    for stage, seen in (("mae", 96), ("align", 198)):
+        failures = out[stage]["data_failures"]["nohuman"]
+        rejects = list(csv.DictReader(open(out[stage]["rejects"])))
+        assert failures["videos"] == seen and failures["failed"] == len(rejects) >= 1, failures
+        assert {r["path"].split("nohuman/", 1)[1] for r in rejects} <= bad
+        assert all(r["source"] == "nohuman" and r["reason"] for r in rejects)
+        assert Path(out[stage]["rejects"]).parent == tmp_path / "out"
+    assert len(rejects) == len(bad)  # stage 2 drew every video

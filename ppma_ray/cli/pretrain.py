@@ -50,13 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     results = {"config": str(out_dir / "config.json"), "stages": pretrain(cfg, stages, init_from=args.init_from,
-                                                                        init_partial=args.init_from_partial)}
+                                                                        init_partial=args.init_from_partial,
+                                                                        output_dir=out_dir)}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     if args.ablation:  # stage 2 without stage 1: the "alignment only" row
         from ppma_ray.train.config import RunOptions
         from ppma_ray.train.runner import run_stage
 
-        results["stages"]["align_only"] = run_stage(cfg, RunOptions("align", f"{cfg.run.name}-align_only"))
+        results["stages"]["align_only"] = run_stage(cfg, RunOptions("align", f"{cfg.run.name}-align_only"),
+                                                      output_dir=out_dir)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     if "align" in results["stages"] and cfg.eval.tasks:
         results["eval"] = probe_tasks(cfg, results["stages"], args.ablation)

@@ -45,7 +45,8 @@ class DecodeConfig:
     rows_per_task: int = option(4, ge=1, help="videos per decode task")
     cpu_limit: float | None = option(None, gt=0, help="CPUs Ray Data may use (null: cluster CPUs minus the trainers')")
     max_retries: int = option(2, ge=0, help="new windows tried before a video counts as failed")
-    max_failure_rate: float = option(0.05, ge=0, le=1, help="failed clips above this fraction stop the run")
+    max_failure_rate: float = option(0.05, ge=0, le=1, help="failed videos above this fraction (99% confident, after "
+                                                          "50 videos) stop the run")
 
     def with_budget(self, cpus: float | None) -> "DecodeConfig":
         """These settings with ``cpus`` as Ray Data's CPU cap, unless ``cpu_limit`` sets one."""

@@ -23,7 +23,7 @@ import ray
 
 from ppma_ray.data.config import ClipConfig, DecodeConfig
 from ppma_ray.data.transforms import EvalTransform, TrainTransform
-from ppma_ray.data.video import VideoDecodeError, sample_clip, sample_clips
+from ppma_ray.data.video import VideoDecodeError, probe_video, sample_clip, sample_clips
 
 
 @dataclass
@@ -167,50 +167,106 @@ def build_eval_dataset(table: pa.Table, clip: ClipConfig, decode: DecodeConfig, 
     return _map(table, decode_eval_batch, kw, decode)
 
 
-class FailureTracker:
-    """Counts clips per source and the failed ones; raises ``DataFailureError`` above the threshold.
+def decode_error(path: str, fps: float | None = None) -> str:
+    """Why a video failed, for the rejects list: the error of one more probe, made by the process
+    that counts the failure (failures are rare; the decode batches carry numbers only)."""
+    try:
+        probe_video(path, fps)
+    except VideoDecodeError as e:
+        return str(e).splitlines()[0][:300]
+    return "no clip window could be decoded (the first and last frames can)"
 
-    ``max_failure_rate`` is checked once at least ``min_seen`` clips were seen, so a single early
-    failure does not stop a run.
+
+class FailureTracker:
+    """Decode failures judged per video: a video that fails counts once, however many clips
+    (repeats, epochs) were drawn from it.
+
+    The run stops only when the failure rate is *confidently* above ``max_failure_rate``: the
+    lower end of a one-sided 99% Wilson interval of (failed videos / videos seen) must exceed it,
+    and at least ``min_videos`` videos must have been seen. So one bad video among the first few
+    never stops a run, 3% bad videos under a 5% limit train through, and a source whose every
+    video fails stops after ``min_videos`` videos.
+
+    The state (videos seen per source, rejected rows with their reason) is a plain dict of lists
+    (``state_dict``) so that it goes into a checkpoint's ``train_state.pt`` and survives a resume;
+    ``merge`` joins the trackers of several ranks.
     """
 
-    def __init__(self, sources: list[Source], max_failure_rate: float = 0.05, min_seen: int = 50):
-        self.sources, self.max_failure_rate, self.min_seen = sources, max_failure_rate, min_seen
-        self.seen = np.zeros(len(sources), dtype=np.int64)
-        self.failed = np.zeros(len(sources), dtype=np.int64)
-        self.rejects: dict[tuple[int, int], str] = {}
+    Z = 2.326  # one-sided 99%
+
+    def __init__(self, sources: list[Source], max_failure_rate: float = 0.05, min_videos: int = 50):
+        self.sources, self.max_failure_rate, self.min_videos = sources, max_failure_rate, min_videos
+        self.seen = [np.zeros(s.table.num_rows, dtype=bool) for s in sources]
+        self.rejects: dict[tuple[int, int], str] = {}  # (source, row) -> reason
+        self.failed_clips = 0
 
     def update(self, batch: dict) -> dict:
         """Count a batch and return it without its failed clips."""
         ok = np.asarray(batch["ok"]).astype(bool)
-        src = np.asarray(batch["source"])
-        np.add.at(self.seen, src, 1)
+        src, row = np.asarray(batch["source"]), np.asarray(batch["row"])
+        for k in np.unique(src).tolist():
+            self.seen[k][row[src == k]] = True
         if ok.all():
-            self._check()
             return batch
-        bad = ~ok
-        np.add.at(self.failed, src[bad], 1)
-        for s, r in zip(src[bad].tolist(), np.asarray(batch["row"])[bad].tolist()):
-            self.rejects[(s, r)] = self.sources[s].table.column("path")[r].as_py()
+        bad = np.flatnonzero(~ok)
+        self.failed_clips += len(bad)
+        for i in bad.tolist():
+            key = (int(src[i]), int(row[i]))
+            if key not in self.rejects:
+                self.rejects[key] = decode_error(self.path(*key), self.sources[key[0]].fps)
         self._check()
         keep = np.flatnonzero(ok)
         return {key: value[keep] for key, value in batch.items()}
 
+    def failure_rate_bound(self) -> tuple[int, int, float]:
+        """(videos seen, failed videos, lower 99% bound of the failure rate)."""
+        n, k = sum(int(s.sum()) for s in self.seen), len(self.rejects)
+        if n == 0:
+            return 0, 0, 0.0
+        p, z2 = k / n, self.Z**2
+        lower = (p + z2 / (2 * n) - self.Z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))) / (1 + z2 / n)
+        return n, k, float(max(0.0, lower))
+
     def _check(self) -> None:
-        total = int(self.seen.sum())
-        rate = self.failed.sum() / max(total, 1)
-        if total >= self.min_seen and rate > self.max_failure_rate:
+        n, k, lower = self.failure_rate_bound()
+        if n >= self.min_videos and lower > self.max_failure_rate:
             raise DataFailureError(
-                f"{int(self.failed.sum())} of {total} clips failed to decode ({rate:.1%} > "
-                f"max_failure_rate {self.max_failure_rate:.1%}); per source: {self.summary()}; "
-                f"first rejected: {list(self.rejects.values())[:5]}"
+                f"{k} of {n} videos failed to decode ({k / n:.1%}, at least {lower:.1%} with 99% confidence > "
+                f"data.decode.max_failure_rate {self.max_failure_rate:.1%}); per source: {self.summary()}; "
+                f"first rejected: {[self.path(s, r) for s, r in list(self.rejects)[:5]]}"
             )
 
+    def path(self, source: int, row: int) -> str:
+        return self.sources[source].table.column("path")[row].as_py()
+
     def summary(self) -> dict[str, dict[str, int]]:
-        return {s.name: {"seen": int(n), "failed": int(f)} for s, n, f in zip(self.sources, self.seen, self.failed)}
+        """``{source: {"videos": seen, "failed": failed}}``, videos counted once."""
+        failed = np.bincount([s for s, _ in self.rejects], minlength=len(self.sources))
+        return {s.name: {"videos": int(seen.sum()), "failed": int(f)} for s, seen, f in zip(self.sources, self.seen, failed)}
+
+    def state_dict(self) -> dict:
+        return {"seen": [np.flatnonzero(s).tolist() for s in self.seen],
+                "rejects": [[s, r, reason] for (s, r), reason in sorted(self.rejects.items())],
+                "failed_clips": self.failed_clips}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.merge([state])
+
+    def merge(self, states: list[dict]) -> None:
+        """Union with other trackers' states (the same sources): another rank's, or a checkpoint's."""
+        for state in states:
+            for k, rows in enumerate(state["seen"]):
+                self.seen[k][np.asarray(rows, dtype=np.int64)] = True
+            for s, r, reason in state["rejects"]:
+                self.rejects.setdefault((int(s), int(r)), reason)
+        self.failed_clips = max([self.failed_clips, *(st.get("failed_clips", 0) for st in states)])
 
     def write_rejects(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            f.write("source,row,path\n")
-            for (s, r), p in sorted(self.rejects.items()):
-                f.write(f"{self.sources[s].name},{r},{p}\n")
+        """``source,row,path,reason`` of every rejected video (a header only when there is none)."""
+        import csv
+
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["source", "row", "path", "reason"])
+            for (s, r), reason in sorted(self.rejects.items()):
+                w.writerow([self.sources[s].name, r, self.path(s, r), reason])

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "train_state.pt", "config.json"
+# written beside them by the training loop: the videos rejected so far, and counts per source
+REJECTS_FILE, FAILURES_FILE = "rejects.csv", "data_failures.json"
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -11,6 +11,7 @@ always continues from ``ray.train.get_checkpoint()`` when there is one.
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 import time
@@ -30,7 +31,7 @@ from ppma_ray.data.pipeline import FailureTracker
 from ppma_ray.models import build_model
 from ppma_ray.models.averaging import LearnedAverage
 from ppma_ray.models.checkpoint import load_trunk, load_trunks
-from ppma_ray.train.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint, step_seed
+from ppma_ray.train.checkpoint import FAILURES_FILE, MODEL_FILE, REJECTS_FILE, load_checkpoint, save_checkpoint, step_seed
 from ppma_ray.train.data import EpochStream, ResolvedSource, resolve_sources
 from ppma_ray.train.evaluate import multiview_test
 from ppma_ray.train.metrics import MetricsLog, Progress, console
@@ -53,6 +54,7 @@ class TrainState:
     seed: int = 0
     skipped_steps: int = 0  # consecutive non-finite steps
     metrics: dict = field(default_factory=dict)  # the last report's, so a finished run can be summarised
+    data_failures: dict = field(default_factory=dict)  # FailureTracker.state_dict(): every rank's, merged
 
     @classmethod
     def from_saved(cls, saved: dict) -> "TrainState":
@@ -155,6 +157,8 @@ def train_loop(loop_config: dict) -> None:
     stream = EpochStream([s.train for s in stage.sources], stage_cfg, ctx.clip, ctx.decode, cfg.run.seed,
                          ctx.world, ctx.rank)
     tracker = FailureTracker([s.train for s in stage.sources], ctx.decode.max_failure_rate)
+    if state.data_failures:
+        tracker.load_state_dict(state.data_failures)
     total_steps = stage_cfg.epochs * stream.steps_per_epoch
     log_dir = _local_dir(cfg, options.run_name)
     log = MetricsLog(log_dir if ctx.rank == 0 else None, options.stage)
@@ -188,7 +192,7 @@ def train_loop(loop_config: dict) -> None:
                 raise FloatingPointError(f"{options.stage}: loss or gradient not finite for {state.skipped_steps} steps "
                                          f"in a row (step {state.step})")
         if log_line:
-            metrics = progress.line(state.step, epoch, lr, result, int(tracker.failed.sum()))
+            metrics = progress.line(state.step, epoch, lr, result, tracker.failed_clips)
             log.write(state.step, metrics)
         if end_of_epoch:
             state.epoch, state.step_in_epoch = epoch + 1, 0
@@ -198,9 +202,15 @@ def train_loop(loop_config: dict) -> None:
                 log.write(state.step, {k: v for k, v in evaluated.items() if k.startswith(("val", "test"))})
                 model.train()
         if report:
-            metrics.update(progress.totals(), step=state.step, epoch=state.epoch, failed_clips=int(tracker.failed.sum()))
+            if ctx.world > 1:  # every rank saw other videos: the checkpoint keeps the union
+                states = [None] * ctx.world
+                torch.distributed.all_gather_object(states, tracker.state_dict())
+                tracker.merge(states)
+            state.data_failures = tracker.state_dict()
+            metrics.update(progress.totals(), step=state.step, epoch=state.epoch, failed_clips=tracker.failed_clips,
+                           data_failures=tracker.summary())
             state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
-            _report(metrics, stage, state, cfg, ctx.rank)
+            _report(metrics, stage, state, cfg, ctx.rank, tracker)
         if stop:
             break
         t_fetch = time.perf_counter()
@@ -285,13 +295,17 @@ def _without_failed(batches, tracker: FailureTracker):
             yield (epoch, i, 1.0, len(kept["ok"])), {k: torch.from_numpy(v) for k, v in kept.items()}
 
 
-def _report(metrics: dict, stage: Stage, state: TrainState, cfg: PretrainConfig, rank: int) -> None:
-    """Every rank reports (Ray needs the same number of calls); only rank 0 attaches a checkpoint."""
+def _report(metrics: dict, stage: Stage, state: TrainState, cfg: PretrainConfig, rank: int,
+            tracker: FailureTracker) -> None:
+    """Every rank reports (Ray needs the same number of calls); only rank 0 attaches a checkpoint,
+    with the rejected videos so far (``rejects.csv``, ``data_failures.json``)."""
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(tmp, stage.model, stage.optimizer, asdict(state), to_dict(cfg))
+        tracker.write_rejects(Path(tmp) / REJECTS_FILE)
+        (Path(tmp) / FAILURES_FILE).write_text(json.dumps(tracker.summary(), indent=2))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from dataclasses import replace
@@ -14,7 +15,7 @@ from ray.train.torch import TorchTrainer
 
 from ppma_ray.config import PretrainConfig
 from ppma_ray.data.demo import make_demo
-from ppma_ray.train.checkpoint import read_train_state
+from ppma_ray.train.checkpoint import FAILURES_FILE, REJECTS_FILE, read_train_state
 from ppma_ray.train.config import RunOptions
 
 
@@ -57,12 +58,15 @@ def worker_entry(loop_config: dict) -> None:
     train_loop(loop_config)
 
 
-def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None = None) -> dict:
+def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None = None,
+              output_dir: Path | None = None) -> dict:
     """Train one stage on Ray Train; returns its summary (steps, final loss, clips/s, wall time,
-    checkpoint directory; per-source validation top-1 for ``align``, the test protocol's top-1/5
-    for ``lp`` and ``ft``).
+    checkpoint directory, decode failures per source and the rejects CSV; per-source validation
+    top-1 for ``align``, the test protocol's top-1/5 for ``lp`` and ``ft``).
 
-    ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a trial)."""
+    ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a trial).
+    ``output_dir``: the rejects CSV is copied there as ``rejects_<run name>.csv`` (else it is the
+    one in the last checkpoint)."""
     options = replace(options, run_name=options.run_name or f"{cfg.run.name}-{options.stage}",
                       decode_cpus=decode_cpu_budget(cfg))
     s = cfg.scaling
@@ -92,6 +96,8 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "failed_clips": m.get("failed_clips", 0),
     }
+    if result.checkpoint:
+        summary.update(_data_failures(result.checkpoint, m, output_dir and Path(output_dir) / f"rejects_{options.run_name}.csv"))
     if options.stage == "align":
         summary["val_top1"] = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("val_top1/")}
         summary["train_top1"] = m.get("train_top1")
@@ -101,14 +107,39 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
     return summary
 
 
+def _data_failures(checkpoint, metrics: dict, copy_to: Path | None) -> dict:
+    """``data_failures`` (``{source: {"videos", "failed"}}``) and ``rejects`` (the CSV's path) of a
+    stage, from its last checkpoint (through its filesystem: local or object storage)."""
+    fs, base = checkpoint.filesystem, checkpoint.path
+    out: dict = {"data_failures": metrics.get("data_failures")}
+    if out["data_failures"] is None:  # the stage had finished before: its checkpoint knows
+        try:
+            with fs.open_input_stream(f"{base}/{FAILURES_FILE}") as f:
+                out["data_failures"] = json.loads(f.read().decode())
+        except (FileNotFoundError, OSError):
+            out["data_failures"] = {}
+    out["rejects"] = f"{base}/{REJECTS_FILE}"
+    if copy_to is not None:
+        try:
+            with fs.open_input_stream(out["rejects"]) as f:
+                data = f.read()
+        except (FileNotFoundError, OSError):  # a checkpoint written before rejects were kept
+            return {**out, "rejects": None}
+        copy_to.parent.mkdir(parents=True, exist_ok=True)
+        copy_to.write_bytes(data)
+        out["rejects"] = str(copy_to)
+    return out
+
+
 def pretrain(cfg: PretrainConfig, stages: tuple[str, ...] = ("mae", "align"), init_from: str | None = None,
-             init_partial: bool = False) -> dict:
+             init_partial: bool = False, output_dir: Path | None = None) -> dict:
     """Stage 1 (MAE) then stage 2 (alignment, initialised from stage 1's last checkpoint)."""
     cfg = resolve_paths(cfg)
     out: dict = {}
     for stage in stages:
         start = init_from if stage == stages[0] else out[stages[0]]["checkpoint"]
-        out[stage] = run_stage(cfg, RunOptions(stage, init_from=start, init_partial=init_partial and stage == stages[0]))
+        out[stage] = run_stage(cfg, RunOptions(stage, init_from=start, init_partial=init_partial and stage == stages[0]),
+                               output_dir=output_dir)
     return out
 
 
