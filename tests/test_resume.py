@@ -1,24 +1,27 @@
 """Bit-exact resume on Ray Train: after a stop, after a worker failure, and as PBT's rounds."""
 
+from pathlib import Path
 
 import pytest
 import torch
 from test_train import _final_weights, _metrics
 
-from ppma_ray.train.checkpoint import STATE_FILE
+from ppma_ray.train.checkpoint import (CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, STATE_FILE, checkpoint_problem,
+                                      save_checkpoint)
 from ppma_ray.train.config import RunOptions
 from ppma_ray.train.runner import resolve_paths, run_stage
 
-pytestmark = pytest.mark.integration
 
 SCHEDULE = "align.mix_schedule=[[1, {nohuman: 0.0, synthetic: 1.0}]]"
 
 
+@pytest.mark.integration
 def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_session, tiny_config, tmp_path):
     """One stage-2 run with a mix schedule, reached three ways, bit for bit:
     (a) uninterrupted;
-    (b) stopped after step 5, mid-epoch (as a crash would), then the same command again, during
-        which a worker raises once at step 9 and Ray restarts it from the last checkpoint (step 8);
+    (b) stopped after step 5, mid-epoch (as a crash would), its newest checkpoint then truncated
+        (as a crash during the write leaves it), then the same command again: it resumes from the
+        step-4 checkpoint, and a worker raises once at step 9 and Ray restarts it from step 8;
     (c) PBT's round trip: another run name continues the full state of (b)'s epoch-1 checkpoint."""
     common = ["align.epochs=2", "align.batch_size=8", "align.samples_per_epoch=48", "run.checkpoint_every=2",
               "run.keep=10", "align.mix={nohuman: 0.5, synthetic: 0.5}", SCHEDULE,
@@ -28,6 +31,10 @@ def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_sessi
 
     first = run_stage(resolve_paths(tiny_config(*common, "run.name=resumed", "run.max_steps=5")), RunOptions("align"))
     assert first["steps"] == 5
+    newest = Path(first["checkpoint"])
+    assert torch.load(newest / STATE_FILE, weights_only=True)["step"] == 5
+    weights = (newest / MODEL_FILE).read_bytes()
+    (newest / MODEL_FILE).write_bytes(weights[: len(weights) // 2])
     resumed = run_stage(resolve_paths(tiny_config(*common, "run.name=resumed", "run.fail_at_step=9",
                                                   "run.max_failures=1")), RunOptions("align"))
     assert resumed["steps"] == 12 and (tmp_path / "runs/resumed-align/failed_at_9").exists()
@@ -46,3 +53,56 @@ def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_sessi
     for other in (resumed, round2):
         weights = _final_weights(other)
         assert all(torch.equal(ref_w[k], weights[k]) for k in ref_w)
+
+
+def _checkpoints(tmp_path, n: int = 3) -> list[Path]:
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    return [save_checkpoint(tmp_path / f"checkpoint_2026-01-01_00-00-0{i}", model, opt, {"step": 2 * (i + 1)}, {})
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("fault", ["truncated weights", "truncated state", "missing file", "bad manifest",
+                                   "unsealed and truncated"])
+def test_a_damaged_checkpoint_is_recognised_and_named(tmp_path, fault):
+    (d,) = _checkpoints(tmp_path, 1)
+    assert checkpoint_problem(d) is None
+    if fault == "truncated weights":
+        (d / MODEL_FILE).write_bytes((d / MODEL_FILE).read_bytes()[:-10])
+    elif fault == "truncated state":
+        (d / STATE_FILE).write_bytes((d / STATE_FILE).read_bytes()[:100])
+    elif fault == "missing file":
+        (d / CONFIG_FILE).unlink()
+    elif fault == "bad manifest":
+        (d / MANIFEST_FILE).write_text('{"model.safetens')
+    else:  # written before checkpoints were sealed, or cut short before the manifest arrived
+        (d / MANIFEST_FILE).unlink()
+        assert checkpoint_problem(d) is None
+        (d / MODEL_FILE).write_bytes((d / MODEL_FILE).read_bytes()[:20])
+    problem = checkpoint_problem(d)
+    expected = {"truncated weights": "model.safetensors has", "truncated state": "train_state.pt has",
+                "missing file": "config.json is missing", "bad manifest": "manifest.json is not valid JSON",
+                "unsealed and truncated": "SafetensorError"}[fault]
+    assert problem and expected in problem, problem
+
+
+def test_resume_passes_over_damaged_checkpoints_to_the_newest_whole_one(tmp_path):
+    """Ray's newest checkpoint and the one before are damaged: the run resumes from the third,
+    and with none whole it fails naming every folder and why (never a silent fresh start)."""
+    import ray.train
+
+    from ppma_ray.models.errors import CheckpointError
+    from ppma_ray.train.loop import Stage, _newest_first, _resume
+
+    first, second, newest = _checkpoints(tmp_path)
+    (newest / MODEL_FILE).write_bytes(b"")
+    (second / STATE_FILE).unlink()
+    model = torch.nn.Linear(4, 2)
+    stage = Stage(model, None, torch.optim.AdamW(model.parameters()), [], [], [])
+    candidates = _newest_first(ray.train.Checkpoint(str(newest)))
+    assert [Path(c.path).name for c in candidates] == [newest.name, second.name, first.name]
+    assert _resume(candidates, stage, rank=0).step == 2
+    (first / MODEL_FILE).write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from is usable") as e:
+        _resume(candidates, stage, rank=0)
+    assert all(d.name in str(e.value) for d in (first, second, newest))

@@ -1,4 +1,6 @@
-"""Run checkpoints: ``model.safetensors`` + ``train_state.pt`` + ``config.json``.
+"""Run checkpoints: ``model.safetensors`` + ``train_state.pt`` + ``config.json``, sealed by
+``manifest.json`` (every file's size and SHA-256, written last) so that a checkpoint cut short by a
+crash, a full disk or an interrupted upload is recognised on resume (``checkpoint_problem``).
 
 ``train_state.pt`` holds only tensors, numbers, strings, lists and dicts, so it loads with
 ``torch.load(weights_only=True)``: optimizer state, step, epoch, step within the epoch (the data
@@ -8,16 +10,19 @@ step reseeds from (seed, rank, step), so a resumed step draws exactly what it wo
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "train_state.pt", "config.json"
 # written beside them by the training loop: the videos rejected so far, and counts per source
 REJECTS_FILE, FAILURES_FILE = "rejects.csv", "data_failures.json"
+MANIFEST_FILE = "manifest.json"
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -31,7 +36,56 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
         full["optimizer"] = optimizer.state_dict()
     torch.save(full, d / STATE_FILE)
     (d / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    seal_checkpoint(d)
     return d
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def seal_checkpoint(directory: str | Path) -> None:
+    """Write ``manifest.json``: size and SHA-256 of every other file in the folder (call it again
+    after adding files)."""
+    d = Path(directory)
+    files = sorted(p for p in d.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    manifest = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (d / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+
+
+def checkpoint_problem(directory: str | Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None: it can). With a manifest every file
+    must be there with its size and checksum; a folder without one (written before checkpoints
+    were sealed, or cut short before the manifest arrived) must at least load."""
+    d = Path(directory)
+    if (d / MANIFEST_FILE).is_file():
+        try:
+            manifest = json.loads((d / MANIFEST_FILE).read_text())
+        except ValueError:
+            return f"{MANIFEST_FILE} is not valid JSON"
+        for name, entry in manifest.items():
+            f = d / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != entry["size"]:
+                return f"{name} has {f.stat().st_size} bytes, {entry['size']} were written"
+            if _sha256(f) != entry["sha256"]:
+                return f"{name} does not match its checksum"
+        return None
+    for name in (MODEL_FILE, STATE_FILE):
+        if not (d / name).is_file():
+            return f"{name} is missing"
+    try:
+        with safe_open(str(d / MODEL_FILE), framework="pt") as f:
+            list(f.keys())
+        torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # any reader error means the same: this folder cannot be resumed from
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None
 
 
 def read_train_state(directory: str | Path) -> dict:

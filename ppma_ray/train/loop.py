@@ -31,7 +31,9 @@ from ppma_ray.data.pipeline import FailureTracker
 from ppma_ray.models import build_model
 from ppma_ray.models.averaging import LearnedAverage
 from ppma_ray.models.checkpoint import load_trunk, load_trunks
-from ppma_ray.train.checkpoint import FAILURES_FILE, MODEL_FILE, REJECTS_FILE, load_checkpoint, save_checkpoint, step_seed
+from ppma_ray.models.errors import CheckpointError
+from ppma_ray.train.checkpoint import (FAILURES_FILE, MODEL_FILE, REJECTS_FILE, checkpoint_problem, load_checkpoint,
+                                      save_checkpoint, seal_checkpoint, step_seed)
 from ppma_ray.train.data import EpochStream, ResolvedSource, resolve_sources
 from ppma_ray.train.evaluate import multiview_test
 from ppma_ray.train.metrics import MetricsLog, Progress, console
@@ -120,19 +122,52 @@ def compile_model(model: nn.Module, scaling: ScalingSettings) -> nn.Module:
 
 
 def restore(cfg: PretrainConfig, options: RunOptions, stage: Stage, rank: int) -> TrainState:
-    """Every way a run can start, in order: its own last checkpoint (resumed or restarted), another
-    run's full state (``resume_from``), trunk weights (``init_from``), or fresh."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and options.resume_from:
-        checkpoint = ray.train.Checkpoint(options.resume_from)  # a path or a URI
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            return TrainState.from_saved(load_checkpoint(d, stage.model, stage.optimizer))
+    """Every way a run can start, in order: its own newest valid checkpoint (resumed or restarted),
+    another run's full state (``resume_from``), trunk weights (``init_from``), or fresh."""
+    own = ray.train.get_checkpoint()
+    if own is not None:
+        return _resume(_newest_first(own), stage, rank)
+    if options.resume_from:
+        return _resume([ray.train.Checkpoint(options.resume_from)], stage, rank)  # a path or a URI
     if options.init_from:
         report = _load_init(getattr(stage.model, "classifier", stage.model), options.init_from, not options.init_partial)
         if rank == 0:
             console(f"[{options.stage}] initialised from {options.init_from}: {report}")
     return TrainState(seed=cfg.run.seed)
+
+
+def _newest_first(latest: "ray.train.Checkpoint") -> list:
+    """The run's newest checkpoint, then the older ones kept beside it (``run.keep``), newest
+    first: Ray names them ``checkpoint_<time>``."""
+    import pyarrow.fs as pafs
+
+    parent = latest.path.rstrip("/").rsplit("/", 1)[0]
+    infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+    older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+                    and i.path.rstrip("/") != latest.path.rstrip("/")), reverse=True)
+    return [latest, *(ray.train.Checkpoint(p, filesystem=latest.filesystem) for p in older)]
+
+
+def _resume(candidates: list, stage: Stage, rank: int) -> TrainState:
+    """The state of the first checkpoint that is whole and loads; each one passed over is named
+    with the reason. None usable: an error naming them all (a corrupt file never gets better)."""
+    problems = []
+    for checkpoint in candidates:
+        with checkpoint.as_directory() as d:
+            problem = checkpoint_problem(d)
+            if problem is None:
+                try:
+                    state = TrainState.from_saved(load_checkpoint(d, stage.model, stage.optimizer))
+                except Exception as e:  # e.g. a model of another config: reported below, with the folder
+                    problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                else:
+                    if problems and rank == 0:
+                        console(f"resuming from {checkpoint.path} (step {state.step})")
+                    return state
+        problems.append(f"{checkpoint.path}: {problem}")
+        if rank == 0:
+            console(f"WARNING: checkpoint {checkpoint.path} cannot be resumed from ({problem}); trying an older one")
+    raise CheckpointError("no checkpoint to resume from is usable: " + "; ".join(problems))
 
 
 def train_loop(loop_config: dict) -> None:
@@ -306,6 +341,7 @@ def _report(metrics: dict, stage: Stage, state: TrainState, cfg: PretrainConfig,
         save_checkpoint(tmp, stage.model, stage.optimizer, asdict(state), to_dict(cfg))
         tracker.write_rejects(Path(tmp) / REJECTS_FILE)
         (Path(tmp) / FAILURES_FILE).write_text(json.dumps(tracker.summary(), indent=2))
+        seal_checkpoint(tmp)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
