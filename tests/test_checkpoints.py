@@ -200,6 +200,10 @@ def test_the_jobs_refuse_weights_that_do_not_fit_before_ray_starts(tmp_path, dem
         assert len(err.splitlines()) == 1, err
         return err
 
+    err = job(pretrain.main, "--stage", "align")  # stage 1 never ran: no silent random init
+    assert "--stage align needs a stage-1 checkpoint" in err and str(tmp_path / "runs") in err and "--random-init" in err
+    err = job(pretrain.main, "--stage", "mae", "--random-init")
+    assert "--random-init is for --stage align without --init-from" in err
     err = job(pretrain.main, "--stage", "align", "--init-from", str(tmp_path / "partial.safetensors"))
     assert "partial.safetensors (videomae layout)" in err and "blocks.0.mlp.fc1.weight" in err
     err = job(evaluate.main, "--checkpoint", str(tmp_path / "ensemble.pt"), "--alpha", "0.2", "0.3", "0.5",

@@ -106,3 +106,13 @@ def test_resume_passes_over_damaged_checkpoints_to_the_newest_whole_one(tmp_path
     with pytest.raises(CheckpointError, match="no checkpoint to resume from is usable") as e:
         _resume(candidates, stage, rank=0)
     assert all(d.name in str(e.value) for d in (first, second, newest))
+
+
+def test_stage_2_alone_starts_from_the_newest_whole_stage_1_checkpoint(tmp_path):
+    from ppma_ray.train.checkpoint import stage1_checkpoint
+
+    assert stage1_checkpoint(str(tmp_path), "run") == (None, f"{tmp_path}/run-mae")
+    older, newest = _checkpoints(tmp_path / "run-mae", 2)
+    assert stage1_checkpoint(str(tmp_path), "run")[0] == str(newest)
+    (newest / STATE_FILE).write_bytes(b"")
+    assert stage1_checkpoint(str(tmp_path), "run")[0] == str(older)

@@ -11,6 +11,7 @@ Writes DIR/results.json (DIR defaults to run.storage_path/run.name) and the reso
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_weights, finish_config, parser, read_config,
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                          "folder, a .safetensors/.pth/.pt/.bin file (ours, VideoMAE, the released PPMA code)")
     ap.add_argument("--init-from-partial", action="store_true",
                     help="load --init-from even if trunk tensors are missing or left over (printed); default: an error")
+    ap.add_argument("--random-init", action="store_true",
+                    help="with --stage align: train stage 2 from random init, without stage 1 (not PPMA; printed)")
     ap.add_argument("--ablation", action="store_true",
                     help="also train stage 2 from random init, and probe the paper's four rows on eval.tasks: random "
                          "init, MAE only, alignment only, MAE + alignment (PPMA)")
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = finish_config(args, read_config(args))
         if args.ablation and not cfg.eval.tasks:
             raise ConfigError("--ablation: eval.tasks is empty; the ablation probes every task")
+        args.init_from = stage2_start(cfg, args)
         check_manifests_exist(cfg, stages)
         check_weights(cfg, args.init_from, args.init_from_partial)
 
@@ -66,6 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     print_results(results)
     print(f"results: {out_dir / 'results.json'}")
     return 0
+
+
+def stage2_start(cfg: PretrainConfig, args) -> str | None:
+    """Stage 2 alone (``--stage align``) starts from stage 1: ``--init-from``, else the newest
+    whole checkpoint of this run's stage 1 (``<storage>/<run.name>-mae``). Random init only when
+    asked for (``--random-init``): a silently skipped stage 1 would be reported as PPMA."""
+    if args.random_init and (args.stage != "align" or args.init_from):
+        raise ConfigError("--random-init is for --stage align without --init-from")
+    if args.stage != "align" or args.init_from:
+        return args.init_from
+    if args.random_init:
+        print("note: stage 2 from random init (--random-init): no stage 1, so this is not PPMA", file=sys.stderr)
+        return None
+    from ppma_ray.train.checkpoint import stage1_checkpoint
+
+    found, searched = stage1_checkpoint(cfg.run.storage_path, cfg.run.name)
+    if found is None:
+        raise ConfigError(f"--stage align needs a stage-1 checkpoint and {searched} has none: run --stage mae first, "
+                          "pass --init-from, or train from random init with --random-init")
+    print(f"stage 2 starts from stage 1's checkpoint {found}", file=sys.stderr)
+    return found
 
 
 def probe_tasks(cfg: PretrainConfig, stages: dict, ablation: bool = False) -> list[dict]:

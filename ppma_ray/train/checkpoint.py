@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+
+import pyarrow.fs as pafs
 
 import torch
 from safetensors import safe_open
@@ -109,3 +112,19 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The torch seed of one rank's step (masks, drop-path, mixup, erasing)."""
     return (seed * 1_000_003 + rank * 7919 + step) % (2**63 - 1)
+
+
+def stage1_checkpoint(storage_path: str, run_name: str) -> tuple[str | None, str]:
+    """(The newest checkpoint of this run's stage 1 that is whole, or None; the folder searched).
+    Local or object storage (there by name only: checking would mean downloading it); the jobs
+    call it before Ray starts."""
+    storage = storage_path if "://" in storage_path else os.path.abspath(storage_path)
+    fs, base = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    folder = f"{base.rstrip('/')}/{run_name}-mae"
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    found = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+                   reverse=True)
+    shown = f"{storage.rstrip('/')}/{run_name}-mae"
+    if "://" in storage:
+        return (f"{storage.rstrip('/')}/{run_name}-mae/{found[0].rsplit('/', 1)[1]}" if found else None), shown
+    return next((p for p in found if checkpoint_problem(p) is None), None), shown
