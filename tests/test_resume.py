@@ -116,3 +116,24 @@ def test_stage_2_alone_starts_from_the_newest_whole_stage_1_checkpoint(tmp_path)
     assert stage1_checkpoint(str(tmp_path), "run")[0] == str(newest)
     (newest / STATE_FILE).write_bytes(b"")
     assert stage1_checkpoint(str(tmp_path), "run")[0] == str(older)
+
+
+def test_a_run_folder_of_another_config_is_named_before_ray_starts(tmp_path):
+    """Re-running into a folder continues its run: a changed model or stage setting is refused
+    with the keys that differ; bookkeeping keys (run.*) may change."""
+    from conftest import DEMO_CONFIG, TINY
+
+    from ppma_ray.cli import check_resume_config
+    from ppma_ray.config import ConfigError, load_config, to_dict
+
+    sets = [*TINY, f"run.storage_path={tmp_path}", "run.name=r"]
+    cfg = load_config(DEMO_CONFIG, sets)
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(tmp_path / "r-mae/checkpoint_2026-01-01_00-00-00", model, None, {"step": 1}, to_dict(cfg))
+    check_resume_config(cfg)  # the same config: resumes
+    check_resume_config(load_config(DEMO_CONFIG, [*sets, "run.log_every=1", "run.max_steps=3"]))
+    changed = load_config(DEMO_CONFIG, [*sets, "model.depth=3", "mae.optim.lr=1e-3"])
+    with pytest.raises(ConfigError) as e:
+        check_resume_config(changed)
+    assert str(tmp_path / "r-mae") in str(e.value) and "model.depth: 2 there, 3 now" in str(e.value)
+    assert "mae.optim.lr" in str(e.value) and "run.name" in str(e.value)

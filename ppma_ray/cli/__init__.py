@@ -9,6 +9,7 @@ one line on stderr and exit code 2. The jobs' modules import torch and Ray only 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -91,6 +92,54 @@ def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> None:
                 if relative is not None:
                     raise ManifestError(path, None, f"video path {relative!r} is relative and data.sources.{name}.root is "
                                                     f"not set: set it to the folder the paths are relative to")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"<prefix>a.b": 1}``."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_config(cfg: PretrainConfig, stages=("mae", "align")) -> None:
+    """Re-running into a run folder continues its run, so the folder's saved config (in its newest
+    checkpoint) must agree with this one where it shapes the training: ``model``, ``data.clip`` and
+    the stage's own section. Bookkeeping keys (``run.*``, ``scaling.*``, ``eval.*``) may change."""
+    import pyarrow.fs as pafs
+
+    from ppma_ray.config import to_dict
+    from ppma_ray.train.checkpoint import CONFIG_FILE
+
+    storage = cfg.run.storage_path if "://" in cfg.run.storage_path else os.path.abspath(cfg.run.storage_path)
+    fs, base = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    now = json.loads(json.dumps(to_dict(cfg)))  # as config.json holds it (tuples as lists)
+    for stage in stages:
+        folder = f"{base.rstrip('/')}/{cfg.run.name}-{stage}"
+        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        for ckpt in sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                            and i.base_name.startswith("checkpoint_")), reverse=True):
+            try:
+                with fs.open_input_stream(f"{ckpt}/{CONFIG_FILE}") as f:
+                    saved = json.loads(f.read().decode())
+            except (OSError, ValueError):
+                continue  # a damaged checkpoint: resume passes over it and says so
+            diff = []
+            for section in ("model", "data.clip", stage):
+                a = _flat(_at(saved, section), f"{section}.")
+                b = _flat(_at(now, section), f"{section}.")
+                diff += [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            if diff:
+                raise ConfigError(f"{folder} holds a run of another config ({'; '.join(diff[:4])}"
+                                  f"{'; ...' if len(diff) > 4 else ''}): re-running continues that run, so use its config, "
+                                  "or start a new run with another run.name (or delete the folder)")
+            break
+
+
+def _at(d: dict, dotted: str) -> dict:
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d if isinstance(d, dict) else {}
 
 
 def check_weights(cfg: PretrainConfig, source: str | None, partial: bool = False) -> None:
