@@ -137,3 +137,23 @@ def test_a_run_folder_of_another_config_is_named_before_ray_starts(tmp_path):
         check_resume_config(changed)
     assert str(tmp_path / "r-mae") in str(e.value) and "model.depth: 2 there, 3 now" in str(e.value)
     assert "mae.optim.lr" in str(e.value) and "run.name" in str(e.value)
+
+
+def test_storage_that_cannot_hold_the_run_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from conftest import DEMO_CONFIG, TINY
+
+    from ppma_ray.cli import check_storage
+    from ppma_ray.config import ConfigError, load_config
+
+    (tmp_path / "a_file").write_text("x")
+    cfg = lambda path: load_config(DEMO_CONFIG, [*TINY, f"run.storage_path={path}"])  # noqa: E731
+    check_storage(cfg(tmp_path / "runs"))
+    with pytest.raises(ConfigError, match=f"run.storage_path: {tmp_path}/a_file/runs is under {tmp_path}/a_file, which is a file"):
+        check_storage(cfg(tmp_path / "a_file" / "runs"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ConfigError, match=r"run.storage_path: .* GiB free; 3 checkpoints of this model"):
+        check_storage(cfg(tmp_path / "runs"))

@@ -142,6 +142,33 @@ def _at(d: dict, dotted: str) -> dict:
     return d if isinstance(d, dict) else {}
 
 
+def check_storage(cfg: PretrainConfig, checkpoints: int | None = None) -> None:
+    """A local ``run.storage_path`` can hold the run: not under a file, writable, and with room for
+    ``checkpoints`` (default ``run.keep`` + 1, the one being written) checkpoints of this model
+    with AdamW's state (4 + 8 bytes per parameter). Object storage is checked by the preflight."""
+    if "://" in cfg.run.storage_path:
+        return
+    import shutil
+
+    path = Path(cfg.run.storage_path).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError.at("run.storage_path", f"{path} is under {existing}, which is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError.at("run.storage_path", f"{existing} is not writable")
+    import torch
+
+    from ppma_ray.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg.model, "mae", 1, img_size=cfg.data.clip.img_size, num_frames=cfg.data.clip.num_frames)
+    need = 12 * sum(p.numel() for p in model.parameters()) * (checkpoints or cfg.run.keep + 1)
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise ConfigError.at("run.storage_path", f"{existing} has {free / 2**30:.1f} GiB free; {checkpoints or cfg.run.keep + 1} "
+                                                 f"checkpoints of this model with optimizer state need {need / 2**30:.1f} GiB")
+
+
 def check_weights(cfg: PretrainConfig, source: str | None, partial: bool = False) -> None:
     """Match a local weights source (any layout ``load_trunk`` reads) against the run's model, built
     on the meta device: a file that would load partially or not at all fails here, in a second,

@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_weights, finish_config,
-                          parser, read_config, start_ray)
+from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_storage, check_weights,
+                          finish_config, parser, read_config, start_ray)
 from ppma_ray.config import ConfigError, PretrainConfig, to_dict
 from ppma_ray.models.errors import CheckpointError
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         args.init_from = stage2_start(cfg, args)
         check_manifests_exist(cfg, stages)
         check_resume_config(cfg, stages)
+        check_storage(cfg)
         check_weights(cfg, args.init_from, args.init_from_partial)
 
     from ppma_ray.train.report import print_results

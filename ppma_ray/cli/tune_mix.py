@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ppma_ray.cli import bad_input_exits, check_manifests_exist, finish_config, parser, read_config, start_ray
+from ppma_ray.cli import bad_input_exits, check_manifests_exist, check_storage, finish_config, parser, read_config, start_ray
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check(cfg)
         check_manifests_exist(cfg, ("align",) if args.stage1 else ("mae", "align"))
+        check_storage(cfg)
         if args.stage1 and not Path(args.stage1).exists() and "://" not in args.stage1:
             raise FileNotFoundError(f"--stage1: {args.stage1} does not exist")
 
