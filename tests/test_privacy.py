@@ -85,6 +85,30 @@ def test_torchvision_segmenter_builds_without_weights_and_runs():
     assert prob.shape == (3, 64, 96) and prob.dtype == np.float32 and ((prob >= 0) & (prob <= 1)).all()
 
 
+def test_segmenter_weights_load_whole_or_not_at_all(tmp_path):
+    """A user's segmenter file as torchvision trains it (with the auxiliary head) loads and gives the
+    same person map; a file that does not fit is refused, never half-loaded."""
+    import torch
+    from torchvision.models import get_model
+
+    from ppma_ray.privacy.segment import TorchvisionSegmenter
+
+    torch.manual_seed(0)
+    trained = get_model("deeplabv3_mobilenet_v3_large", weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    torch.save(trained.state_dict(), tmp_path / "seg.pth")
+    seg = TorchvisionSegmenter(weights_path=str(tmp_path / "seg.pth"), device="cpu")
+    main = {k: v for k, v in trained.state_dict().items() if not k.startswith("aux_classifier.")}
+    loaded = seg.model.state_dict()
+    assert loaded.keys() == main.keys() and all(torch.equal(loaded[k], main[k]) for k in main)
+    frames, _, _ = scene(t_len=2)
+    assert seg(frames).shape == frames.shape[:3]
+    broken = {k: v for k, v in trained.state_dict().items() if k != "classifier.4.weight"}
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"broken.pth is not a deeplabv3_mobilenet_v3_large person segmenter: "
+                                         r"missing \['classifier.4.weight'\]"):
+        TorchvisionSegmenter(weights_path=str(tmp_path / "broken.pth"), device="cpu")
+
+
 def test_audit_reports_people_before_and_none_after(clips_with_people, tmp_path, ray_session):
     from ppma_ray.data.manifest import read_manifest
     from ppma_ray.privacy.job import audit, remove_humans

@@ -31,7 +31,15 @@ class TorchvisionSegmenter:
         if weights_path:
             from ppma_ray.models.checkpoint import read_state_dict
 
-            self.model.load_state_dict(read_state_dict(weights_path), strict=False)
+            # torchvision's DeepLabV3 files also hold the auxiliary training head, which inference
+            # never runs; every other tensor must be there and fit: a half-loaded person segmenter
+            # would leave people in the videos
+            state = {k: v for k, v in read_state_dict(weights_path).items() if not k.startswith("aux_classifier.")}
+            result = self.model.load_state_dict(state, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise ValueError(f"{weights_path} is not a {arch} person segmenter: missing {result.missing_keys[:5]}"
+                                 f"{' ...' if len(result.missing_keys) > 5 else ''}, unexpected "
+                                 f"{result.unexpected_keys[:5]}{' ...' if len(result.unexpected_keys) > 5 else ''}")
         self.device = torch.device(device) if device else reserved_device()  # never a GPU Ray did not assign
         self.model.to(self.device).eval()
         self.batch_size, self.short_side = batch_size, short_side
