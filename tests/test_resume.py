@@ -157,3 +157,40 @@ def test_storage_that_cannot_hold_the_run_is_refused_before_ray_starts(tmp_path,
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(ConfigError, match=r"run.storage_path: .* GiB free; 3 checkpoints of this model"):
         check_storage(cfg(tmp_path / "runs"))
+
+
+@pytest.mark.integration
+def test_sigterm_stops_the_job_at_a_log_step_with_a_checkpoint_and_exit_143(ray_session, demo_root, tmp_path):
+    """SIGTERM (``ray job stop``, a pod eviction) to a running ``jobs/pretrain.py``: the workers stop
+    at their next log step with a checkpoint of it, and the job exits 143 saying where to resume."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, TINY
+
+    sets = [*TINY, f"data.demo_root={demo_root}", f"run.storage_path={tmp_path / 'runs'}", "run.name=sig",
+            "run.log_every=1", "mae.epochs=100", "mae.samples_per_epoch=16", "mae.batch_size=8"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}  # joins, as under ray job submit
+    job = subprocess.Popen([sys.executable, str(ROOT / "jobs/pretrain.py"), "--stage", "mae",
+                            *[a for x in sets for a in ("--set", x)]], env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = tmp_path / "runs/sig-mae/mae_metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and job.poll() is None:
+        if metrics.is_file() and sum("loss" in line for line in metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.5)
+    assert job.poll() is None, job.communicate()[1][-3000:]
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=240)
+    assert job.returncode == 143, err[-3000:]
+    (line,) = [x for x in err.splitlines() if x.startswith("stopped by SIGTERM")]
+    step = int(line.split(" at step ")[1].split(";")[0])
+    assert line.endswith("re-run the same command to resume") and 3 <= step < 200
+    checkpoint = Path(line.split("checkpoint ")[1].split(":")[0])
+    assert torch.load(checkpoint / STATE_FILE, weights_only=True)["step"] == step and checkpoint_problem(checkpoint) is None
+    assert max(json.loads(x)["step"] for x in metrics.read_text().splitlines()) == step

@@ -11,6 +11,7 @@ Writes DIR/results.json (DIR defaults to run.storage_path/run.name) and the reso
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,22 +51,28 @@ def main(argv: list[str] | None = None) -> int:
 
     from ppma_ray.train.report import print_results
     from ppma_ray.train.runner import pretrain, run_dir
+    from ppma_ray.train.stop import StoppedBySignal, graceful_stop
 
     cfg = start_ray(cfg)
     out_dir = Path(args.output_dir) if args.output_dir else run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    results = {"config": str(out_dir / "config.json"), "stages": pretrain(cfg, stages, init_from=args.init_from,
-                                                                        init_partial=args.init_from_partial,
-                                                                        output_dir=out_dir)}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    if args.ablation:  # stage 2 without stage 1: the "alignment only" row
-        from ppma_ray.train.config import RunOptions
-        from ppma_ray.train.runner import run_stage
+    try:
+        with graceful_stop(f"ppma-stop-{cfg.run.name}-{os.getpid()}") as stop_flag:
+            results = {"config": str(out_dir / "config.json"),
+                       "stages": pretrain(cfg, stages, init_from=args.init_from, init_partial=args.init_from_partial,
+                                          output_dir=out_dir, stop_flag=stop_flag)}
+            (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+            if args.ablation:  # stage 2 without stage 1: the "alignment only" row
+                from ppma_ray.train.config import RunOptions
+                from ppma_ray.train.runner import run_stage
 
-        results["stages"]["align_only"] = run_stage(cfg, RunOptions("align", f"{cfg.run.name}-align_only"),
-                                                      output_dir=out_dir)
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+                results["stages"]["align_only"] = run_stage(
+                    cfg, RunOptions("align", f"{cfg.run.name}-align_only", stop_flag=stop_flag), output_dir=out_dir)
+                (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    except StoppedBySignal as stopped:
+        print(f"{stopped}: re-run the same command to resume", file=sys.stderr)
+        return stopped.exit_code
     if "align" in results["stages"] and cfg.eval.tasks:
         results["eval"] = probe_tasks(cfg, results["stages"], args.ablation)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))

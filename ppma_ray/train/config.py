@@ -162,3 +162,4 @@ class RunOptions:
     resume_from: str | None = None  # another run's full state to continue (a PBT round)
     stop_epoch: int | None = None  # end after this epoch (a PBT round); schedules still span stage.epochs
     average: AverageSpec | None = None
+    stop_flag: str | None = None  # the job's graceful-stop actor (train/stop.py): stop at a log step with a checkpoint

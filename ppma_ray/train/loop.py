@@ -39,6 +39,7 @@ from ppma_ray.train.evaluate import multiview_test
 from ppma_ray.train.metrics import MetricsLog, Progress, console
 from ppma_ray.train.optim import build_optimizer, lr_at
 from ppma_ray.train.stages import AlignLoss, mae_loss
+from ppma_ray.train.stop import requested as stop_requested
 from ppma_ray.train.step import LossFn, WorkerContext, prefetch_to_device, train_step
 
 # consecutive non-finite steps before the run is stopped; counted on the device and checked at log
@@ -222,6 +223,8 @@ def train_loop(loop_config: dict) -> None:
         report = (cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0) or end_of_epoch or stop
         log_line = state.step % cfg.run.log_every == 0 or end_of_epoch
         if log_line or report:  # the host reads device values here only
+            if stop_requested(options.stop_flag, ctx.world, ctx.device):
+                stop = report = True
             state.skipped_steps = int(skipped)
             if state.skipped_steps > MAX_SKIPPED_STEPS:
                 raise FloatingPointError(f"{options.stage}: loss or gradient not finite for {state.skipped_steps} steps "

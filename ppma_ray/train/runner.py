@@ -17,6 +17,7 @@ from ppma_ray.config import PretrainConfig
 from ppma_ray.data.demo import make_demo
 from ppma_ray.train.checkpoint import FAILURES_FILE, REJECTS_FILE, read_train_state
 from ppma_ray.train.config import RunOptions
+from ppma_ray.train.stop import StoppedBySignal, signalled
 
 
 def resolve_paths(cfg: PretrainConfig) -> PretrainConfig:
@@ -98,6 +99,9 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
     }
     if result.checkpoint:
         summary.update(_data_failures(result.checkpoint, m, output_dir and Path(output_dir) / f"rejects_{options.run_name}.csv"))
+    signum = signalled(options.stop_flag)
+    if signum is not None:
+        raise StoppedBySignal(signum, options.stage, summary)
     if options.stage == "align":
         summary["val_top1"] = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("val_top1/")}
         summary["train_top1"] = m.get("train_top1")
@@ -132,14 +136,15 @@ def _data_failures(checkpoint, metrics: dict, copy_to: Path | None) -> dict:
 
 
 def pretrain(cfg: PretrainConfig, stages: tuple[str, ...] = ("mae", "align"), init_from: str | None = None,
-             init_partial: bool = False, output_dir: Path | None = None) -> dict:
-    """Stage 1 (MAE) then stage 2 (alignment, initialised from stage 1's last checkpoint)."""
+             init_partial: bool = False, output_dir: Path | None = None, stop_flag: str | None = None) -> dict:
+    """Stage 1 (MAE) then stage 2 (alignment, initialised from stage 1's last checkpoint).
+    ``stop_flag``: the job's graceful-stop flag (``train/stop.py``)."""
     cfg = resolve_paths(cfg)
     out: dict = {}
     for stage in stages:
         start = init_from if stage == stages[0] else out[stages[0]]["checkpoint"]
-        out[stage] = run_stage(cfg, RunOptions(stage, init_from=start, init_partial=init_partial and stage == stages[0]),
-                               output_dir=output_dir)
+        out[stage] = run_stage(cfg, RunOptions(stage, init_from=start, init_partial=init_partial and stage == stages[0],
+                                               stop_flag=stop_flag), output_dir=output_dir)
     return out
 
 
