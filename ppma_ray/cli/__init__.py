@@ -106,19 +106,14 @@ def check_resume_config(cfg: PretrainConfig, stages=("mae", "align")) -> None:
     """Re-running into a run folder continues its run, so the folder's saved config (in its newest
     checkpoint) must agree with this one where it shapes the training: ``model``, ``data.clip`` and
     the stage's own section. Bookkeeping keys (``run.*``, ``scaling.*``, ``eval.*``) may change."""
-    import pyarrow.fs as pafs
-
     from ppma_ray.config import to_dict
-    from ppma_ray.train.checkpoint import CONFIG_FILE
+    from ppma_ray.train.checkpoint import CONFIG_FILE, checkpoint_dirs, storage
 
-    storage = cfg.run.storage_path if "://" in cfg.run.storage_path else os.path.abspath(cfg.run.storage_path)
-    fs, base = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    fs, base, shown = storage(cfg.run.storage_path)
     now = json.loads(json.dumps(to_dict(cfg)))  # as config.json holds it (tuples as lists)
     for stage in stages:
-        folder = f"{base.rstrip('/')}/{cfg.run.name}-{stage}"
-        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-        for ckpt in sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                            and i.base_name.startswith("checkpoint_")), reverse=True):
+        folder = f"{shown}/{cfg.run.name}-{stage}"
+        for ckpt in checkpoint_dirs(fs, f"{base.rstrip('/')}/{cfg.run.name}-{stage}"):
             try:
                 with fs.open_input_stream(f"{ckpt}/{CONFIG_FILE}") as f:
                     saved = json.loads(f.read().decode())

@@ -114,17 +114,30 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7919 + step) % (2**63 - 1)
 
 
+def storage(storage_path: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path in it, path as shown) of ``run.storage_path``: a local folder (made
+    absolute) or an object-storage URI."""
+    if "://" in storage_path:
+        fs, base = pafs.FileSystem.from_uri(storage_path)
+        return fs, base, storage_path.rstrip("/")
+    path = os.path.abspath(storage_path)
+    return pafs.LocalFileSystem(), path, path
+
+
+def checkpoint_dirs(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """A run folder's ``checkpoint_<time>`` folders, newest first (none if the folder is absent)."""
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+                  reverse=True)
+
+
 def stage1_checkpoint(storage_path: str, run_name: str) -> tuple[str | None, str]:
     """(The newest checkpoint of this run's stage 1 that is whole, or None; the folder searched).
     Local or object storage (there by name only: checking would mean downloading it); the jobs
     call it before Ray starts."""
-    storage = storage_path if "://" in storage_path else os.path.abspath(storage_path)
-    fs, base = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
-    folder = f"{base.rstrip('/')}/{run_name}-mae"
-    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    found = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
-                   reverse=True)
-    shown = f"{storage.rstrip('/')}/{run_name}-mae"
-    if "://" in storage:
-        return (f"{storage.rstrip('/')}/{run_name}-mae/{found[0].rsplit('/', 1)[1]}" if found else None), shown
+    fs, base, shown = storage(storage_path)
+    found = checkpoint_dirs(fs, f"{base.rstrip('/')}/{run_name}-mae")
+    shown = f"{shown}/{run_name}-mae"
+    if "://" in storage_path:
+        return (f"{shown}/{found[0].rsplit('/', 1)[1]}" if found else None), shown
     return next((p for p in found if checkpoint_problem(p) is None), None), shown

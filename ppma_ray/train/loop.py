@@ -32,8 +32,8 @@ from ppma_ray.models import build_model
 from ppma_ray.models.averaging import LearnedAverage
 from ppma_ray.models.checkpoint import load_trunk, load_trunks
 from ppma_ray.models.errors import CheckpointError
-from ppma_ray.train.checkpoint import (FAILURES_FILE, MODEL_FILE, REJECTS_FILE, checkpoint_problem, load_checkpoint,
-                                      save_checkpoint, seal_checkpoint, step_seed)
+from ppma_ray.train.checkpoint import (FAILURES_FILE, MODEL_FILE, REJECTS_FILE, checkpoint_dirs, checkpoint_problem,
+                                      load_checkpoint, save_checkpoint, seal_checkpoint, step_seed)
 from ppma_ray.train.data import EpochStream, ResolvedSource, resolve_sources
 from ppma_ray.train.evaluate import multiview_test
 from ppma_ray.train.metrics import MetricsLog, Progress, console
@@ -140,12 +140,8 @@ def restore(cfg: PretrainConfig, options: RunOptions, stage: Stage, rank: int) -
 def _newest_first(latest: "ray.train.Checkpoint") -> list:
     """The run's newest checkpoint, then the older ones kept beside it (``run.keep``), newest
     first: Ray names them ``checkpoint_<time>``."""
-    import pyarrow.fs as pafs
-
     parent = latest.path.rstrip("/").rsplit("/", 1)[0]
-    infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
-    older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-                    and i.path.rstrip("/") != latest.path.rstrip("/")), reverse=True)
+    older = [p for p in checkpoint_dirs(latest.filesystem, parent) if p.rstrip("/") != latest.path.rstrip("/")]
     return [latest, *(ray.train.Checkpoint(p, filesystem=latest.filesystem) for p in older)]
 
 
