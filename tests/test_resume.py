@@ -1,5 +1,6 @@
 """Bit-exact resume on Ray Train: after a stop, after a worker failure, and as PBT's rounds."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,10 @@ SCHEDULE = "align.mix_schedule=[[1, {nohuman: 0.0, synthetic: 1.0}]]"
 def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_session, tiny_config, tmp_path):
     """One stage-2 run with a mix schedule, reached three ways, bit for bit:
     (a) uninterrupted;
-    (b) stopped after step 5, mid-epoch (as a crash would), its newest checkpoint then truncated
-        (as a crash during the write leaves it), then the same command again: it resumes from the
-        step-4 checkpoint, and a worker raises once at step 9 and Ray restarts it from step 8;
+    (b) stopped after step 5, mid-epoch (as a crash would); then its newest checkpoint deleted
+        and the one before cut short (as a crash during the write leaves it); then the same command
+        again: it resumes from the step-2 checkpoint, and a worker raises once at step 9 and Ray
+        restarts it from step 8;
     (c) PBT's round trip: another run name continues the full state of (b)'s epoch-1 checkpoint."""
     common = ["align.epochs=2", "align.batch_size=8", "align.samples_per_epoch=48", "run.checkpoint_every=2",
               "run.keep=10", "align.mix={nohuman: 0.5, synthetic: 0.5}", SCHEDULE,
@@ -31,23 +33,26 @@ def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_sessi
 
     first = run_stage(resolve_paths(tiny_config(*common, "run.name=resumed", "run.max_steps=5")), RunOptions("align"))
     assert first["steps"] == 5
-    newest = Path(first["checkpoint"])
-    assert torch.load(newest / STATE_FILE, weights_only=True)["step"] == 5
-    weights = (newest / MODEL_FILE).read_bytes()
-    (newest / MODEL_FILE).write_bytes(weights[: len(weights) // 2])
+    by_step = {torch.load(d / STATE_FILE, weights_only=True)["step"]: d for d in Path(first["checkpoint"]).parent.glob("checkpoint_*") if d.is_dir()}
+    assert sorted(by_step) == [2, 4, 5]
+    shutil.rmtree(by_step[5])  # gone, though Ray's run record lists it
+    weights = (by_step[4] / MODEL_FILE).read_bytes()
+    (by_step[4] / MODEL_FILE).write_bytes(weights[: len(weights) // 2])  # cut short
     resumed = run_stage(resolve_paths(tiny_config(*common, "run.name=resumed", "run.fail_at_step=9",
                                                   "run.max_failures=1")), RunOptions("align"))
     assert resumed["steps"] == 12 and (tmp_path / "runs/resumed-align/failed_at_9").exists()
-    lines = [m for m in _metrics(tmp_path / "runs/resumed-align", "align") if "loss" in m]
-    assert [m["step"] for m in lines] == [2, 4, 6, 8, 10, 12]  # no step repeated or skipped
+    logged = _metrics(tmp_path / "runs/resumed-align", "align")
+    assert [m["step"] for m in logged if m.get("event") == "resumed"] == [2, 8]  # from step 2, then 8 after the failure
+    lines = [m for m in logged if "loss" in m]
+    assert [m["step"] for m in lines] == [2, 4, 4, 6, 8, 10, 12]  # step 4 redone after the marker, none skipped
     ref_lr = {m["step"]: m["lr"] for m in _metrics(tmp_path / "runs/ref-align", "align") if "lr" in m}
     assert all(m["lr"] == pytest.approx(ref_lr[m["step"]]) for m in lines)
 
     epoch1 = next(d for d in (tmp_path / "runs/resumed-align").glob("checkpoint_*")
-                  if torch.load(d / STATE_FILE, weights_only=True)["step"] == 6)
+                  if d.is_dir() and torch.load(d / STATE_FILE, weights_only=True)["step"] == 6)
     round2 = run_stage(resolve_paths(tiny_config(*common, "run.name=r2")), RunOptions("align", resume_from=str(epoch1)))
     assert round2["steps"] == 12
-    assert [m["step"] for m in _metrics(tmp_path / "runs/r2-align", "align")][0] > 6  # continued, not restarted
+    assert [m["step"] for m in _metrics(tmp_path / "runs/r2-align", "align") if "loss" in m][0] > 6  # continued
 
     ref_w = _final_weights(reference)
     for other in (resumed, round2):

@@ -194,6 +194,8 @@ def train_loop(loop_config: dict) -> None:
     total_steps = stage_cfg.epochs * stream.steps_per_epoch
     log_dir = _local_dir(cfg, options.run_name)
     log = MetricsLog(log_dir if ctx.rank == 0 else None, options.stage)
+    if state.step:  # lines after this one redo steps the file may already hold (from before a crash)
+        log.write(state.step, {"event": "resumed"})
     progress = Progress(options.stage, total_steps, stage_cfg.epochs, ctx.world, verbose=ctx.rank == 0)
     metrics: dict = {}
     model.train()

@@ -15,7 +15,9 @@ from ray.train.torch import TorchTrainer
 
 from ppma_ray.config import PretrainConfig
 from ppma_ray.data.demo import make_demo
-from ppma_ray.train.checkpoint import FAILURES_FILE, REJECTS_FILE, read_train_state
+from ppma_ray.train.checkpoint import (FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, checkpoint_problem, read_train_state,
+                                      storage)
+from ppma_ray.models.errors import CheckpointError
 from ppma_ray.train.config import RunOptions
 from ppma_ray.train.stop import StoppedBySignal, signalled
 
@@ -49,6 +51,45 @@ def decode_cpu_budget(cfg: PretrainConfig) -> float:
     return left
 
 
+# Ray Train restores a run folder from this file, and refuses the whole folder when a checkpoint it
+# lists is gone. Its storage layout is not a contract of ours: when it is in the way we set it aside.
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def own_resume(cfg: PretrainConfig, options: RunOptions) -> RunOptions:
+    """When Ray's run snapshot lists checkpoints that are gone (deleted by hand, a lost upload) or
+    cannot be read, set it aside and resume from the newest whole checkpoint in the folder instead
+    (``resume_from``), saying so; otherwise Ray resumes the run as usual."""
+    fs, base, shown = storage(cfg.run.storage_path)
+    folder = f"{base.rstrip('/')}/{options.run_name}"
+    try:
+        with fs.open_input_stream(f"{folder}/{RAY_SNAPSHOT}") as f:
+            text = f.read().decode()
+    except (FileNotFoundError, OSError):
+        return options
+    found = checkpoint_dirs(fs, folder)
+    try:
+        listed = {r["checkpoint_dir_name"] for r in json.loads(text)["checkpoint_results"]}
+        gone = sorted(listed - {p.rsplit("/", 1)[1] for p in found})
+    except (ValueError, KeyError, TypeError):
+        gone = ["(the snapshot cannot be read)"]
+    if not gone:
+        return options
+    local = "://" not in cfg.run.storage_path
+    newest = next((p for p in found if not local or checkpoint_problem(p) is None), None)
+    aside = f"{folder}/{RAY_SNAPSHOT}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+    fs.move(f"{folder}/{RAY_SNAPSHOT}", aside)
+    start = f"resumes from {newest}" if newest else "starts over: no whole checkpoint is left"
+    print(f"{shown}/{options.run_name}: Ray's run record lists checkpoints that are gone ({', '.join(gone)}); it is "
+          f"set aside ({aside.rsplit('/', 1)[1]}) and the run {start}", flush=True)
+    if newest is None:
+        if found:  # progress is there but damaged: an error, never a silent start from scratch
+            raise CheckpointError(f"{shown}/{options.run_name}: no checkpoint in it is whole; "
+                                  + "; ".join(f"{p}: {checkpoint_problem(p)}" for p in found))
+        return options
+    return replace(options, resume_from=f"{shown}/{options.run_name}/{newest.rsplit('/', 1)[1]}")
+
+
 def worker_entry(loop_config: dict) -> None:
     """What Ray Train runs on every worker: ``train_loop``, imported here rather than at module
     level. The trainer's controller actor unpickles this function too, and only needs its name:
@@ -70,6 +111,7 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
     one in the last checkpoint)."""
     options = replace(options, run_name=options.run_name or f"{cfg.run.name}-{options.stage}",
                       decode_cpus=decode_cpu_budget(cfg))
+    options = own_resume(cfg, options)
     s = cfg.scaling
     trainer = TorchTrainer(
         worker_entry,
