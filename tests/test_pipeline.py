@@ -1,4 +1,5 @@
 import csv
+import io
 
 import numpy as np
 import pytest
@@ -70,7 +71,7 @@ def test_pipeline_batches_shapes_labels_and_planned_proportion(ray_session, demo
     assert not np.array_equal(video[0], video[1])  # the two replicas have different crops
 
 
-def test_corrupt_videos_are_skipped_counted_and_the_threshold_stops_the_run(ray_session, demo, video_dir, tmp_path):
+def test_corrupt_videos_are_skipped_counted_and_the_threshold_stops_the_run(ray_session, demo, video_dir):
     sources = _sources(demo)
     bad = read_manifest_rows(video_dir)
     sources.append(Source("broken", bad))
@@ -80,9 +81,7 @@ def test_corrupt_videos_are_skipped_counted_and_the_threshold_stops_the_run(ray_
     kept = [tracker.update({k: v.numpy() for k, v in b.items()}) for b in ds.iter_torch_batches(batch_size=4)]
     assert sum(len(b["label"]) for b in kept) == 8 and tracker.failed_clips == 4
     assert tracker.summary()["broken"] == {"videos": 2, "failed": 2}  # per video, not per clip (repeats=2)
-    rejects = tmp_path / "rejects.csv"
-    tracker.write_rejects(rejects)
-    rows = list(csv.DictReader(rejects.open()))
+    rows = list(csv.DictReader(io.StringIO(tracker.rejects_csv())))
     assert [r["path"].split("/")[-1] for r in rows] == ["empty.mp4", "text.mp4"]
     assert all(r["source"] == "broken" and r["reason"] for r in rows)
     strict = FailureTracker(sources, max_failure_rate=0.0, min_videos=1)

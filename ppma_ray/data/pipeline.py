@@ -14,7 +14,6 @@ counts, reports and drops them (``FailureTracker``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,22 +250,25 @@ class FailureTracker:
 
     def load_state_dict(self, state: dict) -> None:
         self.merge([state])
+        self.failed_clips = state.get("failed_clips", 0)
 
     def merge(self, states: list[dict]) -> None:
-        """Union with other trackers' states (the same sources): another rank's, or a checkpoint's."""
+        """Union with other trackers' videos (the same sources): another rank's, or a checkpoint's.
+        ``failed_clips`` stays this process's own count."""
         for state in states:
             for k, rows in enumerate(state["seen"]):
                 self.seen[k][np.asarray(rows, dtype=np.int64)] = True
             for s, r, reason in state["rejects"]:
                 self.rejects.setdefault((int(s), int(r)), reason)
-        self.failed_clips = max([self.failed_clips, *(st.get("failed_clips", 0) for st in states)])
 
-    def write_rejects(self, path: str | os.PathLike) -> None:
+    def rejects_csv(self) -> str:
         """``source,row,path,reason`` of every rejected video (a header only when there is none)."""
         import csv
+        import io
 
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["source", "row", "path", "reason"])
-            for (s, r), reason in sorted(self.rejects.items()):
-                w.writerow([self.sources[s].name, r, self.path(s, r), reason])
+        out = io.StringIO()
+        w = csv.writer(out)
+        w.writerow(["source", "row", "path", "reason"])
+        for (s, r), reason in sorted(self.rejects.items()):
+            w.writerow([self.sources[s].name, r, self.path(s, r), reason])
+        return out.getvalue()

@@ -29,7 +29,8 @@ MANIFEST_FILE = "manifest.json"
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict, config: dict) -> Path:
+                    state: dict, config: dict, extra: dict[str, str] | None = None) -> Path:
+    """The three files, any ``extra`` text files (name -> content), then the manifest over them all."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -39,6 +40,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
         full["optimizer"] = optimizer.state_dict()
     torch.save(full, d / STATE_FILE)
     (d / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    for name, text in (extra or {}).items():
+        (d / name).write_text(text)
     seal_checkpoint(d)
     return d
 
@@ -52,8 +55,7 @@ def _sha256(path: Path) -> str:
 
 
 def seal_checkpoint(directory: str | Path) -> None:
-    """Write ``manifest.json``: size and SHA-256 of every other file in the folder (call it again
-    after adding files)."""
+    """Write ``manifest.json``: size and SHA-256 of every other file in the folder."""
     d = Path(directory)
     files = sorted(p for p in d.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
     manifest = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
@@ -131,13 +133,22 @@ def checkpoint_dirs(fs: pafs.FileSystem, folder: str) -> list[str]:
                   reverse=True)
 
 
+def newest_whole(fs: pafs.FileSystem, folder: str) -> tuple[str | None, dict[str, str]]:
+    """(The newest checkpoint in ``folder`` that is whole, or None; why each newer one is not).
+    On object storage by name only: checking would mean downloading it."""
+    problems: dict[str, str] = {}
+    for path in checkpoint_dirs(fs, folder):
+        problem = None if not isinstance(fs, pafs.LocalFileSystem) else checkpoint_problem(path)
+        if problem is None:
+            return path, problems
+        problems[path] = problem
+    return None, problems
+
+
 def stage1_checkpoint(storage_path: str, run_name: str) -> tuple[str | None, str]:
-    """(The newest checkpoint of this run's stage 1 that is whole, or None; the folder searched).
-    Local or object storage (there by name only: checking would mean downloading it); the jobs
-    call it before Ray starts."""
+    """(The newest whole checkpoint of this run's stage 1, or None; the folder searched, as
+    shown); the jobs call it before Ray starts."""
     fs, base, shown = storage(storage_path)
-    found = checkpoint_dirs(fs, f"{base.rstrip('/')}/{run_name}-mae")
+    found = newest_whole(fs, f"{base.rstrip('/')}/{run_name}-mae")[0]
     shown = f"{shown}/{run_name}-mae"
-    if "://" in storage_path:
-        return (f"{shown}/{found[0].rsplit('/', 1)[1]}" if found else None), shown
-    return next((p for p in found if checkpoint_problem(p) is None), None), shown
+    return (found and f"{shown}/{found.rsplit('/', 1)[1]}"), shown

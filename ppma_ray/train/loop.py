@@ -32,8 +32,8 @@ from ppma_ray.models import build_model
 from ppma_ray.models.averaging import LearnedAverage
 from ppma_ray.models.checkpoint import load_trunk, load_trunks
 from ppma_ray.models.errors import CheckpointError
-from ppma_ray.train.checkpoint import (FAILURES_FILE, MODEL_FILE, REJECTS_FILE, checkpoint_dirs, checkpoint_problem,
-                                      load_checkpoint, save_checkpoint, seal_checkpoint, step_seed)
+from ppma_ray.train.checkpoint import (FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, checkpoint_problem,
+                                      load_checkpoint, save_checkpoint, step_seed)
 from ppma_ray.train.data import EpochStream, ResolvedSource, resolve_sources
 from ppma_ray.train.evaluate import multiview_test
 from ppma_ray.train.metrics import MetricsLog, Progress, console
@@ -339,10 +339,8 @@ def _report(metrics: dict, stage: Stage, state: TrainState, cfg: PretrainConfig,
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, stage.model, stage.optimizer, asdict(state), to_dict(cfg))
-        tracker.write_rejects(Path(tmp) / REJECTS_FILE)
-        (Path(tmp) / FAILURES_FILE).write_text(json.dumps(tracker.summary(), indent=2))
-        seal_checkpoint(tmp)
+        save_checkpoint(tmp, stage.model, stage.optimizer, asdict(state), to_dict(cfg),
+                        extra={REJECTS_FILE: tracker.rejects_csv(), FAILURES_FILE: json.dumps(tracker.summary(), indent=2)})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 

@@ -15,8 +15,7 @@ from ray.train.torch import TorchTrainer
 
 from ppma_ray.config import PretrainConfig
 from ppma_ray.data.demo import make_demo
-from ppma_ray.train.checkpoint import (FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, checkpoint_problem, read_train_state,
-                                      storage)
+from ppma_ray.train.checkpoint import FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, newest_whole, read_train_state, storage
 from ppma_ray.models.errors import CheckpointError
 from ppma_ray.train.config import RunOptions
 from ppma_ray.train.stop import StoppedBySignal, signalled
@@ -75,17 +74,16 @@ def own_resume(cfg: PretrainConfig, options: RunOptions) -> RunOptions:
         gone = ["(the snapshot cannot be read)"]
     if not gone:
         return options
-    local = "://" not in cfg.run.storage_path
-    newest = next((p for p in found if not local or checkpoint_problem(p) is None), None)
+    newest, problems = newest_whole(fs, folder)
     aside = f"{folder}/{RAY_SNAPSHOT}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
     fs.move(f"{folder}/{RAY_SNAPSHOT}", aside)
     start = f"resumes from {newest}" if newest else "starts over: no whole checkpoint is left"
     print(f"{shown}/{options.run_name}: Ray's run record lists checkpoints that are gone ({', '.join(gone)}); it is "
           f"set aside ({aside.rsplit('/', 1)[1]}) and the run {start}", flush=True)
     if newest is None:
-        if found:  # progress is there but damaged: an error, never a silent start from scratch
+        if problems:  # progress is there but damaged: an error, never a silent start from scratch
             raise CheckpointError(f"{shown}/{options.run_name}: no checkpoint in it is whole; "
-                                  + "; ".join(f"{p}: {checkpoint_problem(p)}" for p in found))
+                                  + "; ".join(f"{p}: {problem}" for p, problem in problems.items()))
         return options
     return replace(options, resume_from=f"{shown}/{options.run_name}/{newest.rsplit('/', 1)[1]}")
 

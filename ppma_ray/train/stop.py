@@ -8,6 +8,7 @@ step (DDP), so the ranks read it at the same log step and agree by an all-reduce
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 from contextlib import contextmanager
@@ -66,12 +67,18 @@ def graceful_stop(name: str):
         ray.kill(flag)
 
 
+@functools.lru_cache(maxsize=4)
+def _flag(name: str):
+    """The flag's handle, looked up once per process (``requested`` runs at every log step)."""
+    return ray.get_actor(name)
+
+
 def requested(name: str | None, world: int, device: torch.device) -> bool:
     """On every rank at the same step: has the job asked to stop? (Ranks may read the flag a moment
     apart, so they agree on the maximum.)"""
     if name is None:
         return False
-    wanted = torch.tensor(float(ray.get(ray.get_actor(name).get.remote()) is not None), device=device)
+    wanted = torch.tensor(float(ray.get(_flag(name).get.remote()) is not None), device=device)
     if world > 1:
         torch.distributed.all_reduce(wanted, op=torch.distributed.ReduceOp.MAX)
     return bool(wanted.item())
