@@ -33,10 +33,10 @@ TINY = [
 
 
 RAY_FIXTURES = {"ray_session", "two_node_cluster", "head_node"}
-# The longest files first (about 60-250 s each on 2 cores): the two test workers (``--dist
-# loadfile``) take files in collection order, so a long file picked up last would leave one worker
-# idle while the other finishes it.
-LONGEST_FIRST = ["test_tune_pbt.py", "test_resume.py", "test_tune.py", "test_cluster.py", "test_train.py",
+# The longest files first (about 60-250 s each on 2 cores): the two test workers (``--dist loadfile
+# --no-loadscope-reorder``) take files in collection order, so a long file picked up last would
+# leave one worker idle while the other finishes it. The two Tune files go to different workers.
+LONGEST_FIRST = ["test_tune_pbt.py", "test_tune.py", "test_resume.py", "test_cluster.py", "test_train.py",
                  "test_evaluate.py", "test_benchmarks.py"]
 
 
@@ -109,10 +109,13 @@ def tiny_config(tmp_path, demo_root):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole test session (starting Ray costs seconds)."""
+    """One local Ray instance for the whole test session (starting Ray costs seconds), started as
+    the jobs start one (idle workers kept for reuse)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from ppma_ray.ray_env import init_ray
+
+    init_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
 
