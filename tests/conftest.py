@@ -144,6 +144,44 @@ def sample_videos() -> dict[str, Path]:
     return {n.split(".")[0]: out / n for n in names}
 
 
+def _session_members(sids: set[int]) -> list[int]:
+    """Live processes whose session id is one of ``sids`` (field 6 of /proc/PID/stat)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[3]) in sids:
+            out.append(int(d.name))
+    return out
+
+
+def stop_sessions(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """Stop processes started with ``start_new_session=True`` and everything they started (Ray's
+    daemons and workers stay in the session): SIGTERM, then SIGKILL for what is left after
+    ``grace_s``. By session id, never by name pattern, so nothing outside the test is touched."""
+    import signal
+    import time
+
+    sids = {p.pid for p in procs}
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + grace_s
+    while _session_members(sids) and time.time() < deadline:
+        time.sleep(0.5)
+    for pid in _session_members(sids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        p.wait(timeout=30)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

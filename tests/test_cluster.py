@@ -6,7 +6,7 @@ import json
 import os
 import re
 import secrets
-import signal
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import agent_ports, free_port
+from conftest import agent_ports, free_port, stop_sessions
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,17 @@ def test_no_yaml_opens_the_internet_or_holds_a_token():
             assert rule["FromPort"] == rule["ToPort"] == 22, f  # only SSH is opened, never Ray's ports
 
 
+def test_every_gcp_node_joins_the_dedicated_subnetwork():
+    """With a subnetwork on every node type Ray skips its own pick (the project's first subnet,
+    usually the default network that opens SSH to the internet); the header says how to create it."""
+    text = (ROOT / "cluster/gcp.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    for name, node in cfg["available_node_types"].items():
+        (iface,) = node["node_config"]["networkInterfaces"]
+        assert iface["subnetwork"].endswith("/subnetworks/ppma-subnet"), name
+    assert "gcloud compute firewall-rules create ppma-ssh" in text and "--allow=tcp:22" in text
+
+
 @pytest.fixture(scope="session")
 def two_node_cluster():
     """A head with token auth marked as the trainer node (a custom ``trainer`` resource, 1 CPU) and a
@@ -89,10 +100,8 @@ def two_node_cluster():
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_for_nodes(f"127.0.0.1:{gcs}", env, 2)
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env, "token": token}
-    for p in (worker, head):
-        os.killpg(p.pid, signal.SIGTERM)
-    time.sleep(2)
-    subprocess.run(["pkill", "-9", "-f", temp], check=False)
+    stop_sessions([worker, head])
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _wait_for_nodes(address: str, env: dict, count: int, seconds: int = 120) -> None:
@@ -155,8 +164,7 @@ def test_preflight_asks_for_missing_resources_waits_for_a_node_and_times_out_cle
     try:
         out, err = waiting.communicate(timeout=280)
     finally:
-        os.killpg(node.pid, signal.SIGTERM)
-        node.wait(timeout=60)
+        stop_sessions([node])
     assert waiting.returncode == 0, out + err
     assert "waiting for the cluster to scale up" in out and "| CPUs | PASS |" in out
 
