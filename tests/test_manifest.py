@@ -25,6 +25,30 @@ def test_videomae_space_and_csv_formats(tmp_path, text):
     assert t.column("label").to_pylist() == [1, 2]
 
 
+def test_a_symlink_under_the_root_that_points_outside_is_refused(tmp_path):
+    """Root containment follows symlinks: a link to a file outside the root is an error naming the
+    line; links that stay inside, and a root that is itself a link, are fine."""
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    (data / "v").mkdir(parents=True)
+    outside.mkdir()
+    (data / "v/a.mp4").write_bytes(b"x")
+    (outside / "secret.mp4").write_bytes(b"x")
+    (data / "v/inside.mp4").symlink_to(data / "v/a.mp4")
+    (tmp_path / "linked_root").symlink_to(data)
+    f = tmp_path / "m.txt"
+    f.write_text("v/a.mp4 1\nv/inside.mp4 2\n")
+    for root in (data, tmp_path / "linked_root"):
+        assert read_manifest(f, root=root).column("path").to_pylist() == [str(root / "v/a.mp4"), str(root / "v/inside.mp4")]
+    (data / "v/escape.mp4").symlink_to(outside / "secret.mp4")
+    (data / "w").symlink_to(outside)  # a linked folder
+    for line in ("v/escape.mp4 3", "w/secret.mp4 3"):
+        f.write_text(f"v/a.mp4 1\nv/inside.mp4 2\n{line}\n")
+        with pytest.raises(ManifestError) as e:
+            read_manifest(f, root=data)
+        assert e.value.line == 3 and "leaves the root through a symlink" in str(e.value)
+        assert str(outside / "secret.mp4") in str(e.value)
+
+
 def test_named_columns_csv_and_parquet(tmp_path):
     f = tmp_path / "m.csv"
     f.write_text("label,path,source,start_s,end_s\n4,x.mp4,synthetic,1.5,4.0\n5,y.mp4,nohuman,,\n")

@@ -132,13 +132,14 @@ def _parquet_rows(path: Path) -> list[dict]:
 
 def _to_table(path: Path, rows: list[dict], root) -> pa.Table:
     root_abs = os.path.abspath(root) if root is not None else None
+    real = _RealPaths(root_abs) if root_abs is not None else None
     out: dict[str, list] = {"path": [], "label": [], "line": []}
     optional = [c for c in OPTIONAL if c in rows[0]]
     for c in optional:
         out[c] = []
     for rec in rows:
         i = rec["line"]
-        out["path"].append(_resolve(path, i, str(rec.get("path") or ""), root_abs))
+        out["path"].append(_resolve(path, i, str(rec.get("path") or ""), root_abs, real))
         out["label"].append(_as_int(path, i, "label", rec.get("label")))
         out["line"].append(i)
         for c in optional:
@@ -149,7 +150,26 @@ def _to_table(path: Path, rows: list[dict], root) -> pa.Table:
     return pa.table(out, schema=schema)
 
 
-def _resolve(path: Path, line: int, p: str, root_abs: str | None) -> str:
+class _RealPaths:
+    """Where paths under a root really are, symlinks followed: one ``realpath`` per directory
+    (manifests list thousands of files in a few class folders) and one ``lstat`` per file."""
+
+    def __init__(self, root_abs: str):
+        self.root = os.path.realpath(root_abs)
+        self.dirs: dict[str, str] = {}
+
+    def inside(self, full: str) -> tuple[bool, str]:
+        """(whether ``full`` resolves inside the root, where it resolves to)."""
+        head, name = os.path.split(full)
+        if head not in self.dirs:
+            self.dirs[head] = os.path.realpath(head)
+        real = os.path.join(self.dirs[head], name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+        return os.path.commonpath([real, self.root]) == self.root, real
+
+
+def _resolve(path: Path, line: int, p: str, root_abs: str | None, real: _RealPaths | None = None) -> str:
     if not p:
         raise ManifestError(path, line, "field 'path' is empty")
     if root_abs is None:
@@ -159,6 +179,11 @@ def _resolve(path: Path, line: int, p: str, root_abs: str | None) -> str:
     full = os.path.normpath(os.path.join(root_abs, p))
     if os.path.commonpath([full, root_abs]) != root_abs:
         raise ManifestError(path, line, f"field 'path' escapes the root ({p!r})")
+    # ".." is caught above; a symlink under the root that points elsewhere is caught here (the
+    # root itself may be a symlink: both sides are compared resolved)
+    inside, target = real.inside(full) if real is not None else (True, full)
+    if not inside:
+        raise ManifestError(path, line, f"field 'path' leaves the root through a symlink ({p!r} -> {target})")
     return full
 
 
