@@ -1,5 +1,7 @@
-"""Bit-exact resume on Ray Train: after a stop, after a worker failure, and as PBT's rounds."""
+"""Bit-exact resume on Ray Train: after a stop, over damaged checkpoints, after a worker failure,
+and from a given checkpoint (``--resume-from``)."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -24,7 +26,8 @@ def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_sessi
         and the one before cut short (as a crash during the write leaves it); then the same command
         again: it resumes from the step-2 checkpoint, and a worker raises once at step 9 and Ray
         restarts it from step 8;
-    (c) PBT's round trip: another run name continues the full state of (b)'s epoch-1 checkpoint."""
+    (c) ``jobs/pretrain.py --resume-from`` (b)'s epoch-1 checkpoint, in a new run folder: PBT's
+        round trip."""
     common = ["align.epochs=2", "align.batch_size=8", "align.samples_per_epoch=48", "run.checkpoint_every=2",
               "run.keep=10", "align.mix={nohuman: 0.5, synthetic: 0.5}", SCHEDULE,
               "align.random_erase=0.5"]  # its boxes come from Python's random: reseeded per step too
@@ -48,14 +51,24 @@ def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_sessi
     ref_lr = {m["step"]: m["lr"] for m in _metrics(tmp_path / "runs/ref-align", "align") if "lr" in m}
     assert all(m["lr"] == pytest.approx(ref_lr[m["step"]]) for m in lines)
 
+    # jobs/pretrain.py --resume-from: (b)'s epoch-1 checkpoint continued in a new run folder, as
+    # PBT's rounds continue each other's checkpoints
+    from conftest import TINY
+
+    from ppma_ray.cli import pretrain as job
+
     epoch1 = next(d for d in (tmp_path / "runs/resumed-align").glob("checkpoint_*")
                   if d.is_dir() and torch.load(d / STATE_FILE, weights_only=True)["step"] == 6)
-    round2 = run_stage(resolve_paths(tiny_config(*common, "run.name=r2")), RunOptions("align", resume_from=str(epoch1)))
-    assert round2["steps"] == 12
+    sets = [*TINY, f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={tiny_config().data.demo_root}", *common,
+            "run.name=r2", "eval.tasks=[]"]
+    assert job.main(["--resume-from", str(epoch1), "--output-dir", str(tmp_path / "r2"),
+                     *[a for x in sets for a in ("--set", x)]]) == 0
+    round2 = json.loads((tmp_path / "r2/results.json").read_text())["stages"]
+    assert list(round2) == ["align"] and round2["align"]["steps"] == 12
     assert [m["step"] for m in _metrics(tmp_path / "runs/r2-align", "align") if "loss" in m][0] > 6  # continued
 
     ref_w = _final_weights(reference)
-    for other in (resumed, round2):
+    for other in (resumed, round2["align"]):
         weights = _final_weights(other)
         assert all(torch.equal(ref_w[k], weights[k]) for k in ref_w)
 
@@ -113,6 +126,55 @@ def test_resume_passes_over_damaged_checkpoints_to_the_newest_whole_one(tmp_path
     assert all(d.name in str(e.value) for d in (first, second, newest))
 
 
+def _run_folder(tmp_path, listed: int, unlisted: int) -> tuple[list[Path], "object"]:
+    """A run folder as Ray leaves it: ``listed`` checkpoints in its run record, then ``unlisted``
+    newer ones it never recorded (the record's update was lost)."""
+    import json
+
+    from conftest import DEMO_CONFIG, TINY
+
+    from ppma_ray.config import load_config
+
+    model = torch.nn.Linear(4, 2)
+    dirs = [save_checkpoint(tmp_path / f"runs/r-align/checkpoint_2026-01-01_00-00-0{i}", model, None, {"step": i + 1}, {})
+            for i in range(listed + unlisted)]
+    record = {"checkpoint_results": [{"checkpoint_dir_name": d.name} for d in dirs[:listed]]}
+    (tmp_path / "runs/r-align/checkpoint_manager_snapshot.json").write_text(json.dumps(record))
+    return dirs, load_config(DEMO_CONFIG, [*TINY, f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])
+
+
+def test_checkpoints_rays_record_does_not_list_are_used_when_newest_and_whole_else_removed(tmp_path, capsys):
+    from ppma_ray.train.runner import RAY_SNAPSHOT, own_resume
+
+    (old, newer, landed, cut_short), cfg = _run_folder(tmp_path, 2, 2)
+    (cut_short / MODEL_FILE).write_bytes(b"")  # a write that never finished
+    stale = save_checkpoint(tmp_path / "runs/r-align/checkpoint_2025-12-31_00-00-00", torch.nn.Linear(4, 2), None,
+                            {"step": 0}, {})  # older than the record's, not in it
+    options = own_resume(cfg, RunOptions("align", "r-align"))
+    assert options.resume_from == str(landed)  # the newest whole one, though the record missed it
+    assert not stale.exists() and not cut_short.exists() and old.exists() and newer.exists()
+    assert not (tmp_path / f"runs/r-align/{RAY_SNAPSHOT}").exists()  # set aside
+    out = capsys.readouterr().out
+    assert f"removed checkpoint folder {cut_short.name}" in out and "model.safetensors has 0 bytes" in out
+    assert f"removed checkpoint folder {stale.name}" in out and f"does not list the newest whole checkpoint ({landed.name})" in out
+
+    (old2, newest2), cfg = _run_folder(tmp_path / "whole", 2, 0)
+    assert own_resume(cfg, RunOptions("align", "r-align")).resume_from is None  # all listed and whole: Ray resumes
+
+
+def test_a_run_folder_with_no_whole_checkpoint_fails_before_ray_trains(tmp_path):
+    """Found before the stage starts, so Ray's restarts never retry it (max_failures: -1 would loop)."""
+    from ppma_ray.models.errors import CheckpointError
+    from ppma_ray.train.runner import own_resume
+
+    dirs, cfg = _run_folder(tmp_path, 2, 0)
+    for d in dirs:
+        (d / STATE_FILE).write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="no checkpoint in it is whole") as e:
+        own_resume(cfg, RunOptions("align", "r-align"))
+    assert all(d.name in str(e.value) for d in dirs) and "another run.name" in str(e.value)
+
+
 def test_stage_2_alone_starts_from_the_newest_whole_stage_1_checkpoint(tmp_path):
     from ppma_ray.train.checkpoint import stage1_checkpoint
 
@@ -142,6 +204,38 @@ def test_a_run_folder_of_another_config_is_named_before_ray_starts(tmp_path):
         check_resume_config(changed)
     assert str(tmp_path / "r-mae") in str(e.value) and "model.depth: 2 there, 3 now" in str(e.value)
     assert "mae.optim.lr" in str(e.value) and "run.name" in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["damaged", "other config", "folder holds a run", "with --init-from", "wrong --stage"])
+def test_resume_from_a_checkpoint_that_cannot_continue_exits_2_before_ray(tmp_path, capsys, case):
+    from conftest import DEMO_CONFIG, TINY
+
+    from ppma_ray.cli import pretrain as job
+    from ppma_ray.config import load_config, to_dict
+    from ppma_ray.train.loop import stage_model
+
+    sets = [*TINY, f"run.storage_path={tmp_path / 'runs'}", "run.name=new"]
+    cfg = load_config(DEMO_CONFIG, sets)
+    ckpt = save_checkpoint(tmp_path / "old-mae/checkpoint_2026-01-01_00-00-00", stage_model(cfg, "mae"), None,
+                           {"step": 4}, to_dict(cfg))
+    extra = []
+    if case == "damaged":
+        (ckpt / STATE_FILE).write_bytes(b"")
+    elif case == "other config":
+        extra = ["model.depth=3"]
+    elif case == "folder holds a run":
+        save_checkpoint(tmp_path / "runs/new-mae/checkpoint_2026-01-02_00-00-00", torch.nn.Linear(2, 2), None, {"step": 1},
+                        to_dict(cfg))
+    argv = ["--resume-from", str(ckpt), *[a for x in [*sets, *extra] for a in ("--set", x)]]
+    argv += {"with --init-from": ["--init-from", str(ckpt)], "wrong --stage": ["--stage", "align"]}.get(case, [])
+    with pytest.raises(SystemExit) as exit_:
+        job.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    expected = {"damaged": "train_state.pt has 0 bytes", "other config": "model.depth: 2 there, 3 now",
+                "folder holds a run": "new-mae already holds a run", "with --init-from": "leave out --init-from",
+                "wrong --stage": "is a mae checkpoint, not align"}[case]
+    assert expected in err, err
 
 
 def test_storage_that_cannot_hold_the_run_is_refused_before_ray_starts(tmp_path, monkeypatch):

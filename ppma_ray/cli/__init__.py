@@ -119,16 +119,23 @@ def check_resume_config(cfg: PretrainConfig, stages=("mae", "align")) -> None:
                     saved = json.loads(f.read().decode())
             except (OSError, ValueError):
                 continue  # a damaged checkpoint: resume passes over it and says so
-            diff = []
-            for section in ("model", "data.clip", stage):
-                a = _flat(_at(saved, section), f"{section}.")
-                b = _flat(_at(now, section), f"{section}.")
-                diff += [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            diff = config_diff(saved, now, stage)
             if diff:
                 raise ConfigError(f"{folder} holds a run of another config ({'; '.join(diff[:4])}"
                                   f"{'; ...' if len(diff) > 4 else ''}): re-running continues that run, so use its config, "
                                   "or start a new run with another run.name (or delete the folder)")
             break
+
+
+def config_diff(saved: dict, now: dict, stage: str) -> list[str]:
+    """``key: saved there, now`` for every key of ``model``, ``data.clip`` and the stage's section
+    that differs: what a checkpoint's training depends on (``run.*``, ``scaling.*`` may change)."""
+    diff = []
+    for section in ("model", "data.clip", stage):
+        a = _flat(_at(saved, section), f"{section}.")
+        b = _flat(_at(now, section), f"{section}.")
+        diff += [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return diff
 
 
 def _at(d: dict, dotted: str) -> dict:

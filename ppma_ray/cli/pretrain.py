@@ -1,10 +1,13 @@
 """PPMA pretraining: stage 1 MAE on no-human video, stage 2 alignment on no-human + synthetic.
 
     python jobs/pretrain.py [--config YAML] [--set key=value ...] [--output-dir DIR] [--stage mae|align]
+                            [--resume-from CHECKPOINT]
 
 With no arguments: the demo data (generated on first use), a tiny ViT, CPU. Works the same under
 ``ray job submit -- python jobs/pretrain.py ...`` (it joins the cluster). Re-running the same command
-(same run.storage_path and run.name) resumes from the last checkpoint of each stage.
+(same run.storage_path and run.name) resumes from the newest whole checkpoint of each stage;
+``--resume-from`` continues a given checkpoint in a new run folder. To start a run over, give it
+another run.name (or delete its folders, ``<run.storage_path>/<run.name>-<stage>``).
 Writes DIR/results.json (DIR defaults to run.storage_path/run.name) and the resolved config.
 """
 
@@ -16,7 +19,7 @@ import sys
 from pathlib import Path
 
 from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_storage, check_weights,
-                          finish_config, parser, read_config, start_ray)
+                          config_diff, finish_config, parser, read_config, start_ray)
 from ppma_ray.config import ConfigError, PretrainConfig, to_dict
 from ppma_ray.models.errors import CheckpointError
 
@@ -35,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablation", action="store_true",
                     help="also train stage 2 from random init, and probe the paper's four rows on eval.tasks: random "
                          "init, MAE only, alignment only, MAE + alignment (PPMA)")
+    ap.add_argument("--resume-from", default=None, metavar="CHECKPOINT",
+                    help="continue this checkpoint's training (weights, optimizer, step, data position) in this run's "
+                         "folder; its stage is read from its weights, and stage 2 follows a stage-1 checkpoint")
     args = ap.parse_args(argv)
     stages = (args.stage,) if args.stage else ("mae", "align")
     with bad_input_exits(CheckpointError):
@@ -43,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = finish_config(args, read_config(args))
         if args.ablation and not cfg.eval.tasks:
             raise ConfigError("--ablation: eval.tasks is empty; the ablation probes every task")
-        args.init_from = stage2_start(cfg, args)
+        if args.resume_from:  # the checkpoint's stage, then stage 2 after a stage-1 checkpoint (unless --stage)
+            stage = resume_stage(cfg, args)
+            stages = (stage,) if args.stage or stage == "align" else ("mae", "align")
+        else:
+            args.init_from = stage2_start(cfg, args)
         check_manifests_exist(cfg, stages)
         check_resume_config(cfg, stages)
         check_storage(cfg)
@@ -61,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         with graceful_stop(f"ppma-stop-{cfg.run.name}-{os.getpid()}") as stop_flag:
             results = {"config": str(out_dir / "config.json"),
                        "stages": pretrain(cfg, stages, init_from=args.init_from, init_partial=args.init_from_partial,
-                                          output_dir=out_dir, stop_flag=stop_flag)}
+                                          resume_from=args.resume_from, output_dir=out_dir, stop_flag=stop_flag)}
             (out_dir / "results.json").write_text(json.dumps(results, indent=2))
             if args.ablation:  # stage 2 without stage 1: the "alignment only" row
                 from ppma_ray.train.config import RunOptions
@@ -73,12 +83,46 @@ def main(argv: list[str] | None = None) -> int:
     except StoppedBySignal as stopped:
         print(f"{stopped}: re-run the same command to resume", file=sys.stderr)
         return stopped.exit_code
+    except CheckpointError as e:  # a run folder with no whole checkpoint: found before its stage starts
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if "align" in results["stages"] and cfg.eval.tasks:
         results["eval"] = probe_tasks(cfg, results["stages"], args.ablation)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     print_results(results)
     print(f"results: {out_dir / 'results.json'}")
     return 0
+
+
+def resume_stage(cfg: PretrainConfig, args) -> str:
+    """``--resume-from CHECKPOINT``: the stage it continues (from its weights; ``--stage`` must
+    agree), checked before Ray starts: the checkpoint is whole, it was trained with this config's
+    model, clip and stage settings, and this run's folder for the stage holds no run yet (re-running
+    continues that one)."""
+    if args.init_from or args.random_init or args.ablation:
+        raise ConfigError("--resume-from continues a checkpoint's training: leave out --init-from, --random-init "
+                          "and --ablation")
+    from ppma_ray.train.checkpoint import CONFIG_FILE, checkpoint_dirs, checkpoint_problem, checkpoint_stage, storage
+
+    path = Path(args.resume_from)
+    if "://" in args.resume_from or not path.is_dir():
+        raise ConfigError(f"--resume-from {args.resume_from}: not a checkpoint folder on this machine")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"--resume-from {path}: cannot be resumed from: {problem}")
+    stage = checkpoint_stage(path)
+    if args.stage and args.stage != stage:
+        raise ConfigError(f"--resume-from {path} is a {stage} checkpoint, not {args.stage}")
+    diff = config_diff(json.loads((path / CONFIG_FILE).read_text()), json.loads(json.dumps(to_dict(cfg))), stage)
+    if diff:
+        raise ConfigError(f"--resume-from {path} was trained with another config ({'; '.join(diff[:4])}"
+                          f"{'; ...' if len(diff) > 4 else ''}): continue it with its own config")
+    fs, base, shown = storage(cfg.run.storage_path)
+    if checkpoint_dirs(fs, f"{base.rstrip('/')}/{cfg.run.name}-{stage}"):
+        raise ConfigError(f"{shown}/{cfg.run.name}-{stage} already holds a run: re-run without --resume-from to "
+                          "continue it, or give this one another run.name")
+    print(f"{stage} continues from {path}", file=sys.stderr)
+    return stage
 
 
 def stage2_start(cfg: PretrainConfig, args) -> str | None:

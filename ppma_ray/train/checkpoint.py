@@ -22,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ppma_ray.models.errors import CheckpointError
+
 MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "train_state.pt", "config.json"
 # written beside them by the training loop: the videos rejected so far, and counts per source
 REJECTS_FILE, FAILURES_FILE = "rejects.csv", "data_failures.json"
@@ -91,6 +93,18 @@ def checkpoint_problem(directory: str | Path) -> str | None:
     except Exception as e:  # any reader error means the same: this folder cannot be resumed from
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return None
+
+
+def checkpoint_stage(directory: str | Path) -> str:
+    """``mae`` or ``align``: the pretraining stage whose weights a checkpoint holds (an MAE model has
+    a decoder, a stage-2 model has classification heads)."""
+    with safe_open(str(Path(directory) / MODEL_FILE), framework="pt") as f:
+        tops = {k.split(".", 1)[0] for k in f.keys()}
+    if "decoder" in tops or "mask_token" in tops:
+        return "mae"
+    if "heads" in tops:
+        return "align"
+    raise CheckpointError(f"{directory}: neither an MAE model nor a stage-2 classifier (its tensors: {sorted(tops)})")
 
 
 def read_train_state(directory: str | Path) -> dict:

@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -56,9 +57,19 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def own_resume(cfg: PretrainConfig, options: RunOptions) -> RunOptions:
-    """When Ray's run snapshot lists checkpoints that are gone (deleted by hand, a lost upload) or
-    cannot be read, set it aside and resume from the newest whole checkpoint in the folder instead
-    (``resume_from``), saying so; otherwise Ray resumes the run as usual."""
+    """Decide where a re-run continues, before Ray Train starts, from the run folder itself:
+
+    * Ray's run record (``checkpoint_manager_snapshot.json``) lists checkpoints that are gone or
+      cannot be read, or a whole checkpoint newer than any it lists exists (the record was not
+      updated after the checkpoint landed): the record is set aside and the run resumes from the
+      newest whole checkpoint (``resume_from``), saying so.
+    * Checkpoint folders the record does not list and that are not used (cut short during the
+      write, or older than the record's) are deleted, saying so.
+    * No checkpoint is whole: an error naming each folder and why. Raised here, it is never
+      handed to Ray's restarts (``run.max_failures: -1`` would retry a damaged folder for ever).
+
+    Otherwise Ray resumes the run as usual. Folder checks read files, so they are for local storage;
+    on object storage only gone checkpoints are handled."""
     fs, base, shown = storage(cfg.run.storage_path)
     folder = f"{base.rstrip('/')}/{options.run_name}"
     try:
@@ -67,25 +78,38 @@ def own_resume(cfg: PretrainConfig, options: RunOptions) -> RunOptions:
     except (FileNotFoundError, OSError):
         return options
     found = checkpoint_dirs(fs, folder)
+    name = lambda path: path.rsplit("/", 1)[1]  # noqa: E731
     try:
         listed = {r["checkpoint_dir_name"] for r in json.loads(text)["checkpoint_results"]}
-        gone = sorted(listed - {p.rsplit("/", 1)[1] for p in found})
+        gone = sorted(listed - {name(p) for p in found})
     except (ValueError, KeyError, TypeError):
-        gone = ["(the snapshot cannot be read)"]
-    if not gone:
-        return options
+        listed, gone = set(), ["(the snapshot cannot be read)"]
     newest, problems = newest_whole(fs, folder)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    unlisted_newest = local and newest is not None and name(newest) not in listed
+    if local:
+        for path in found:
+            if name(path) not in listed and path != newest:
+                why = problems.pop(path, "not the newest whole checkpoint")
+                fs.delete_dir(path)
+                print(f"{shown}/{options.run_name}: removed checkpoint folder {name(path)}, which Ray's run record does "
+                      f"not list ({why})", flush=True)
+    if newest is None and problems:  # progress is there but damaged: an error, never a silent start from scratch
+        raise CheckpointError(f"{shown}/{options.run_name}: no checkpoint in it is whole; "
+                              + "; ".join(f"{p}: {problem}" for p, problem in problems.items())
+                              + ". Start over with another run.name, or delete the folder")
+    if not gone and not unlisted_newest:
+        return options
     aside = f"{folder}/{RAY_SNAPSHOT}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
     fs.move(f"{folder}/{RAY_SNAPSHOT}", aside)
-    start = f"resumes from {newest}" if newest else "starts over: no whole checkpoint is left"
-    print(f"{shown}/{options.run_name}: Ray's run record lists checkpoints that are gone ({', '.join(gone)}); it is "
-          f"set aside ({aside.rsplit('/', 1)[1]}) and the run {start}", flush=True)
+    reason = (f"lists checkpoints that are gone ({', '.join(gone)})" if gone
+              else f"does not list the newest whole checkpoint ({name(newest)})")
+    start = f"resumes from {newest}" if newest else "starts over: no checkpoint is left"
+    print(f"{shown}/{options.run_name}: Ray's run record {reason}; it is set aside ({name(aside)}) and the run {start}",
+          flush=True)
     if newest is None:
-        if problems:  # progress is there but damaged: an error, never a silent start from scratch
-            raise CheckpointError(f"{shown}/{options.run_name}: no checkpoint in it is whole; "
-                                  + "; ".join(f"{p}: {problem}" for p, problem in problems.items()))
         return options
-    return replace(options, resume_from=f"{shown}/{options.run_name}/{newest.rsplit('/', 1)[1]}")
+    return replace(options, resume_from=f"{shown}/{options.run_name}/{name(newest)}")
 
 
 def worker_entry(loop_config: dict) -> None:
@@ -176,15 +200,19 @@ def _data_failures(checkpoint, metrics: dict, copy_to: Path | None) -> dict:
 
 
 def pretrain(cfg: PretrainConfig, stages: tuple[str, ...] = ("mae", "align"), init_from: str | None = None,
-             init_partial: bool = False, output_dir: Path | None = None, stop_flag: str | None = None) -> dict:
+             init_partial: bool = False, resume_from: str | None = None, output_dir: Path | None = None,
+             stop_flag: str | None = None) -> dict:
     """Stage 1 (MAE) then stage 2 (alignment, initialised from stage 1's last checkpoint).
+    ``resume_from``: a checkpoint of the first stage whose full state that stage continues.
     ``stop_flag``: the job's graceful-stop flag (``train/stop.py``)."""
     cfg = resolve_paths(cfg)
     out: dict = {}
     for stage in stages:
-        start = init_from if stage == stages[0] else out[stages[0]]["checkpoint"]
-        out[stage] = run_stage(cfg, RunOptions(stage, init_from=start, init_partial=init_partial and stage == stages[0],
-                                               stop_flag=stop_flag), output_dir=output_dir)
+        first = stage == stages[0]
+        start = (None if resume_from else init_from) if first else out[stages[0]]["checkpoint"]
+        out[stage] = run_stage(cfg, RunOptions(stage, init_from=start, init_partial=init_partial and first,
+                                               resume_from=resume_from if first else None, stop_flag=stop_flag),
+                               output_dir=output_dir)
     return out
 
 
