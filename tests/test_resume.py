@@ -258,6 +258,32 @@ def test_storage_that_cannot_hold_the_run_is_refused_before_ray_starts(tmp_path,
         check_storage(cfg(tmp_path / "runs"))
 
 
+def test_a_failed_stage_is_one_line_per_rank_naming_its_saved_traceback(tmp_path):
+    """What the driver prints when Ray Train gives up: each failed rank's error in one line and the
+    file in the run folder holding its traceback (the note travels with the pickled exception)."""
+    import pickle
+
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback  # how Ray wraps it
+
+    from conftest import DEMO_CONFIG, TINY
+
+    from ppma_ray.config import load_config
+    from ppma_ray.train.runner import failure_line, save_traceback
+
+    cfg = load_config(DEMO_CONFIG, [*TINY, f"run.storage_path={tmp_path / 'runs'}"])
+    try:
+        raise RuntimeError("injected failure at step 3\nsecond line")
+    except RuntimeError as e:
+        e.add_note(f"traceback: {save_traceback(cfg, RunOptions('mae', 'r-mae'), rank=0)}")
+        failed = pickle.loads(pickle.dumps(e))
+    (saved,) = (tmp_path / "runs/r-mae/errors").glob("rank0-*.txt")
+    assert "Traceback (most recent call last)" in saved.read_text() and "second line" in saved.read_text()
+    error = WorkerGroupError("...", {1: ValueError("bad shape"), 0: UserExceptionWithTraceback(failed, "Traceback ...")})
+    assert failure_line("r-mae", error) == (f"r-mae failed: rank 0: RuntimeError: injected failure at step 3 "
+                                            f"(traceback: {saved}); rank 1: ValueError: bad shape")
+
+
 @pytest.mark.integration
 def test_sigterm_stops_the_job_at_a_log_step_with_a_checkpoint_and_exit_143(ray_session, demo_root, tmp_path):
     """SIGTERM (``ray job stop``, a pod eviction) to a running ``jobs/pretrain.py``: the workers stop

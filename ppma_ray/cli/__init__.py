@@ -70,6 +70,19 @@ def bad_input_exits(*more: type[BaseException]):
         raise SystemExit(BAD_INPUT) from None
 
 
+@contextmanager
+def stage_failure_exits():
+    """A stage whose Ray Train run failed -> ``error: <run> failed: rank R: ... (traceback: FILE)``
+    on stderr and exit code 1: one line per failed rank, the traceback saved in the run folder."""
+    from ppma_ray.train.runner import StageFailed  # the training stack, once Ray runs
+
+    try:
+        yield
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> None:
     """The manifests the stages read exist and parse (a ``ManifestError`` names file:line), and their
     relative video paths have a root to be relative to: without ``root`` they would resolve in each

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ppma_ray.cli import bad_input_exits, finish_config, parser, read_config, start_ray
+from ppma_ray.cli import bad_input_exits, finish_config, parser, read_config, stage_failure_exits, start_ray
 from ppma_ray.config import ConfigError, SourceConfig
 from ppma_ray.models.errors import CheckpointError
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = start_ray(cfg)
     name = args.model_name or ("random_init" if not args.checkpoint else
                                "avg" if n_models > 1 else Path(args.checkpoint[0]).name)
-    with bad_input_exits(KeyError, ValueError):
+    with bad_input_exits(KeyError, ValueError), stage_failure_exits():
         entry = evaluate(cfg, args.task, args.protocol, name, args.checkpoint, alphas, args.learned_alpha,
                          args.per_layer, args.cache_features, args.num_classes)
     out = Path(args.output_dir) if args.output_dir else Path(cfg.run.storage_path) / f"{cfg.run.name}-eval"

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_storage, check_weights,
-                          config_diff, finish_config, parser, read_config, start_ray)
+                          config_diff, finish_config, parser, read_config, stage_failure_exits, start_ray)
 from ppma_ray.config import ConfigError, PretrainConfig, to_dict
 from ppma_ray.models.errors import CheckpointError
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     try:
-        with graceful_stop(f"ppma-stop-{cfg.run.name}-{os.getpid()}") as stop_flag:
+        with stage_failure_exits(), graceful_stop(f"ppma-stop-{cfg.run.name}-{os.getpid()}") as stop_flag:
             results = {"config": str(out_dir / "config.json"),
                        "stages": pretrain(cfg, stages, init_from=args.init_from, init_partial=args.init_from_partial,
                                           resume_from=args.resume_from, output_dir=out_dir, stop_flag=stop_flag)}

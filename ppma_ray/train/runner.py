@@ -6,12 +6,13 @@ import copy
 import json
 import os
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
 from ppma_ray.config import PretrainConfig
@@ -119,7 +120,45 @@ def worker_entry(loop_config: dict) -> None:
     of CPU per stage on 2 cores, for nothing."""
     from ppma_ray.train.loop import train_loop
 
-    train_loop(loop_config)
+    try:
+        train_loop(loop_config)
+    except Exception as e:
+        rank = ray.train.get_context().get_world_rank()
+        e.add_note(f"traceback: {save_traceback(loop_config['config'], loop_config['options'], rank)}")
+        raise  # the note is pickled with the exception: the driver names the file
+
+
+def save_traceback(cfg: PretrainConfig, options: RunOptions, rank: int) -> str:
+    """Write the exception being handled, in full, to ``<run folder>/errors/rank<R>-<time>.txt``
+    (next to the checkpoints, local or object storage); returns that path. The console gets one
+    line naming it, not the traceback."""
+    fs, base, shown = storage(cfg.run.storage_path)
+    name = f"{options.run_name}/errors/rank{rank}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    try:
+        fs.create_dir(f"{base.rstrip('/')}/{options.run_name}/errors")
+        with fs.open_output_stream(f"{base.rstrip('/')}/{name}") as f:
+            f.write(traceback.format_exc().encode())
+    except OSError as e:  # the storage itself failing: say so rather than hide the first error
+        return f"not written ({e}); see the Ray worker logs"
+    return f"{shown}/{name}"
+
+
+class StageFailed(RuntimeError):
+    """A stage's Ray Train run failed; the message is one line per failed rank (the error's first
+    line and the worker log holding its traceback)."""
+
+
+def failure_line(run_name: str, error: Exception) -> str:
+    """``<run> failed: rank R: Type: first line (traceback: host:log)`` for Ray Train's error."""
+    parts = []
+    for rank, exc in sorted((getattr(error, "worker_failures", None) or {}).items()):
+        base = getattr(exc, "_base_exc", exc)  # Ray wraps the worker's exception with its traceback text
+        first = (str(base).strip().splitlines() or [""])[0][:300]
+        notes = [n for n in getattr(base, "__notes__", []) if n.startswith("traceback: ")]
+        parts.append(f"rank {rank}: {type(base).__name__}: {first}" + (f" ({notes[0]})" if notes else ""))
+    if not parts:  # the controller failed, not a worker
+        parts = [f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"]
+    return f"{run_name} failed: " + "; ".join(parts)
 
 
 def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None = None,
@@ -147,7 +186,10 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
         ),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        raise StageFailed(failure_line(options.run_name, e)) from e
     wall = time.perf_counter() - t0
     m = result.metrics or {}
     if "step" not in m and result.checkpoint:  # the stage had finished before: its last checkpoint knows
