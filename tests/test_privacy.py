@@ -1,6 +1,7 @@
 """Human removal: inpainting quality on a known background, the full job, the torchvision wiring."""
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,65 @@ def test_remove_humans_job_writes_videos_manifest_and_report(clips_with_people, 
     clip = sample_clip(out / "walk0.mp4", num_frames=16, clip_seconds=1.0, seed=0)
     assert clip.shape == (16, 64, 96, 3)
     assert (np.abs(clip.astype(int) - MAGENTA).max(-1) < 60).mean() < 1e-3  # the person is gone
+    assert json.loads((out / "removal.json").read_text())["segmenter"] == "colorkey:255,0,255"
+
+    # the audit reads removal.json: the same model would only confirm its own output
+    from ppma_ray.cli.audit_privacy import main as audit_main
+
+    args = [str(out / "manifest.csv"), "--root", str(out), "--segmenter", "colorkey:255,0,255", "--frames-per-video", "4",
+            "--out", str(tmp_path / "audit.csv")]
+    with pytest.raises(SystemExit) as exit_:
+        audit_main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "removed by colorkey:255,0,255" in err, err
+    assert audit_main([*args, "--allow-same-family"]) == 0
+    stdout = capsys.readouterr().out
+    assert "verdict: clean: 0 of 8 sampled frames show a person (NOT independent: the removal's own model family)" in stdout
+    summary = json.loads((tmp_path / "audit.json").read_text())
+    assert summary["removed_by"] == summary["audited_by"] == "colorkey:255,0,255" and not summary["independent"]
+
+
+@pytest.mark.parametrize("removed_by, requested, expected", [
+    ("torchvision", "auto", ("maskrcnn", True)),
+    ("torchvision:deeplabv3_resnet50:/w/seg.pth", "auto", ("maskrcnn", True)),
+    ("maskrcnn:none", "auto", ("torchvision", True)),
+    (None, "auto", ("maskrcnn", False)),  # nothing recorded: run, but do not call it independent
+    ("torchvision", "torchvision:deeplabv3_resnet101", "same family"),
+    ("colorkey:255,0,255", "maskrcnn", ("maskrcnn", True)),
+])
+def test_the_audit_uses_another_model_family_than_the_removal(removed_by, requested, expected):
+    from ppma_ray.cli.audit_privacy import pick_auditor
+    from ppma_ray.config import ConfigError
+
+    if expected == "same family":
+        with pytest.raises(ConfigError, match="same family .DeepLabV3"):
+            pick_auditor(requested, removed_by)
+        assert pick_auditor(requested, removed_by, allow_same_family=True) == (requested, False)
+    else:
+        assert pick_auditor(requested, removed_by) == expected
+
+
+def test_mask_rcnn_detector_builds_without_weights_runs_and_loads_whole(tmp_path):
+    """The audit's default model family: frames in, a person map out; a weights file loads whole
+    or is refused, as for the segmenter."""
+    import torch
+
+    from ppma_ray.privacy.job import make_segmenter
+    from ppma_ray.privacy.segment import TorchvisionDetector
+
+    seg = make_segmenter("maskrcnn:none")
+    assert isinstance(seg, TorchvisionDetector) and seg.model.roi_heads.mask_predictor is not None
+    seg.model.transform.min_size, seg.model.transform.max_size = (64,), 96  # a small input for the test
+    seg.min_score = 0.0  # an untrained model's detections score low: keep them, to exercise the masks
+    frames, _, _ = scene(t_len=2)
+    prob = seg(frames)
+    assert prob.shape == (2, 64, 96) and prob.dtype == np.float32 and ((prob >= 0) & (prob <= 1)).all()
+    state = seg.model.state_dict()
+    torch.save({k: v for k, v in state.items() if k != "roi_heads.mask_predictor.mask_fcn_logits.weight"},
+               tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"broken.pth is not a maskrcnn_resnet50_fpn_v2 person detector: missing "
+                                         r"\['roi_heads.mask_predictor.mask_fcn_logits.weight'\]"):
+        TorchvisionDetector(weights_path=str(tmp_path / "broken.pth"), device="cpu")
 
 
 def test_torchvision_segmenter_builds_without_weights_and_runs():

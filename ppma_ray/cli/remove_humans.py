@@ -5,21 +5,27 @@
 Ray Data streams the videos through a pool of segmenter actors (GPU or CPU); masks are thresholded
 (--threshold 0.5) and dilated (3x3 cross, --dilate 4 iterations, as HAT); the people are removed by
 temporal background propagation with global alignment, then spatial inpainting. Writes the mp4s
-under OUT (same relative paths), OUT/manifest.csv (same labels) and OUT/report.csv (person-pixel
-fraction before/after, frames, seconds, error). A video that cannot be read is reported; the rest go on.
+under OUT (same relative paths), OUT/manifest.csv (same labels), OUT/report.csv (person-pixel
+fraction before/after, frames, seconds, error) and OUT/removal.json (which model removed the people:
+``jobs/audit_privacy.py`` then audits with another family). A video that cannot be read is
+reported; the rest go on.
 
 --segmenter: torchvision[:ARCH][:WEIGHTS] (DeepLabV3, torchvision's DEFAULT weights, downloaded once
-into the torch hub cache, or a local weights file), colorkey:R,G,B, or package.module:Class.
+into the torch hub cache, or a local weights file), maskrcnn[:ARCH][:WEIGHTS] (Mask R-CNN),
+colorkey:R,G,B, or package.module:Class.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 
 from ppma_ray.cli import bad_input_exits, parser
 from ppma_ray.data.manifest import read_manifest
+
+REMOVAL_FILE = "removal.json"  # next to the No-Human manifest: which model removed the people
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         w.writerows(rows)
     failed = [r for r in rows if r["error"]]
     frames = sum(r["frames"] for r in rows)
+    from ppma_ray.privacy.job import segmenter_family
+
+    (out / REMOVAL_FILE).write_text(json.dumps({
+        "segmenter": args.segmenter, "family": segmenter_family(args.segmenter), "threshold": args.threshold,
+        "dilate": args.dilate, "manifest": str(Path(args.manifest).resolve()), "videos": len(rows) - len(failed)}, indent=2))
     print(f"{len(rows) - len(failed)} of {len(rows)} videos written to {out} ({frames} frames, {wall:.1f} s)")
     for r in failed:
         print(f"  failed line {r['line']}: {r['path']}: {r['error']}")
-    print(f"wrote {out / 'manifest.csv'} and {out / 'report.csv'}")
+    print(f"wrote {out / 'manifest.csv'}, {out / 'report.csv'} and {out / REMOVAL_FILE}")
     return 1 if failed else 0
 

@@ -21,20 +21,22 @@ from ppma_ray.privacy.inpaint import inpaint_video, person_mask
 
 
 def make_segmenter(spec: str):
-    """``torchvision[:ARCH][:none|PATH]`` (DEFAULT weights unless ``none`` or a weights file),
+    """``torchvision[:ARCH][:none|PATH]`` (a DeepLabV3 segmenter), ``maskrcnn[:ARCH][:none|PATH]``
+    (a Mask R-CNN detector) -- DEFAULT weights unless ``none`` or a weights file --,
     ``colorkey:R,G,B``, or ``package.module:Class`` (constructed without arguments)."""
     kind, _, rest = spec.partition(":")
-    if kind == "torchvision":
-        from ppma_ray.privacy.segment import ARCHS, TorchvisionSegmenter
+    if kind in ("torchvision", "maskrcnn"):
+        from ppma_ray.privacy.segment import ARCHS, DETECTOR_ARCHS, TorchvisionDetector, TorchvisionSegmenter
 
+        archs, build = (ARCHS, TorchvisionSegmenter) if kind == "torchvision" else (DETECTOR_ARCHS, TorchvisionDetector)
         parts = [p for p in rest.split(":") if p]
-        arch = parts.pop(0) if parts and parts[0] in ARCHS else "deeplabv3_mobilenet_v3_large"
+        arch = parts.pop(0) if parts and parts[0] in archs else archs[0]
         weights = parts[0] if parts else "DEFAULT"
         if weights == "none":
-            return TorchvisionSegmenter(arch, weights=None)
+            return build(arch, weights=None)
         if os.path.exists(weights):
-            return TorchvisionSegmenter(arch, weights=None, weights_path=weights)
-        return TorchvisionSegmenter(arch, weights=weights)
+            return build(arch, weights=None, weights_path=weights)
+        return build(arch, weights=weights)
     if kind == "colorkey":
         from ppma_ray.privacy.segment import ColorKeySegmenter
 
@@ -43,6 +45,14 @@ def make_segmenter(spec: str):
     if not module:
         raise ValueError(f"unknown segmenter {spec!r}")
     return getattr(importlib.import_module(module), cls)()
+
+
+def segmenter_family(spec: str) -> str:
+    """The model family of a segmenter spec: two specs of one family (DeepLabV3 with another
+    backbone, say) share their training data and blind spots, so one cannot audit the other."""
+    kind = spec.partition(":")[0]
+    return {"torchvision": "DeepLabV3 segmentation (torchvision)", "maskrcnn": "Mask R-CNN detection (torchvision)",
+            "colorkey": "colour key"}.get(kind, spec)
 
 
 def read_all_frames(path: str, fps: float | None = None) -> tuple[np.ndarray, float]:
