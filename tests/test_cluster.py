@@ -104,12 +104,16 @@ def two_node_cluster():
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_for_nodes(address: str, env: dict, count: int, seconds: int = 120) -> None:
-    """Until ``count`` nodes are alive (a second node joins seconds after the head answers)."""
+def _wait_for_nodes(address: str, env: dict, count: int, seconds: int = 240) -> None:
+    """Until ``count`` nodes are alive (a second node joins seconds after the head answers). A head
+    still starting on a busy machine can leave a client hanging: each try has its own timeout."""
     code = f"import ray; ray.init(address={address!r}, log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
     deadline = time.time() + seconds
     while time.time() < deadline:
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        try:
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=45)
+        except subprocess.TimeoutExpired:
+            continue
         if r.stdout.strip().splitlines()[-1:] == [str(count)]:
             return
         time.sleep(2)
