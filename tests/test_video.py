@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
 
-from ppma_ray.data.video import VideoDecodeError, probe_video, sample_clip, sample_clips, window_indices
+from ppma_ray.data.video import (VideoDecodeError, VideoSource, backend_problem, probe_video, sample_clip, sample_clips,
+                                 window_indices)
+
+# the backends this machine can run; torchcodec needs a system FFmpeg
+DECODERS = [pytest.param(b, marks=pytest.mark.skipif(bool(backend_problem(b)), reason=str(backend_problem(b))))
+            for b in ("decord", "pyav", "torchcodec")]
 
 
 def _pyav_frames(path, indices):
@@ -71,7 +76,94 @@ def test_frame_folder_at_explicit_fps(video_dir):
         ("frames_gap", "missing frame number 3"),
     ],
 )
-def test_corrupt_inputs_raise_video_decode_error_naming_the_file(video_dir, name, words):
+@pytest.mark.parametrize("backend", DECODERS)
+def test_corrupt_inputs_raise_video_decode_error_naming_the_file(video_dir, name, words, backend):
     with pytest.raises(VideoDecodeError) as e:
-        sample_clip(video_dir / name, seed=0)
+        sample_clip(video_dir / name, seed=0, backend=backend)
     assert str(video_dir / name) in str(e.value) and words in str(e.value)
+
+
+ENCODE = """
+import fractions, sys
+import av, numpy as np
+d = sys.argv[1]
+yy, xx = np.mgrid[0:48, 0:64]
+frames = [np.stack([(xx * 4 + 9 * i) % 256, (yy * 5 + 3 * i) % 256, np.full_like(xx, 20 + 7 * i)], -1).astype(np.uint8)
+          for i in range(30)]
+for name, codec, vfr in (("h264_bframes.mp4", "libx264", False), ("vp9.webm", "libvpx-vp9", False),
+                         ("mpeg4.avi", "mpeg4", False), ("vfr.mp4", "libx264", True)):
+    with av.open(f"{d}/{name}", "w") as c:
+        stream = c.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.gop_size = 8
+        stream.options = {"bf": "2"} if codec == "libx264" else {"qscale": "2"} if codec == "mpeg4" else {}
+        if vfr:
+            stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        t = 0
+        for i, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            if vfr:
+                frame.pts, frame.time_base = t, fractions.Fraction(1, 1000)
+                t += 30 if i % 2 else 50
+            for packet in stream.encode(frame):
+                c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+"""
+
+
+@pytest.fixture(scope="module")
+def containers(tmp_path_factory) -> dict:
+    """30 frames of moving content in four encodings, made with PyAV: H.264 .mp4 with B-frames,
+    VP9 .webm, MPEG-4 .avi, and an H.264 .mp4 with a variable frame rate (30 and 50 ms frames); a
+    keyframe every 8 frames, so reaching a frame means seeking past earlier keyframes. Encoded in a
+    fresh process: once decord is imported, PyAV's VP9 encoder fails to open (both bundle FFmpeg)."""
+    import subprocess
+    import sys
+
+    d = tmp_path_factory.mktemp("containers")
+    subprocess.run([sys.executable, "-c", ENCODE, str(d)], check=True, timeout=120)
+    return {name: d / name for name in ("h264_bframes.mp4", "vp9.webm", "mpeg4.avi", "vfr.mp4")}
+
+
+@pytest.mark.parametrize("backend", DECODERS)
+@pytest.mark.parametrize("name", ["h264_bframes.mp4", "vp9.webm", "mpeg4.avi", "vfr.mp4"])
+def test_every_backend_gives_the_same_frames_for_the_same_indices(containers, name, backend):
+    """Frame i is the i-th frame a plain decode of the whole file yields (PyAV, no seeking), for
+    sparse indices across keyframes, in any order and repeated. Tolerance: a mean absolute
+    difference under 1 (two FFmpeg builds may round the YUV->RGB conversion differently)."""
+    path = containers[name]
+    src = VideoSource(path, backend=backend)
+    assert src.num_frames == 30
+    indices = np.array([29, 0, 13, 7, 8, 7, 21, 16, 3])
+    reference = _pyav_frames(path, indices)
+    got = src.get(indices)
+    assert got.shape == reference.shape and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - reference.astype(int)).mean(axis=(1, 2, 3)).max() < 1.0
+    assert probe_video(path, backend=backend)["num_frames"] == 30
+
+
+def test_without_decord_the_package_imports_and_auto_decodes_with_pyav(sample_videos):
+    """As on macOS arm64 or Linux aarch64, where decord has no wheel."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['decord'] = None\n"  # import decord now raises ImportError
+            "import ppma_ray, ppma_ray.data.pipeline\n"
+            "from ppma_ray.data.video import resolve_backend, sample_clip\n"
+            f"print(resolve_backend('auto'), sample_clip({str(sample_videos['bikes'])!r}, num_frames=4, seed=0).shape)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["pyav", "(4,", "272,", "640,", "3)"]
+
+
+def test_a_backend_that_cannot_decode_here_is_refused_before_ray(capsys):
+    from ppma_ray.cli import pretrain
+
+    if backend_problem("torchcodec") is None:
+        pytest.skip("torchcodec decodes on this machine")
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--set", "data.decode.backend=torchcodec"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "data.decode.backend" in err and "torchcodec cannot decode here" in err, err

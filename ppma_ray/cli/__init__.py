@@ -57,6 +57,11 @@ def finish_config(args: argparse.Namespace, cfg: PretrainConfig) -> PretrainConf
     if args.print_config:
         print(dump_yaml(cfg), end="")
         raise SystemExit(0)
+    from ppma_ray.data.video import backend_problem  # numpy only: no torch, no Ray
+
+    problem = backend_problem(cfg.data.decode.backend)
+    if problem:  # this machine; decode nodes of a cluster are checked by their first task
+        raise ConfigError.at("data.decode.backend", problem)
     return cfg
 
 

@@ -15,7 +15,9 @@ import os
 from pathlib import Path
 
 from ppma_ray.cli import bad_input_exits, parser
+from ppma_ray.config import ConfigError
 from ppma_ray.data.manifest import read_manifest, write_ppma_manifest
+from ppma_ray.data.video import BACKENDS, backend_problem
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,15 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=None, help="frame rate of frame-folder videos (default 25)")
     ap.add_argument("--out", default="validated", help="output directory (default ./validated)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
+    ap.add_argument("--backend", default="auto", choices=BACKENDS,
+                    help="decoder to probe with (compare them on your files: the rejects may differ)")
     args = ap.parse_args(argv)
 
     with bad_input_exits():
         table = read_manifest(args.manifest, root=args.root)
+        if backend_problem(args.backend):
+            raise ConfigError(f"--backend: {backend_problem(args.backend)}")
     from ppma_ray.data.validate import validate_manifest
     from ppma_ray.ray_env import init_ray
 
     init_ray(num_cpus=args.num_cpus)
-    clean, rejected = validate_manifest(table, fps=args.fps)
+    clean, rejected = validate_manifest(table, fps=args.fps, backend=args.backend)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ setting group, no parallel copies to keep in step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from ppma_ray.schema import ConfigError, option
 
@@ -36,9 +37,16 @@ class ClipConfig:
             raise ConfigError.at("short_side", f"{self.short_side} is smaller than img_size {self.img_size}")
 
 
+DecodeBackend = Literal["auto", "decord", "pyav", "torchcodec"]
+
+
 @dataclass
 class DecodeConfig:
-    """Ray Data scheduling of the decode + augment tasks, and what a failed decode costs."""
+    """Ray Data scheduling of the decode + augment tasks, which decoder they use, and what a failed
+    decode costs."""
+
+    backend: DecodeBackend = option("auto", help="video decoder: auto (decord where it installs, else PyAV), decord, "
+                                                 "pyav or torchcodec (needs a system FFmpeg)")
 
     num_cpus_per_task: float = option(1.0, gt=0, help="CPUs Ray reserves per decode task")
     max_concurrency: int | None = option(None, ge=1, help="decode tasks in flight (null: as many as CPUs allow)")

@@ -69,7 +69,7 @@ def plan_to_table(sources: list[Source], plan: np.ndarray, slots: np.ndarray | N
 
 
 def decode_batch(batch: dict[str, np.ndarray], clip: ClipConfig, seed: int, repeats: int = 1, max_retries: int = 2,
-                 randaug_ops: int = 0, randaug_magnitude: float = 7) -> dict[str, np.ndarray]:
+                 randaug_ops: int = 0, randaug_magnitude: float = 7, backend: str = "auto") -> dict[str, np.ndarray]:
     """``map_batches`` UDF: n slots -> n * repeats clips ``video: (n*k, T, S, S, C)`` uint8."""
     transform = TrainTransform(clip, randaug_ops, randaug_magnitude)
     k, s = repeats, clip.img_size
@@ -85,6 +85,7 @@ def decode_batch(batch: dict[str, np.ndarray], clip: ClipConfig, seed: int, repe
                 frames = sample_clip(
                     batch["path"][i], clip.num_frames, clip.clip_seconds, rng=rng,
                     fps=_opt(batch["fps"][i]), start_s=_opt(batch["start_s"][i]), end_s=_opt(batch["end_s"][i]),
+                    backend=backend,
                 )
                 break
             except VideoDecodeError:
@@ -105,7 +106,7 @@ def _opt(x) -> float | None:
 
 
 def decode_eval_batch(batch: dict[str, np.ndarray], clip: ClipConfig, num_clips: int,
-                      num_crops: int) -> dict[str, np.ndarray]:
+                      num_crops: int, backend: str = "auto") -> dict[str, np.ndarray]:
     """Deterministic test views of each video: ``video: (n, num_clips * num_crops, T, S, S, C)``.
 
     A video that cannot be decoded is flagged ``ok == 0``: evaluation excludes and reports it,
@@ -117,7 +118,8 @@ def decode_eval_batch(batch: dict[str, np.ndarray], clip: ClipConfig, num_clips:
     for i in range(n):
         try:
             clips = sample_clips(batch["path"][i], num_clips, clip.num_frames, clip.clip_seconds,
-                                 fps=_opt(batch["fps"][i]), start_s=_opt(batch["start_s"][i]), end_s=_opt(batch["end_s"][i]))
+                                 fps=_opt(batch["fps"][i]), start_s=_opt(batch["start_s"][i]), end_s=_opt(batch["end_s"][i]),
+                                 backend=backend)
         except VideoDecodeError:
             ok[i] = 0
             continue
@@ -155,14 +157,14 @@ def build_dataset(plan_table: pa.Table, clip: ClipConfig, decode: DecodeConfig, 
     """The Ray Dataset of augmented clips for the slots of ``plan_table``, in plan order:
     ``repeats`` clips per slot (repeated augmentation), each with its own crop (and RandAugment)."""
     kw = {"clip": clip, "seed": seed, "repeats": repeats, "max_retries": decode.max_retries,
-          "randaug_ops": randaug_ops, "randaug_magnitude": randaug_magnitude}
+          "randaug_ops": randaug_ops, "randaug_magnitude": randaug_magnitude, "backend": decode.backend}
     return _map(plan_table, decode_batch, kw, decode)
 
 
 def build_eval_dataset(table: pa.Table, clip: ClipConfig, decode: DecodeConfig, num_clips: int = 2,
                        num_crops: int = 3) -> "ray.data.Dataset":
     """Multi-view evaluation clips of every row of ``table`` (a ``plan_to_table`` table), in order."""
-    kw = {"clip": clip, "num_clips": num_clips, "num_crops": num_crops}
+    kw = {"clip": clip, "num_clips": num_clips, "num_crops": num_crops, "backend": decode.backend}
     return _map(table, decode_eval_batch, kw, decode)
 
 

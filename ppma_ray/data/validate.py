@@ -10,14 +10,14 @@ import ray
 from ppma_ray.data.video import VideoDecodeError, probe_video
 
 
-def _probe_batch(batch: dict[str, np.ndarray], fps: float | None) -> dict[str, np.ndarray]:
+def _probe_batch(batch: dict[str, np.ndarray], fps: float | None, backend: str = "auto") -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` UDF: one probe per row, never raises for a bad video."""
     n = len(batch["path"])
     frames = np.zeros(n, dtype=np.int64)
     reasons = np.empty(n, dtype=object)
     for i, path in enumerate(batch["path"]):
         try:
-            frames[i] = probe_video(str(path), fps=fps)["num_frames"]
+            frames[i] = probe_video(str(path), fps=fps, backend=backend)["num_frames"]
             reasons[i] = ""
         except VideoDecodeError as e:
             reasons[i] = e.reason
@@ -25,7 +25,7 @@ def _probe_batch(batch: dict[str, np.ndarray], fps: float | None) -> dict[str, n
 
 
 def validate_manifest(
-    table: pa.Table, fps: float | None = None, batch_size: int = 8
+    table: pa.Table, fps: float | None = None, batch_size: int = 8, backend: str = "auto"
 ) -> tuple[pa.Table, pa.Table]:
     """Probe each row (open, count frames, decode first and last frame).
 
@@ -33,7 +33,7 @@ def validate_manifest(
     ``num_frames`` column; ``rejected`` has the bad rows with a ``reason`` column.
     """
     ds = ray.data.from_arrow(table).map_batches(
-        _probe_batch, fn_kwargs={"fps": fps}, batch_size=batch_size, batch_format="numpy"
+        _probe_batch, fn_kwargs={"fps": fps, "backend": backend}, batch_size=batch_size, batch_format="numpy"
     )
     probed = pa.concat_tables(ray.get(ds.to_arrow_refs())) if table.num_rows else table
     probed = probed.sort_by("line")  # Ray Data may reorder blocks; keep the manifest's order

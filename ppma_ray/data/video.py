@@ -1,4 +1,5 @@
-"""Clip sampling and decoding: video files through decord, frame folders at an explicit fps.
+"""Clip sampling and decoding: video files through decord, PyAV or torchcodec, frame folders at an
+explicit fps.
 
 A clip is a random ``clip_seconds`` window, uniformly subsampled to ``num_frames`` frames (frames
 repeat when the window holds fewer). Only the sampled frames are decoded. Everything returns
@@ -6,19 +7,36 @@ repeat when the window holds fewer). Only the sampled frames are decoded. Everyt
 
 Every failure (missing, empty, truncated or undecodable file, a gap in a frame folder) raises
 ``VideoDecodeError`` naming the file, so callers can count and report it instead of crashing.
+
+Backends (``backend=``, config ``data.decode.backend``), all returning the same layout and the same
+frame for the same index (frame ``i`` is the ``i``-th in presentation order):
+
+* ``decord``: the default where it installs (its wheels are Linux x86_64 and Windows only);
+* ``pyav``: PyAV, which bundles FFmpeg on every platform: it demuxes the packet index once (no
+  decoding), then per request seeks to the keyframe before the first wanted frame and decodes
+  forward, seeking again only when the next wanted frame lies beyond another keyframe;
+* ``torchcodec``: exact-seek mode; it needs a system FFmpeg, so it is used only after a probe
+  decode succeeds in the process (``backend_problem``), else a clear error, never a decode failure;
+* ``auto``: decord if it imports, else PyAV.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import re
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
+
+from ppma_ray.data.config import DecodeBackend as Backend
 
 # decord's bundled FFmpeg prints every demuxer complaint to stderr; errors reach us as exceptions.
 os.environ.setdefault("DECORD_LOG_LEVEL", "quiet")
 
+BACKENDS: tuple[str, ...] = get_args(Backend)
 FRAME_RE = re.compile(r"(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
 DEFAULT_FRAME_FPS = 25.0  # what the PPMA loader assumes for a frame folder
 
@@ -47,10 +65,48 @@ def window_span(num_video_frames: int, fps: float, clip_seconds: float) -> int:
     return int(max(1, min(num_video_frames, round(clip_seconds * fps))))
 
 
+class BackendUnavailable(RuntimeError):
+    """A decoding backend that cannot run in this process: a setup error, not a bad video."""
+
+
+@functools.cache
+def backend_problem(backend: str) -> str | None:
+    """Why ``backend`` cannot decode in this process (None: it can). torchcodec is tried on a
+    tiny video written here, since it loads FFmpeg's libraries only when it first decodes."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})"
+    if backend == "auto":
+        return None
+    try:
+        if backend in ("decord", "pyav"):
+            importlib.import_module({"decord": "decord", "pyav": "av"}[backend])
+        else:
+            import tempfile
+
+            from torchcodec.decoders import VideoDecoder
+
+            with tempfile.TemporaryDirectory() as d:
+                write_video(f"{d}/probe.mp4", np.zeros((2, 16, 16, 3), dtype=np.uint8))
+                VideoDecoder(f"{d}/probe.mp4").get_frame_at(0)
+    except Exception as e:  # noqa: BLE001 (ImportError, or FFmpeg's libraries failing to load)
+        return f"{backend} cannot decode here ({_short(e)})"
+    return None
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """The backend that decodes: ``auto`` is decord where it imports, else PyAV."""
+    if backend == "auto":
+        return "decord" if backend_problem("decord") is None else "pyav"
+    problem = backend_problem(backend)
+    if problem:
+        raise BackendUnavailable(problem)
+    return backend
+
+
 class VideoSource:
     """Random access to the frames of one video file or frame folder."""
 
-    def __init__(self, path: str | os.PathLike, fps: float | None = None):
+    def __init__(self, path: str | os.PathLike, fps: float | None = None, backend: str = "auto"):
         self.path = str(path)
         p = Path(self.path)
         if not p.exists():
@@ -63,9 +119,9 @@ class VideoSource:
             if p.stat().st_size == 0:
                 raise VideoDecodeError(p, "file is empty (0 bytes)")
             self._frames = None
-            self._reader = _open_decord(p)
-            self.fps = float(fps or self._reader.get_avg_fps() or DEFAULT_FRAME_FPS)
-        self.num_frames = len(self._frames) if self._frames is not None else len(self._reader)
+            self._reader = READERS[resolve_backend(backend)](p)
+            self.fps = float(fps or self._reader.fps or DEFAULT_FRAME_FPS)
+        self.num_frames = len(self._frames) if self._frames is not None else self._reader.num_frames
         if self.num_frames <= 0:
             raise VideoDecodeError(p, "video has no frames")
 
@@ -75,12 +131,91 @@ class VideoSource:
             return np.stack([_read_image(self._frames[i]) for i in indices.tolist()])
         unique, inverse = np.unique(indices, return_inverse=True)  # decode each frame once
         try:
-            frames = self._reader.get_batch(unique.tolist()).asnumpy()
-        except Exception as e:  # decord raises DECORDError, RuntimeError or IndexError
+            frames = self._reader.get(unique)
+        except VideoDecodeError:
+            raise
+        except Exception as e:  # the decoders raise their own errors, RuntimeError or IndexError
             raise VideoDecodeError(self.path, f"decoding frames failed ({_short(e)})") from None
         if frames.ndim != 4 or frames.shape[0] != len(unique) or frames.shape[-1] != 3:
             raise VideoDecodeError(self.path, f"decoder returned frames of shape {frames.shape}")
         return frames[inverse.reshape(-1)]
+
+
+class _DecordReader:
+    def __init__(self, p: Path):
+        import decord  # imported lazily: decord pulls in its FFmpeg only where decoding happens
+
+        try:
+            self._reader = decord.VideoReader(str(p), ctx=decord.cpu(0), num_threads=1)
+        except Exception as e:
+            raise VideoDecodeError(p, f"cannot open video ({_short(e)})") from None
+        self.num_frames, self.fps = len(self._reader), self._reader.get_avg_fps()
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        return self._reader.get_batch(indices.tolist()).asnumpy()
+
+
+class _PyAVReader:
+    def __init__(self, p: Path):
+        import av
+
+        self.path = str(p)
+        try:
+            self._container = av.open(self.path)
+            self._stream = self._container.streams.video[0]
+            self._stream.codec_context.thread_count = 1  # one decode task per reserved CPU, as decord
+            pts, keys = [], []
+            for packet in self._container.demux(self._stream):  # the index: packets only, nothing decoded
+                if packet.pts is not None and packet.size:
+                    pts.append(packet.pts)
+                    if packet.is_keyframe:
+                        keys.append(packet.pts)
+        except Exception as e:
+            raise VideoDecodeError(p, f"cannot open video ({_short(e)})") from None
+        self._pts = np.sort(np.asarray(pts, dtype=np.int64))  # frame i: the i-th in presentation order
+        self._keys = np.sort(np.asarray(keys or pts[:1], dtype=np.int64))
+        rate = self._stream.average_rate or self._stream.guessed_rate
+        self.num_frames, self.fps = len(self._pts), float(rate) if rate else None
+
+    def _key_before(self, pts: int) -> int:
+        i = int(np.searchsorted(self._keys, pts, side="right")) - 1
+        return int(self._keys[max(i, 0)])
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        targets = self._pts[indices]  # ascending: indices are unique and sorted
+        out, k = [], 0
+        while k < len(targets):
+            self._container.seek(self._key_before(targets[k]), stream=self._stream, backward=True, any_frame=False)
+            for frame in self._container.decode(self._stream):
+                if frame.pts is None or frame.pts < targets[k]:
+                    continue
+                if frame.pts > targets[k]:
+                    raise VideoDecodeError(self.path, f"frame {indices[k]} (pts {targets[k]}) is missing after a seek")
+                out.append(frame.to_ndarray(format="rgb24"))
+                k += 1
+                if k == len(targets) or self._key_before(targets[k]) > frame.pts:
+                    break  # done, or the next wanted frame is faster reached by seeking to its keyframe
+            else:
+                raise VideoDecodeError(self.path, f"the stream ended before frame {indices[min(k, len(indices) - 1)]}")
+        return np.stack(out)
+
+
+class _TorchCodecReader:
+    def __init__(self, p: Path):
+        from torchcodec.decoders import VideoDecoder
+
+        try:
+            self._decoder = VideoDecoder(str(p), seek_mode="exact", num_ffmpeg_threads=1)
+        except Exception as e:
+            raise VideoDecodeError(p, f"cannot open video ({_short(e)})") from None
+        meta = self._decoder.metadata
+        self.num_frames, self.fps = len(self._decoder), meta.average_fps
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        return self._decoder.get_frames_at(indices.tolist()).data.permute(0, 2, 3, 1).numpy()
+
+
+READERS = {"decord": _DecordReader, "pyav": _PyAVReader, "torchcodec": _TorchCodecReader}
 
 
 def sample_clip(
@@ -92,6 +227,7 @@ def sample_clip(
     start_s: float | None = None,
     end_s: float | None = None,
     rng: np.random.Generator | None = None,
+    backend: Backend = "auto",
 ) -> np.ndarray:
     """One random temporal window of a video -> ``(num_frames, H, W, C)`` uint8.
 
@@ -100,8 +236,9 @@ def sample_clip(
             overrides the container's rate for a file.
         start_s, end_s: restrict the window to this segment of the video (manifest columns).
         seed / rng: the window position is drawn from ``rng`` or from ``default_rng(seed)``.
+        backend: ``auto``, ``decord``, ``pyav`` or ``torchcodec`` (module docstring).
     """
-    src = VideoSource(path, fps)
+    src = VideoSource(path, fps, backend)
     lo, hi = _segment(src, start_s, end_s)
     span = window_span(hi - lo, src.fps, clip_seconds)
     rng = rng if rng is not None else np.random.default_rng(seed)
@@ -117,10 +254,11 @@ def sample_clips(
     fps: float | None = None,
     start_s: float | None = None,
     end_s: float | None = None,
+    backend: Backend = "auto",
 ) -> np.ndarray:
     """``num_clips`` evenly spaced windows (deterministic, for evaluation) ->
     ``(num_clips, num_frames, H, W, C)`` uint8. Frames shared by windows are decoded once."""
-    src = VideoSource(path, fps)
+    src = VideoSource(path, fps, backend)
     lo, hi = _segment(src, start_s, end_s)
     span = window_span(hi - lo, src.fps, clip_seconds)
     starts = np.linspace(lo, hi - span, num_clips).round().astype(np.int64)
@@ -129,12 +267,12 @@ def sample_clips(
     return frames.reshape(num_clips, num_frames, *frames.shape[1:])
 
 
-def probe_video(path: str | os.PathLike, fps: float | None = None) -> dict:
+def probe_video(path: str | os.PathLike, fps: float | None = None, backend: Backend = "auto") -> dict:
     """Open a video, count its frames and decode its first and last frame (the validator's check).
 
     Returns ``{"num_frames", "fps", "height", "width"}``; raises ``VideoDecodeError``.
     """
-    src = VideoSource(path, fps)
+    src = VideoSource(path, fps, backend)
     frames = src.get(np.array([0, src.num_frames - 1]))
     return {"num_frames": src.num_frames, "fps": src.fps, "height": frames.shape[1], "width": frames.shape[2]}
 
@@ -146,15 +284,6 @@ def _segment(src: VideoSource, start_s: float | None, end_s: float | None) -> tu
     if hi <= lo:
         raise VideoDecodeError(src.path, f"segment [{start_s}, {end_s}] s holds no frames")
     return lo, hi
-
-
-def _open_decord(p: Path):
-    import decord  # imported lazily: decord pulls in its FFmpeg only where decoding happens
-
-    try:
-        return decord.VideoReader(str(p), ctx=decord.cpu(0), num_threads=1)
-    except Exception as e:
-        raise VideoDecodeError(p, f"cannot open video ({_short(e)})") from None
 
 
 def _list_frames(folder: Path) -> list[str]:
