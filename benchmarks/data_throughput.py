@@ -6,7 +6,11 @@
     process, one core;
 (b) ray: the Ray Data pipeline (``build_dataset``) on all cores, and with one decode task at a time
     (``ray_scaling_1_to_all``: all cores over one, k = 1, bikes);
-(c) loader: ``torch.utils.data.DataLoader`` running the same function, one worker per core.
+(c) loader: ``torch.utils.data.DataLoader`` running the same function, one worker per core;
+(d) decoders: ``sample_clip`` alone (decode only, 16 frames over 2.7 s) per backend (decord, PyAV,
+    torchcodec where it loads) on the same files, one fresh process and one core each, and the
+    process's RSS over a long loop of clips (``--rss-clips``, the leak guard). ``--decoders-only``
+    runs just this part.
 Each with k = 1 and k = 4 repeated augmentations per decoded video. Rates are clips per second per
 core, counting augmented clips; ``ray_over_raw_k4`` compares the pipeline at k = 4 with the raw
 decode rate at k = 1, which is what repeated augmentation buys.
@@ -128,11 +132,75 @@ def run_ray(table: pa.Table, clip: ClipConfig, k: int, cores: int, one_task: boo
     return _timed(int(b["ok"].sum()) for b in ds.iter_batches(batch_size=8, batch_format="numpy"))
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux /proc; elsewhere the peak, from getrusage)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _decoder_run(backend: str, footage: dict[str, list[str]], rss_clips: int) -> dict:
+    """In a fresh process: decode-only clips/s per footage, then RSS over ``rss_clips`` clips."""
+    from ppma_ray.data.video import sample_clip
+
+    torch.set_num_threads(1)
+    out: dict = {}
+    for name, paths in footage.items():
+        sample_clip(paths[0], seed=0, backend=backend)  # imports, first-call costs
+        t0 = time.perf_counter()
+        for i, path in enumerate(paths):
+            sample_clip(path, seed=i, backend=backend)
+        out[name] = len(paths) / (time.perf_counter() - t0)
+    paths = [p for ps in footage.values() for p in ps]
+    rss = [_rss_mb()]
+    for i in range(rss_clips):
+        sample_clip(paths[i % len(paths)], seed=i, backend=backend)
+        if (i + 1) % max(1, rss_clips // 4) == 0:
+            rss.append(_rss_mb())
+    out["rss_mb"] = rss
+    return out
+
+
+def run_decoders(inputs: dict, rss_clips: int) -> dict:
+    """Section (d): every backend that runs here, each in its own process (decord and PyAV both
+    bundle FFmpeg: one process holding both would blur the memory figures)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ppma_ray.data.video import backend_problem
+
+    footage = {name: table.column("path").to_pylist() for name, (table, _) in inputs.items()}
+    results = {}
+    print(f"decode only (sample_clip, 16 frames), clips/s on one core; RSS over {rss_clips} more clips")
+    print(f"{'backend':10} " + " ".join(f"{n:>9}" for n in footage) + f" {'RSS MB (start -> end)':>24}")
+    for backend in ("decord", "pyav", "torchcodec"):
+        if backend_problem(backend):
+            print(f"{backend:10} skipped: {backend_problem(backend)}")
+            continue
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            r = pool.submit(_decoder_run, backend, footage, rss_clips).result()
+        results[backend] = r
+        print(f"{backend:10} " + " ".join(f"{r[n]:9.2f}" for n in footage)
+              + f" {' -> '.join(f'{m:.0f}' for m in r['rss_mb']):>24}", flush=True)
+    if "decord" in results and "pyav" in results:
+        results["pyav_over_decord"] = {n: results["pyav"][n] / results["decord"][n] for n in footage}
+        print("pyav / decord:", {n: round(v, 2) for n, v in results["pyav_over_decord"].items()})
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--videos", type=int, default=32, help="files per footage (copies of bikes.mp4, generated, demo)")
     ap.add_argument("--cores", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None)
+    ap.add_argument("--rss-clips", type=int, default=2000, help="clips decoded per backend for the memory figure")
+    ap.add_argument("--decoders-only", action="store_true", help="only section (d), no Ray")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one core per decoder in every variant
     work = Path(tempfile.mkdtemp(prefix="ppma_bench_"))
@@ -146,9 +214,13 @@ def main() -> None:
             "hd720": (generated_manifest(work, "hd720", max(8, args.videos // 2), (720, 1280), 4.0), k224),
             "demo": (demo_table, ClipConfig(num_frames=16, clip_seconds=1.28, img_size=64, short_side=64)),
         }
+        results: dict = {"cores": args.cores, "videos": args.videos, "decoders": run_decoders(inputs, args.rss_clips)}
+        if args.decoders_only:
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+            return
         init_ray(num_cpus=args.cores, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False  # the console is not the benchmark
-        results: dict = {"cores": args.cores, "videos": args.videos}
         print(f"clips/s per core ({args.cores} cores; raw uses 1)")
         print(f"{'footage':9} {'k':>2} {'raw':>8} {'ray':>8} {'loader':>8} {'ray/raw':>8} {'ray/loader':>10}")
         for name, (table, clip) in inputs.items():

@@ -125,6 +125,18 @@ class VideoSource:
         if self.num_frames <= 0:
             raise VideoDecodeError(p, "video has no frames")
 
+    def close(self) -> None:
+        """Free the decoder now (FFmpeg's buffers), not whenever the garbage collector gets to it."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def __enter__(self) -> "VideoSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def get(self, indices: np.ndarray) -> np.ndarray:
         """Decode ``indices`` -> ``(len(indices), H, W, C)`` uint8."""
         if self._frames is not None:
@@ -154,6 +166,9 @@ class _DecordReader:
     def get(self, indices: np.ndarray) -> np.ndarray:
         return self._reader.get_batch(indices.tolist()).asnumpy()
 
+    def close(self) -> None:
+        del self._reader
+
 
 class _PyAVReader:
     def __init__(self, p: Path):
@@ -176,6 +191,9 @@ class _PyAVReader:
         self._keys = np.sort(np.asarray(keys or pts[:1], dtype=np.int64))
         rate = self._stream.average_rate or self._stream.guessed_rate
         self.num_frames, self.fps = len(self._pts), float(rate) if rate else None
+
+    def close(self) -> None:
+        self._container.close()
 
     def _key_before(self, pts: int) -> int:
         i = int(np.searchsorted(self._keys, pts, side="right")) - 1
@@ -214,6 +232,9 @@ class _TorchCodecReader:
     def get(self, indices: np.ndarray) -> np.ndarray:
         return self._decoder.get_frames_at(indices.tolist()).data.permute(0, 2, 3, 1).numpy()
 
+    def close(self) -> None:
+        del self._decoder
+
 
 READERS = {"decord": _DecordReader, "pyav": _PyAVReader, "torchcodec": _TorchCodecReader}
 
@@ -238,12 +259,12 @@ def sample_clip(
         seed / rng: the window position is drawn from ``rng`` or from ``default_rng(seed)``.
         backend: ``auto``, ``decord``, ``pyav`` or ``torchcodec`` (module docstring).
     """
-    src = VideoSource(path, fps, backend)
-    lo, hi = _segment(src, start_s, end_s)
-    span = window_span(hi - lo, src.fps, clip_seconds)
-    rng = rng if rng is not None else np.random.default_rng(seed)
-    start = lo + int(rng.integers(0, hi - lo - span + 1))
-    return src.get(window_indices(hi - lo, src.fps, num_frames, clip_seconds, start))
+    with VideoSource(path, fps, backend) as src:
+        lo, hi = _segment(src, start_s, end_s)
+        span = window_span(hi - lo, src.fps, clip_seconds)
+        rng = rng if rng is not None else np.random.default_rng(seed)
+        start = lo + int(rng.integers(0, hi - lo - span + 1))
+        return src.get(window_indices(hi - lo, src.fps, num_frames, clip_seconds, start))
 
 
 def sample_clips(
@@ -258,12 +279,12 @@ def sample_clips(
 ) -> np.ndarray:
     """``num_clips`` evenly spaced windows (deterministic, for evaluation) ->
     ``(num_clips, num_frames, H, W, C)`` uint8. Frames shared by windows are decoded once."""
-    src = VideoSource(path, fps, backend)
-    lo, hi = _segment(src, start_s, end_s)
-    span = window_span(hi - lo, src.fps, clip_seconds)
-    starts = np.linspace(lo, hi - span, num_clips).round().astype(np.int64)
-    idx = np.stack([window_indices(hi - lo, src.fps, num_frames, clip_seconds, int(s)) for s in starts])
-    frames = src.get(idx.reshape(-1))
+    with VideoSource(path, fps, backend) as src:
+        lo, hi = _segment(src, start_s, end_s)
+        span = window_span(hi - lo, src.fps, clip_seconds)
+        starts = np.linspace(lo, hi - span, num_clips).round().astype(np.int64)
+        idx = np.stack([window_indices(hi - lo, src.fps, num_frames, clip_seconds, int(s)) for s in starts])
+        frames = src.get(idx.reshape(-1))
     return frames.reshape(num_clips, num_frames, *frames.shape[1:])
 
 
@@ -272,9 +293,9 @@ def probe_video(path: str | os.PathLike, fps: float | None = None, backend: Back
 
     Returns ``{"num_frames", "fps", "height", "width"}``; raises ``VideoDecodeError``.
     """
-    src = VideoSource(path, fps, backend)
-    frames = src.get(np.array([0, src.num_frames - 1]))
-    return {"num_frames": src.num_frames, "fps": src.fps, "height": frames.shape[1], "width": frames.shape[2]}
+    with VideoSource(path, fps, backend) as src:
+        frames = src.get(np.array([0, src.num_frames - 1]))
+        return {"num_frames": src.num_frames, "fps": src.fps, "height": frames.shape[1], "width": frames.shape[2]}
 
 
 def _segment(src: VideoSource, start_s: float | None, end_s: float | None) -> tuple[int, int]:

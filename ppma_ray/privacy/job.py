@@ -56,8 +56,8 @@ def segmenter_family(spec: str) -> str:
 
 
 def read_all_frames(path: str, fps: float | None = None) -> tuple[np.ndarray, float]:
-    src = VideoSource(path, fps)
-    return src.get(np.arange(src.num_frames)), src.fps
+    with VideoSource(path, fps) as src:
+        return src.get(np.arange(src.num_frames)), src.fps
 
 
 class RemoveHumans:
@@ -106,9 +106,10 @@ class AuditFrames:
         stats = {"sampled_frames": [], "frames_with_person": [], "person_pixel_frac": [], "error": []}
         for p in batch["path"]:
             try:
-                src = VideoSource(str(p), self.fps)
-                idx = np.linspace(0, src.num_frames - 1, min(self.n, src.num_frames)).round().astype(np.int64)
-                person = self.segment(src.get(idx)) > self.threshold
+                with VideoSource(str(p), self.fps) as src:
+                    idx = np.linspace(0, src.num_frames - 1, min(self.n, src.num_frames)).round().astype(np.int64)
+                    frames = src.get(idx)
+                person = self.segment(frames) > self.threshold
                 per_frame = person.mean(axis=(1, 2))
                 stats["sampled_frames"].append(len(idx))
                 stats["frames_with_person"].append(int((per_frame > self.min_frac).sum()))
