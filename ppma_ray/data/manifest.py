@@ -169,7 +169,7 @@ class _RealPaths:
         return os.path.commonpath([real, self.root]) == self.root, real
 
 
-def _resolve(path: Path, line: int, p: str, root_abs: str | None, real: _RealPaths | None = None) -> str:
+def _resolve(path: Path, line: int, p: str, root_abs: str | None, real: _RealPaths | None) -> str:
     if not p:
         raise ManifestError(path, line, "field 'path' is empty")
     if root_abs is None:
@@ -181,7 +181,7 @@ def _resolve(path: Path, line: int, p: str, root_abs: str | None, real: _RealPat
         raise ManifestError(path, line, f"field 'path' escapes the root ({p!r})")
     # ".." is caught above; a symlink under the root that points elsewhere is caught here (the
     # root itself may be a symlink: both sides are compared resolved)
-    inside, target = real.inside(full) if real is not None else (True, full)
+    inside, target = real.inside(full)
     if not inside:
         raise ManifestError(path, line, f"field 'path' leaves the root through a symlink ({p!r} -> {target})")
     return full

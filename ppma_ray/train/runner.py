@@ -145,20 +145,20 @@ def save_traceback(cfg: PretrainConfig, options: RunOptions, rank: int) -> str:
 
 class StageFailed(RuntimeError):
     """A stage's Ray Train run failed; the message is one line per failed rank (the error's first
-    line and the worker log holding its traceback)."""
+    line and the file in the run folder holding its traceback)."""
 
 
 def failure_line(run_name: str, error: Exception) -> str:
-    """``<run> failed: rank R: Type: first line (traceback: host:log)`` for Ray Train's error."""
+    """``<run> failed: rank R: Type: first line (traceback: FILE)`` for Ray Train's error."""
+    def first_line(e: BaseException) -> str:
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
     parts = []
     for rank, exc in sorted((getattr(error, "worker_failures", None) or {}).items()):
         base = getattr(exc, "_base_exc", exc)  # Ray wraps the worker's exception with its traceback text
-        first = (str(base).strip().splitlines() or [""])[0][:300]
         notes = [n for n in getattr(base, "__notes__", []) if n.startswith("traceback: ")]
-        parts.append(f"rank {rank}: {type(base).__name__}: {first}" + (f" ({notes[0]})" if notes else ""))
-    if not parts:  # the controller failed, not a worker
-        parts = [f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"]
-    return f"{run_name} failed: " + "; ".join(parts)
+        parts.append(f"rank {rank}: {first_line(base)}" + (f" ({notes[0]})" if notes else ""))
+    return f"{run_name} failed: " + "; ".join(parts or [first_line(error)])  # none: the controller failed
 
 
 def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None = None,
