@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 
 import ray
@@ -15,21 +17,60 @@ import ray
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000}
 
 
-def init_ray(num_cpus: int | None = None, **kwargs) -> bool:
+def init_ray(num_cpus: int | None = None, verbose: bool = True, **kwargs) -> bool:
     """Join the cluster when there is one to join, otherwise start a local instance. Returns True
     when it joined a cluster (one that may have an autoscaler), False for a local instance.
 
     Under ``ray job submit`` (``RAY_ADDRESS`` is set) a bare ``ray.init()`` joins the cluster.
     Locally we pass ``address="local"``: a bare ``ray.init()`` would try to join whatever a stale
     ``/tmp/ray`` session file points at, and hang.
+
+    ``verbose=False`` (the jobs without ``--verbose``) keeps Ray's own messages off the console:
+    start-up lines, Ray Data's per-dataset lines, Ray Train's per-report lines and the controller's
+    tracebacks (the job prints one line per failure, naming the saved traceback). Errors still show.
+    Everything still goes to Ray's log files (``/tmp/ray/session_latest/logs``).
     """
     if ray.is_initialized():
         return bool(os.environ.get("RAY_ADDRESS"))
+    if not verbose:
+        # the driver's ``ray`` logger, and through the job config every worker's root and ``ray``
+        # loggers (those of the Train controller, Train workers, Tune trials, decode tasks)
+        kwargs.setdefault("logging_level", logging.WARNING)
+        kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="ERROR"))
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
-        return True
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _system_config=LOCAL_SYSTEM_CONFIG, **kwargs)
-    return False
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _system_config=LOCAL_SYSTEM_CONFIG,
+                 **kwargs)
+    quiet_process()
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def quiet() -> bool:
+    """Whether this process was started without ``--verbose`` (its ``ray`` logger is above INFO:
+    ``init_ray(verbose=False)`` set it in the driver and, through the job config, in every worker)."""
+    return logging.getLogger("ray").getEffectiveLevel() > logging.INFO
+
+
+def quiet_process() -> None:
+    """In a quiet process (the driver after ``init_ray``, a Train worker when its loop starts), the
+    loggers Ray configures for itself, past the job's ``logging_config``, show warnings or errors
+    only; their log files keep everything they kept.
+
+    * Ray Data logs each dataset's start, plan and end on its own console handler (its logger does
+      not follow the ``ray`` logger): errors only.
+    * Ray Train sets a worker's root logger back to INFO, and logs its line per report through a
+      logger named after its source file (so not under ``ray.train``, whose level the run's
+      ``LoggingConfig`` sets): the root logger goes to WARNING.
+    """
+    if not quiet():
+        return
+    importlib.import_module("ray.data")  # configures the ``ray.data`` logger on import
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
+    root = logging.getLogger()
+    root.setLevel(max(root.level, logging.WARNING))
 
 
 def reserved_device():

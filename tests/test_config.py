@@ -162,6 +162,8 @@ def test_every_job_answers_help_and_version():
     for (job, flag), r in results.items():
         assert r.returncode == 0, (job, flag, r.stderr)
         assert ("usage:" in r.stdout) if flag == "--help" else r.stdout.startswith("ppma_ray "), (job, flag)
+        if flag == "--help":  # every job that starts Ray shows Ray's own messages only when asked
+            assert ("--verbose" in r.stdout) == (job != "report"), job
 
 
 def test_console_entry_points_are_the_jobs():

@@ -245,3 +245,21 @@ def test_a_progress_line_reaches_the_console_once_under_ray_trains_patched_print
     seen = wrapped.getvalue() + capfd.readouterr().out
     assert seen.count("a plain print") == 2  # the bug this guards against
     assert seen.count("[mae] epoch 1/1 step 6/6") == 1
+
+
+def test_the_progress_line_ends_with_the_stages_eta(monkeypatch, capsys):
+    """Four of ten steps took 2 s each: six remain, so the ETA is 12 s."""
+    import ppma_ray.train.metrics as metrics
+    from ppma_ray.train.step import StepResult
+
+    clock = iter([0.0, 0.0, 8.0, 8.0, 8.0])  # start, window start, then the reads at the log step
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(metrics, "_CONSOLE", sys.stdout)
+    progress = metrics.Progress("mae", total_steps=10, epochs=1, world=1, verbose=True)
+    taken = torch.tensor(True)
+    for _ in range(4):
+        progress.add(StepResult(torch.tensor(1.0), torch.tensor(0.5), taken, {}), clips_per_rank=2)
+    m = progress.line(4, 0, 1e-3, StepResult(torch.tensor(1.0), torch.tensor(0.5), taken, {}), failed_clips=0)
+    assert m["eta_s"] == pytest.approx(12.0)
+    assert capsys.readouterr().out.rstrip().endswith("failed 0 eta 12s")
+    assert [metrics.duration(s) for s in (42, 185, 7620)] == ["42s", "3m05s", "2h07m"]

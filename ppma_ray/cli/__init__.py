@@ -26,12 +26,16 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "dem
 BAD_INPUT = 2
 
 
-def parser(description: str | None, config: bool = True) -> argparse.ArgumentParser:
-    """An argument parser with ``--version`` and, for config-driven jobs, the config flags."""
+def parser(description: str | None, config: bool = True, uses_ray: bool = True) -> argparse.ArgumentParser:
+    """An argument parser with ``--version``, ``--verbose`` for the jobs that start Ray and, for
+    config-driven jobs, the config flags."""
     doc = (description or "").strip()
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog="\n\n".join(doc.split("\n\n")[1:]) or None,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"ppma_ray {ppma_ray.__version__}")
+    if uses_ray:
+        ap.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own messages (start-up, Ray Data, Ray Train, worker tracebacks)")
     if config:
         ap.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name}, the demo)")
         ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -208,7 +212,7 @@ def check_weights(cfg: PretrainConfig, source: str | None, partial: bool = False
         print(f"warning: loading {source} partially (--init-from-partial): {report}", file=sys.stderr)
 
 
-def start_ray(cfg: PretrainConfig) -> PretrainConfig:
+def start_ray(cfg: PretrainConfig, verbose: bool = False) -> PretrainConfig:
     """Join the cluster (or start a local Ray), resolve the paths, and run the cheap preflight;
     a failed preflight prints its table and exits 1. On a cluster the preflight first asks the
     autoscaler for missing GPUs/CPUs and waits up to ``scaling.resource_wait_s`` (a local Ray cannot
@@ -217,7 +221,7 @@ def start_ray(cfg: PretrainConfig) -> PretrainConfig:
     from ppma_ray.ray_env import init_ray
     from ppma_ray.train.runner import resolve_paths
 
-    joined = init_ray()
+    joined = init_ray(verbose=verbose)
     cfg = resolve_paths(cfg)
     checks = cheap_checks(cfg, cfg.scaling.resource_wait_s if joined else 0.0)
     if not all(c.ok for c in checks):

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from ppma_ray.privacy.job import audit, segmenter_family
     from ppma_ray.ray_env import init_ray
 
-    init_ray()
+    init_ray(verbose=args.verbose)
     rows = audit(table, auditor, args.threshold, args.frames_per_video, args.min_person_frac, args.fps,
                  args.actors, args.gpus_per_actor).to_pylist()
     ok = [r for r in rows if not r["error"]]

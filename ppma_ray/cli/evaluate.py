@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         if alphas is not None and not (len(alphas) == n_models or (len(alphas) == 1 and n_models == 2)):
             raise ConfigError(f"--alpha: {len(alphas)} coefficients for {n_models} models")
 
-    cfg = start_ray(cfg)
+    cfg = start_ray(cfg, args.verbose)
     name = args.model_name or ("random_init" if not args.checkpoint else
                                "avg" if n_models > 1 else Path(args.checkpoint[0]).name)
     with bad_input_exits(KeyError, ValueError), stage_failure_exits():

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from ppma_ray.ray_env import init_ray
     from ppma_ray.train.runner import resolve_paths
 
-    joined = init_ray()
+    joined = init_ray(verbose=args.verbose)
     checks = full_checks(resolve_paths(cfg), wait_s=cfg.scaling.resource_wait_s if joined else 0.0)
     print(format_table(checks))
     failed = [c for c in checks if not c.ok]

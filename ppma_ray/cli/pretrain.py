@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from ppma_ray.train.runner import pretrain, run_dir
     from ppma_ray.train.stop import StoppedBySignal, graceful_stop
 
-    cfg = start_ray(cfg)
+    cfg = start_ray(cfg, args.verbose)
     out_dir = Path(args.output_dir) if args.output_dir else run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))

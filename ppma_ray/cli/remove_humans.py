@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from ppma_ray.privacy.job import remove_humans
     from ppma_ray.ray_env import init_ray
 
-    init_ray()
+    init_ray(verbose=args.verbose)
     t0 = time.perf_counter()
     report = remove_humans(table, args.out, args.root, args.segmenter, args.threshold, args.dilate, args.fps,
                            args.actors, args.gpus_per_actor)

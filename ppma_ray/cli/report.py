@@ -32,7 +32,7 @@ def table(entries: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = parser(__doc__, config=False)
+    ap = parser(__doc__, config=False, uses_ray=False)
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a directory with results.json, or the file itself")
     args = ap.parse_args(argv)
     entries = []

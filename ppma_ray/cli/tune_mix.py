@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from ppma_ray.tune.outputs import summary_table
     from ppma_ray.tune.search import run_experiment
 
-    cfg = start_ray(cfg)
+    cfg = start_ray(cfg, args.verbose)
     out = Path(args.output_dir) if args.output_dir else Path(cfg.run.storage_path) / f"{cfg.run.name}-tune"
     result = run_experiment(cfg, out, stage1=args.stage1)
     print(summary_table(result["rows"]))

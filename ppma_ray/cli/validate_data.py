@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from ppma_ray.data.validate import validate_manifest
     from ppma_ray.ray_env import init_ray
 
-    init_ray(num_cpus=args.num_cpus)
+    init_ray(num_cpus=args.num_cpus, verbose=args.verbose)
     clean, rejected = validate_manifest(table, fps=args.fps, backend=args.backend)
 
     out = Path(args.out)

@@ -52,6 +52,16 @@ def console(message: str) -> None:
     _CONSOLE.flush()
 
 
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``: short enough for the progress line."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class Progress:
     """Running means since the last log step: loss, throughput and the time spent waiting for data.
 
@@ -61,7 +71,7 @@ class Progress:
     def __init__(self, stage: str, total_steps: int, epochs: int, world: int, verbose: bool):
         self.stage, self.total_steps, self.epochs, self.world, self.verbose = stage, total_steps, epochs, world, verbose
         self.t_start = time.perf_counter()
-        self.clips_done = 0
+        self.clips_done = self.steps_done = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -74,6 +84,7 @@ class Progress:
         clips = clips_per_rank * self.world
         self.clips += clips
         self.clips_done += clips
+        self.steps_done += 1
         self.steps += 1
         loss = torch.where(result.taken, result.loss, torch.zeros_like(result.loss))  # a skipped step adds 0
         self.loss = loss if self.loss is None else self.loss + loss
@@ -86,10 +97,12 @@ class Progress:
         m = {"loss": loss, "lr": lr, "grad_norm": float(result.grad_norm),
              "clips_per_s": self.clips / elapsed, "data_wait_frac": min(1.0, self.wait / elapsed),
              "failed_clips": failed_clips, **extra}
+        # the stage's remaining steps at this process's mean step time so far (validation included)
+        m["eta_s"] = (self.total_steps - step) * (time.perf_counter() - self.t_start) / max(1, self.steps_done)
         if self.verbose:
             console(f"[{self.stage}] epoch {epoch + 1}/{self.epochs} step {step}/{self.total_steps} loss {m['loss']:.4f} "
-                  f"lr {lr:.2e} grad {m['grad_norm']:.2f} {m['clips_per_s']:.1f} clips/s "
-                  f"data-wait {m['data_wait_frac']:.0%} failed {failed_clips}")
+                    f"lr {lr:.2e} grad {m['grad_norm']:.2f} {m['clips_per_s']:.1f} clips/s "
+                    f"data-wait {m['data_wait_frac']:.0%} failed {failed_clips} eta {duration(m['eta_s'])}")
         self._reset()
         return m
 

@@ -19,6 +19,7 @@ from ppma_ray.config import PretrainConfig
 from ppma_ray.data.demo import make_demo
 from ppma_ray.train.checkpoint import FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, newest_whole, read_train_state, storage
 from ppma_ray.models.errors import CheckpointError
+from ppma_ray.ray_env import quiet
 from ppma_ray.train.config import RunOptions
 from ppma_ray.train.stop import StoppedBySignal, signalled
 
@@ -118,8 +119,10 @@ def worker_entry(loop_config: dict) -> None:
     level. The trainer's controller actor unpickles this function too, and only needs its name:
     importing the training stack there (torchvision, timm, Ray Data's operators) costs about 4 s
     of CPU per stage on 2 cores, for nothing."""
+    from ppma_ray.ray_env import quiet_process
     from ppma_ray.train.loop import train_loop
 
+    quiet_process()  # after Ray Train configured this worker's logging
     try:
         train_loop(loop_config)
     except Exception as e:
@@ -183,6 +186,9 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=callbacks,
+            # without --verbose: none of Ray Train's own lines (each report, each checkpoint, the
+            # controller's traceback of a failure: the job prints one line naming the saved one)
+            logging_config=ray.train.LoggingConfig(log_level="CRITICAL" if quiet() else "INFO"),
         ),
     )
     t0 = time.perf_counter()
