@@ -26,8 +26,11 @@ def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_sessi
         and the one before cut short (as a crash during the write leaves it); then the same command
         again: it resumes from the step-2 checkpoint, and a worker raises once at step 9 and Ray
         restarts it from step 8;
-    (c) ``jobs/pretrain.py --resume-from`` (b)'s epoch-1 checkpoint, in a new run folder: PBT's
-        round trip."""
+    (c) ``jobs/pretrain.py`` sent SIGTERM (``ray job stop``, a pod eviction) while it starts: the
+        workers stop at their first log step (2) with a checkpoint of it, and the job exits 143
+        saying where to resume; then ``jobs/pretrain.py --resume-from`` that checkpoint, in a new
+        run folder, finishes the run (PBT's rounds continue each other's checkpoints this way).
+        Re-running the same command would resume it as in (b)."""
     common = ["align.epochs=2", "align.batch_size=8", "align.samples_per_epoch=48", "run.checkpoint_every=2",
               "run.keep=10", "align.mix={nohuman: 0.5, synthetic: 0.5}", SCHEDULE,
               "align.random_erase=0.5"]  # its boxes come from Python's random: reseeded per step too
@@ -51,21 +54,18 @@ def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_sessi
     ref_lr = {m["step"]: m["lr"] for m in _metrics(tmp_path / "runs/ref-align", "align") if "lr" in m}
     assert all(m["lr"] == pytest.approx(ref_lr[m["step"]]) for m in lines)
 
-    # jobs/pretrain.py --resume-from: (b)'s epoch-1 checkpoint continued in a new run folder, as
-    # PBT's rounds continue each other's checkpoints
     from conftest import TINY
 
     from ppma_ray.cli import pretrain as job
 
-    epoch1 = next(d for d in (tmp_path / "runs/resumed-align").glob("checkpoint_*")
-                  if d.is_dir() and torch.load(d / STATE_FILE, weights_only=True)["step"] == 6)
     sets = [*TINY, f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={tiny_config().data.demo_root}", *common,
-            "run.name=r2", "eval.tasks=[]"]
-    assert job.main(["--resume-from", str(epoch1), "--output-dir", str(tmp_path / "r2"),
-                     *[a for x in sets for a in ("--set", x)]]) == 0
+            "eval.tasks=[]"]
+    at_step_2 = _sigterm_at_the_first_log_step(ray_session, tmp_path, [*sets, "run.name=sig"])
+    assert job.main(["--resume-from", str(at_step_2), "--output-dir", str(tmp_path / "r2"),
+                     *[a for x in [*sets, "run.name=r2"] for a in ("--set", x)]]) == 0
     round2 = json.loads((tmp_path / "r2/results.json").read_text())["stages"]
     assert list(round2) == ["align"] and round2["align"]["steps"] == 12
-    assert [m["step"] for m in _metrics(tmp_path / "runs/r2-align", "align") if "loss" in m][0] > 6  # continued
+    assert [m["step"] for m in _metrics(tmp_path / "runs/r2-align", "align") if "loss" in m][0] == 4  # continued
 
     ref_w = _final_weights(reference)
     for other in (resumed, round2["align"]):
@@ -284,38 +284,38 @@ def test_a_failed_stage_is_one_line_per_rank_naming_its_saved_traceback(tmp_path
                                             f"(traceback: {saved}); rank 1: ValueError: bad shape")
 
 
-@pytest.mark.integration
-def test_sigterm_stops_the_job_at_a_log_step_with_a_checkpoint_and_exit_143(ray_session, demo_root, tmp_path):
-    """SIGTERM (``ray job stop``, a pod eviction) to a running ``jobs/pretrain.py``: the workers stop
-    at their next log step with a checkpoint of it, and the job exits 143 saying where to resume."""
-    import json
+def _sigterm_at_the_first_log_step(ray_session, tmp_path: Path, sets: list[str]) -> Path:
+    """(c) of the test above: ``jobs/pretrain.py --stage align --random-init`` gets SIGTERM once its
+    run folder exists (its signal handler is in place; the first step is seconds away), stops at
+    step 2 (its first log step) with a whole checkpoint and exits 143 naming it. Returns it."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    from conftest import ROOT, TINY
+    from conftest import ROOT
 
-    sets = [*TINY, f"data.demo_root={demo_root}", f"run.storage_path={tmp_path / 'runs'}", "run.name=sig",
-            "run.log_every=1", "mae.epochs=100", "mae.samples_per_epoch=16", "mae.batch_size=8"]
+    cmd = [sys.executable, str(ROOT / "jobs/pretrain.py"), "--stage", "align", "--random-init",
+           *[a for x in sets for a in ("--set", x)]]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}  # joins, as under ray job submit
-    job = subprocess.Popen([sys.executable, str(ROOT / "jobs/pretrain.py"), "--stage", "mae",
-                            *[a for x in sets for a in ("--set", x)]], env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    metrics = tmp_path / "runs/sig-mae/mae_metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and job.poll() is None:
-        if metrics.is_file() and sum("loss" in line for line in metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.5)
+    job = subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = tmp_path / "runs/sig-align"
+    deadline = time.time() + 120
+    while time.time() < deadline and job.poll() is None and not run.is_dir():
+        time.sleep(0.2)
     assert job.poll() is None, job.communicate()[1][-3000:]
     job.send_signal(signal.SIGTERM)
     out, err = job.communicate(timeout=240)
     assert job.returncode == 143, err[-3000:]
     (line,) = [x for x in err.splitlines() if x.startswith("stopped by SIGTERM")]
-    step = int(line.split(" at step ")[1].split(";")[0])
-    assert line.endswith("re-run the same command to resume") and 3 <= step < 200
+    assert " at step 2;" in line and line.endswith("re-run the same command to resume"), line
     checkpoint = Path(line.split("checkpoint ")[1].split(":")[0])
-    assert torch.load(checkpoint / STATE_FILE, weights_only=True)["step"] == step and checkpoint_problem(checkpoint) is None
-    assert max(json.loads(x)["step"] for x in metrics.read_text().splitlines()) == step
+    assert torch.load(checkpoint / STATE_FILE, weights_only=True)["step"] == 2 and checkpoint_problem(checkpoint) is None
+    assert max(m["step"] for m in _metrics(run, "align")) == 2
+    # the console without --verbose: the job's progress line, none of Ray's own lines
+    assert "[align] epoch 1/2 step 2/12 loss" in out and " eta " in out
+    for chatter in ("Starting execution of Dataset", "Checkpoint successfully created", "Reporting training result",
+                    "Failed to query Ray Train Controller", "Connecting to existing Ray cluster"):
+        assert chatter not in out + err, chatter
+    return checkpoint
