@@ -12,6 +12,7 @@ and the main job ready to spend GPU hours on? Writes one JSON.
    one GPU and generated 224^2 footage for ``--pretrain-steps`` steps; its progress lines'
    ``data_wait_frac`` (the share of step time spent waiting for input) and clips/s.
 
+It starts a local Ray instance, or joins the one ``RAY_ADDRESS`` names (as under ``ray job submit``).
 ``--dry-run`` does the same with a tiny model, 32^2 crops and few steps on the CPU (CI runs it), so
 the script is known to work before anyone spends GPU time on it.
 """

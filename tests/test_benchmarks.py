@@ -13,8 +13,10 @@ from conftest import ROOT
 pytestmark = pytest.mark.integration
 
 
-def test_gpu_check_dry_run_writes_every_figure(tmp_path):
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHON": sys.executable}
+def test_gpu_check_dry_run_writes_every_figure(tmp_path, ray_session):
+    # it joins the session's Ray instance, as it would join a cluster's (starting one locally is
+    # what the session fixture itself does, through the same ``init_ray``)
+    env = {**os.environ, "PYTHON": sys.executable, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     r = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -80,11 +80,11 @@ def test_every_gcp_node_joins_the_dedicated_subnetwork():
     assert "gcloud compute firewall-rules create ppma-ssh" in text and "--allow=tcp:22" in text
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def two_node_cluster():
     """A head with token auth marked as the trainer node (a custom ``trainer`` resource, 1 CPU) and a
-    CPU-only decode node (1 CPU), both on localhost; started once per test worker (--dist loadfile
-    keeps this module on one)."""
+    CPU-only decode node (1 CPU), both on localhost; started once for this module and stopped as
+    soon as it is done, so its daemons do not share the 2 cores with the rest of the suite."""
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     token = secrets.token_hex(16)
     gcs, dash = free_port(), free_port()
@@ -211,6 +211,7 @@ def test_ray_job_submit_runs_pretrain_on_the_cluster(two_node_cluster, demo_root
         time.sleep(2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout + r.stderr
+    assert "[mae] epoch 1/1 step" in r.stdout and "Starting execution of Dataset" not in r.stdout + r.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["stages"]["mae"]["steps"] == 6 and Path(results["stages"]["mae"]["checkpoint"]).is_dir()
 
