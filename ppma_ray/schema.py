@@ -49,6 +49,57 @@ def option(default=MISSING, *, default_factory=MISSING, ge: float | None = None,
     return field(default=default, metadata=meta)
 
 
+def describe(cls, where: str = "", defaults=None) -> list[tuple[str, str, str]]:
+    """``(dotted key, default, meaning)`` of every setting of a config class, nested sections
+    flattened (a ``dict[str, Section]`` as ``<name>``); the meaning adds the allowed choices or range.
+    Defaults are those of ``cls()`` when it builds with no arguments (a section's own defaults may
+    differ by where it sits, e.g. each stage's), else of each field."""
+    if defaults is None:
+        try:
+            defaults = cls()
+        except TypeError:  # a section with required fields
+            defaults = None
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        key, tp = _join(where, f.name), hints[f.name]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not MISSING:
+            default = f.default
+        else:
+            default = f.default_factory() if f.default_factory is not MISSING else "(required)"
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, key, default)
+            continue
+        value_type = typing.get_args(tp)[1] if typing.get_origin(tp) is dict else None
+        if value_type is not None and dataclasses.is_dataclass(value_type):
+            rows.append((key, "{}", f.metadata.get("help", "")))
+            rows += describe(value_type, f"{key}.<name>")
+            continue
+        meaning = [f.metadata.get("help", "")]
+        choices = _literal_choices(tp)
+        if choices:
+            meaning.append("one of " + ", ".join(map(str, choices)))
+        bounds = [f"{sym} {f.metadata[k]}" for k, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                  if f.metadata.get(k) is not None]
+        if bounds:
+            meaning.append(" and ".join(bounds))
+        shown = "null" if default is None else str(default) if default != "" else "(required)"
+        rows.append((key, shown, "; ".join(m for m in meaning if m)))
+    return rows
+
+
+def _literal_choices(tp) -> tuple:
+    """The choices of ``Literal[...]`` (or ``Literal[...] | None``), else ()."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    for arg in typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ():
+        if typing.get_origin(arg) is typing.Literal:
+            return typing.get_args(arg)
+    return ()
+
+
 def from_dict(cls, data, where: str = ""):
     """Build dataclass ``cls`` from plain data, checking keys, types, choices, ranges and rules."""
     return _convert(cls, data, where)

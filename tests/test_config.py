@@ -164,6 +164,33 @@ def test_every_job_answers_help_and_version():
         assert ("usage:" in r.stdout) if flag == "--help" else r.stdout.startswith("ppma_ray "), (job, flag)
         if flag == "--help":  # every job that starts Ray shows Ray's own messages only when asked
             assert ("--verbose" in r.stdout) == (job != "report"), job
+            # the config-driven jobs list every config key, its default and meaning
+            listed = "model.preset = vit_base" in r.stdout and "align.optim.lr = " in r.stdout
+            assert listed == (job in CONFIG_JOBS), job
+
+
+def test_help_lists_every_config_key_with_its_default_and_meaning():
+    import re
+
+    from ppma_ray.cli import config_keys_help
+
+    text = config_keys_help()
+    listed = set(re.findall(r"^  (\S+) = ", text, re.M))
+
+    def leaves(d, where=""):
+        for k, v in d.items():
+            key = f"{where}.{k}" if where else k
+            if where == "data.sources":
+                key = "data.sources.<name>"
+            if isinstance(v, dict) and v and (where == "data.sources" or key not in listed):
+                yield from leaves(v, key)
+            else:
+                yield key
+
+    keys = set(leaves(to_dict(load_config(DEMO_CONFIG))))
+    assert keys <= listed, keys - listed
+    assert re.search(r"^  model\.masking = random +MAE: random \(PPMA\) or tube \(VideoMAE\) masking; one of random, tube$", text, re.M)
+    assert re.search(r"^  run\.keep = \d+ +.*>= 1", text, re.M)
 
 
 def test_console_entry_points_are_the_jobs():

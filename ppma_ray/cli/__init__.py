@@ -30,7 +30,10 @@ def parser(description: str | None, config: bool = True, uses_ray: bool = True) 
     """An argument parser with ``--version``, ``--verbose`` for the jobs that start Ray and, for
     config-driven jobs, the config flags."""
     doc = (description or "").strip()
-    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog="\n\n".join(doc.split("\n\n")[1:]) or None,
+    epilog = "\n\n".join(doc.split("\n\n")[1:])
+    if config:
+        epilog = "\n\n".join(x for x in (epilog, config_keys_help()) if x)
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=epilog or None,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"ppma_ray {ppma_ray.__version__}")
     if uses_ray:
@@ -43,6 +46,17 @@ def parser(description: str | None, config: bool = True, uses_ray: bool = True) 
         ap.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit without starting Ray")
     return ap
+
+
+def config_keys_help() -> str:
+    """Every config key with its default and meaning, from the config classes themselves."""
+    from ppma_ray.schema import describe
+
+    rows = describe(PretrainConfig)
+    width = max(len(f"{k} = {d}") for k, d, _ in rows if len(f"{k} = {d}") <= 48)
+    lines = [f"  {f'{k} = {d}':<{width}}  {m}".rstrip() for k, d, m in rows]
+    return ("config keys (--set KEY=VALUE; the defaults of the config classes, which --config's file may change;\n"
+            "--print-config shows the values a run would use):\n" + "\n".join(lines))
 
 
 def read_config(args: argparse.Namespace) -> PretrainConfig:

@@ -71,8 +71,8 @@ class DecodeConfig:
 
 @dataclass
 class DataConfig:
-    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    sources: dict[str, SourceConfig] = option(default_factory=dict, help="name -> a video source (its keys below)")
     demo_root: str = option("demo_data", help="where the generated demo sets are written")
-    demo_seed: int = 0
+    demo_seed: int = option(0, help="seed of the generated demo sets")
     clip: ClipConfig = field(default_factory=ClipConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)

@@ -18,7 +18,7 @@ class OptimConfig:
     min_lr: float = option(0.0, ge=0, help="end of the cosine")
     warmup_frac: float = option(0.05, ge=0, le=1, help="fraction of the steps spent in linear warmup")
     weight_decay: float = option(0.05, ge=0, help="AdamW weight decay (none on biases, norms, tables)")
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = option((0.9, 0.95), help="AdamW betas, each in [0, 1)")
     layer_decay: float | None = option(None, gt=0, le=1, help="per-block LR decay, e.g. 0.75 for stage 2 / FT")
     # timm/BEiT: head 1, block k d^(depth-k), patch embed d^(depth+1). The released code has an
     # off-by-one that multiplies every group by one more d (head and final LN at d, not 1).
@@ -41,10 +41,11 @@ class StageConfig:
     batch_size: int = option(128, ge=1, help="global batch in clips (a multiple of repeats x workers)")
     samples_per_epoch: int | None = option(None, ge=1, help="clips per epoch (null: the used sources' sizes)")
     repeats: int = option(1, ge=1, help="repeated augmentations per decoded video")
-    mix: dict[str, float] = field(default_factory=dict)  # source name -> weight
+    mix: dict[str, float] = option(default_factory=dict, help="source name -> weight of the stage's clips")
     # [[epoch, mix], ...]: from that epoch on, ``mix`` is replaced (a PBT schedule, replayed);
     # epochs before the first entry use ``mix``
-    mix_schedule: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    mix_schedule: list[tuple[int, dict[str, float]]] = option(default_factory=list,
+                                                              help="[[epoch, mix], ...]: the mix from that epoch on")
     granularity: Literal["sample", "batch"] = option("sample", help="mixed batches, or single-source batches (release)")
     # "weights": source k gets exactly w_k / sum(w) of the slots (the proportion Tune searches).
     # "sizes": every source with w_k > 0 gets slots in proportion to its number of videos, so an
@@ -56,9 +57,9 @@ class StageConfig:
     grad_checkpointing: bool = option(False, help="recompute activations in backward (saves memory)")
     # stage 2 and downstream only
     heads: Literal["separate", "shared"] = option("separate", help="one head per source, or one shared head (release)")
-    label_smoothing: float = option(0.0, ge=0, lt=1)
-    mixup_alpha: float = option(0.0, ge=0)
-    cutmix_alpha: float = option(0.0, ge=0)
+    label_smoothing: float = option(0.0, ge=0, lt=1, help="label smoothing of the classification loss")
+    mixup_alpha: float = option(0.0, ge=0, help="Mixup Beta(alpha, alpha) (0: off)")
+    cutmix_alpha: float = option(0.0, ge=0, help="CutMix Beta(alpha, alpha) (0: off)")
     randaug_ops: int = option(0, ge=0, le=14, help="RandAugment ops per clip, each applied with p 0.5 (0: off); PPMA: 4")
     randaug_magnitude: float = option(7.0, ge=0, le=10, help="RandAugment magnitude on pytorchvideo's 0-10 scale (PPMA: 7)")
     random_erase: float = option(0.0, ge=0, le=1, help="probability of erasing one box per clip (before Mixup/CutMix)")
@@ -95,7 +96,7 @@ class StageConfig:
 @dataclass
 class ScalingSettings:
     num_workers: int = option(1, ge=1, help="Ray Train workers (one GPU each with use_gpu)")
-    use_gpu: bool = False
+    use_gpu: bool = option(False, help="one GPU per training worker")
     cpus_per_worker: float = option(1.0, gt=0, help="CPUs a worker reserves (fractions are fine); the rest decode")
     torch_threads: int | None = option(None, ge=1, help="CPU training: intra-op threads per worker")
     worker_resources: dict[str, float] = option(
@@ -116,7 +117,7 @@ class ScalingSettings:
 class RunSettings:
     storage_path: str = option("runs", help="checkpoints and metrics (a path or a URI)")
     name: str = option("ppma", help="run name: <storage_path>/<name>-<stage>")
-    seed: int = 0
+    seed: int = option(0, help="seeds the model, the data plan and every step")
     checkpoint_every: int = option(0, ge=0, help="steps between checkpoints (0: end of each epoch only)")
     keep: int = option(2, ge=1, help="checkpoints kept per stage")
     max_failures: int = option(0, ge=-1, help="worker restarts from the last checkpoint (-1: unlimited)")
@@ -131,14 +132,14 @@ class EvalSettings:
     """Downstream evaluation (PPMA §5). A task is ``demo:<name>``, a catalog name (``ucf101``,
     ``diving48``, ...; videos under ``task_root``), or a source name in ``data.sources``."""
 
-    tasks: list[str] = field(default_factory=list)
+    tasks: list[str] = option(default_factory=list, help="downstream tasks probed after stage 2 (demo:<name>, a catalog name, a source)")
     task_root: str | None = option(None, help="video directory of the catalog tasks")
     test_clips: int = option(2, ge=1, help="temporal views per test video")
     test_crops: int = option(3, ge=1, help="spatial views per test clip")
     # linear probe on cached features: one pass of feature extraction, then the head alone
     lp_epochs: int = option(100, ge=1, help="cached-feature probe: full-batch epochs")
-    lp_lr: float = option(1.0e-2, gt=0)
-    lp_weight_decay: float = option(1.0e-4, ge=0)
+    lp_lr: float = option(1.0e-2, gt=0, help="learning rate of the cached-feature linear probe")
+    lp_weight_decay: float = option(1.0e-4, ge=0, help="weight decay of the cached-feature linear probe")
     compare_random_init: bool = option(True, help="the pretrain run also probes a random-init trunk")
 
 

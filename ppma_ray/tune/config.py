@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from ppma_ray.schema import ConfigError, option
@@ -13,12 +13,12 @@ class TuneSettings:
     """The stage-2 proportion p of the synthetic source (the no-human source gets 1 - p), the
     averaging coefficient alpha of the p = 1 and p = 0 models, and any other key."""
 
-    p_values: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    p_values: list[float] = option(default_factory=lambda: [0.0, 0.5, 1.0], help="grid of the synthetic proportion p")
     search: Literal["grid", "random", "optuna", "hyperopt"] = option("grid", help="how p is searched (p = 0 and 1 always run)")
     num_samples: int = option(2, ge=0, help="extra p samples for random / optuna / hyperopt")
-    extra: dict[str, list[float]] = field(default_factory=dict)  # dotted key -> grid values
-    alpha_values: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
-    learned_alpha: bool = True
+    extra: dict[str, list[float]] = option(default_factory=dict, help="dotted key -> grid values, searched with p")
+    alpha_values: list[float] = option(default_factory=lambda: [0.25, 0.5, 0.75], help="fixed averaging coefficients tried")
+    learned_alpha: bool = option(True, help="also learn the averaging coefficient with the linear probe")
     scheduler: Literal["none", "asha", "pbt"] = option("none", help="asha: early stopping on stage-2 val top-1; pbt: p changes during stage 2")
     # --scheduler pbt: a population whose p changes during stage 2 (exploit: copy a better trial's
     # checkpoint; explore: p x 0.8 or 1.2, or resampled), every ``pbt_interval`` stage-2 epochs
@@ -29,7 +29,7 @@ class TuneSettings:
     align_epochs: int | None = option(None, ge=1, help="stage-2 epochs per trial (null: align.epochs)")
     max_concurrent_trials: int = option(1, ge=1, help="cap by your GPUs: each trial uses scaling.num_workers")
     val_fraction: float = option(0.2, gt=0, lt=1, help="tuning split: held-out fraction of each task's train list")
-    split_seed: int = 42
+    split_seed: int = option(42, help="seed of the tuning split")
     group_regex: str = option(r"_g(\d+)", help="file-name group id kept on one side of the tuning split")
     nohuman: str = option("nohuman", help="source name of the no-human data in data.sources")
     synthetic: str = option("synthetic", help="source name of the synthetic data in data.sources")
