@@ -84,7 +84,9 @@ def test_every_gcp_node_joins_the_dedicated_subnetwork():
 def two_node_cluster():
     """A head with token auth marked as the trainer node (a custom ``trainer`` resource, 1 CPU) and a
     CPU-only decode node (1 CPU), both on localhost; started once for this module and stopped as
-    soon as it is done, so its daemons do not share the 2 cores with the rest of the suite."""
+    soon as it is done, so its daemons do not share the 2 cores with the rest of the suite. Each
+    node has its own temp dir, as on separate machines: sharing one, both nodes' log monitors
+    forwarded every worker line, and the job's console showed each progress line twice."""
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     token = secrets.token_hex(16)
     gcs, dash = free_port(), free_port()
@@ -96,7 +98,8 @@ def two_node_cluster():
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_http(f"http://127.0.0.1:{dash}")
     worker = subprocess.Popen([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
-                               '--resources={"decode_node": 1}', "--block", *agent_ports()],
+                               '--resources={"decode_node": 1}', f"--temp-dir={temp}/decode_node", "--block",
+                               *agent_ports()],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_for_nodes(f"127.0.0.1:{gcs}", env, 2)
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env, "token": token}
@@ -211,7 +214,10 @@ def test_ray_job_submit_runs_pretrain_on_the_cluster(two_node_cluster, demo_root
         time.sleep(2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout + r.stderr
-    assert "[mae] epoch 1/1 step" in r.stdout and "Starting execution of Dataset" not in r.stdout + r.stderr
+    # the console through `ray job submit`: each progress line once, none of Ray's own lines
+    progress = [x for x in r.stdout.splitlines() if "[mae] epoch 1/1 step" in x]
+    assert progress and len(progress) == len(set(progress)), progress
+    assert "Starting execution of Dataset" not in r.stdout + r.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["stages"]["mae"]["steps"] == 6 and Path(results["stages"]["mae"]["checkpoint"]).is_dir()
 
