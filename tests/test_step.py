@@ -252,7 +252,7 @@ def test_the_progress_line_ends_with_the_stages_eta(monkeypatch, capsys):
     import ppma_ray.train.metrics as metrics
     from ppma_ray.train.step import StepResult
 
-    clock = iter([0.0, 0.0, 8.0, 8.0, 8.0])  # start, window start, then the reads at the log step
+    clock = iter([0.0, 0.0, 8.0, 8.0])  # start, window start, the log step, the next window start
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
     monkeypatch.setattr(metrics, "_CONSOLE", sys.stdout)
     progress = metrics.Progress("mae", total_steps=10, epochs=1, world=1, verbose=True)

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with bad_input_exits():
         table = read_manifest(args.manifest, root=args.root)
-        if backend_problem(args.backend):
-            raise ConfigError(f"--backend: {backend_problem(args.backend)}")
+        if problem := backend_problem(args.backend):
+            raise ConfigError(f"--backend: {problem}")
     from ppma_ray.data.validate import validate_manifest
     from ppma_ray.ray_env import init_ray
 

@@ -123,6 +123,7 @@ class VideoSource:
             self.fps = float(fps or self._reader.fps or DEFAULT_FRAME_FPS)
         self.num_frames = len(self._frames) if self._frames is not None else self._reader.num_frames
         if self.num_frames <= 0:
+            self.close()
             raise VideoDecodeError(p, "video has no frames")
 
     def close(self) -> None:
@@ -175,6 +176,7 @@ class _PyAVReader:
         import av
 
         self.path = str(p)
+        self._container = None
         try:
             self._container = av.open(self.path)
             self._stream = self._container.streams.video[0]
@@ -186,6 +188,8 @@ class _PyAVReader:
                     if packet.is_keyframe:
                         keys.append(packet.pts)
         except Exception as e:
+            if self._container is not None:  # opened, but its packets cannot be read
+                self._container.close()
             raise VideoDecodeError(p, f"cannot open video ({_short(e)})") from None
         self._pts = np.sort(np.asarray(pts, dtype=np.int64))  # frame i: the i-th in presentation order
         self._keys = np.sort(np.asarray(keys or pts[:1], dtype=np.int64))

@@ -92,13 +92,14 @@ class Progress:
     def line(self, step: int, epoch: int, lr: float, result: StepResult, failed_clips: int) -> dict:
         """The window's metrics (printed as one line on rank 0); starts a new window."""
         loss = float(self.loss) / max(1, self.steps) if self.loss is not None else 0.0  # waits for the device
-        elapsed = time.perf_counter() - self.t0
+        now = time.perf_counter()
+        elapsed = now - self.t0
         extra = {k: float(v) for k, v in result.extra.items()}
         m = {"loss": loss, "lr": lr, "grad_norm": float(result.grad_norm),
              "clips_per_s": self.clips / elapsed, "data_wait_frac": min(1.0, self.wait / elapsed),
              "failed_clips": failed_clips, **extra}
         # the stage's remaining steps at this process's mean step time so far (validation included)
-        m["eta_s"] = (self.total_steps - step) * (time.perf_counter() - self.t_start) / max(1, self.steps_done)
+        m["eta_s"] = (self.total_steps - step) * (now - self.t_start) / max(1, self.steps_done)
         if self.verbose:
             console(f"[{self.stage}] epoch {epoch + 1}/{self.epochs} step {step}/{self.total_steps} loss {m['loss']:.4f} "
                     f"lr {lr:.2e} grad {m['grad_norm']:.2f} {m['clips_per_s']:.1f} clips/s "

@@ -19,7 +19,7 @@ from ppma_ray.config import PretrainConfig
 from ppma_ray.data.demo import make_demo
 from ppma_ray.train.checkpoint import FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, newest_whole, read_train_state, storage
 from ppma_ray.models.errors import CheckpointError
-from ppma_ray.ray_env import quiet
+from ppma_ray.ray_env import quiet, quiet_process
 from ppma_ray.train.config import RunOptions
 from ppma_ray.train.stop import StoppedBySignal, signalled
 
@@ -119,7 +119,6 @@ def worker_entry(loop_config: dict) -> None:
     level. The trainer's controller actor unpickles this function too, and only needs its name:
     importing the training stack there (torchvision, timm, Ray Data's operators) costs about 4 s
     of CPU per stage on 2 cores, for nothing."""
-    from ppma_ray.ray_env import quiet_process
     from ppma_ray.train.loop import train_loop
 
     quiet_process()  # after Ray Train configured this worker's logging
