@@ -20,19 +20,23 @@ SCHEDULE = "align.mix_schedule=[[1, {nohuman: 0.0, synthetic: 1.0}]]"
 
 @pytest.mark.integration
 def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_session, tiny_config, tmp_path):
-    """One stage-2 run with a mix schedule, reached three ways, bit for bit:
-    (a) uninterrupted;
+    """One stage-2 run with a mix schedule, bit for bit the same uninterrupted (a) and interrupted
+    every way in one lineage (b-d), four Ray Train runs in all:
     (b) stopped after step 5, mid-epoch (as a crash would); then its newest checkpoint deleted
-        and the one before cut short (as a crash during the write leaves it); then the same command
-        again: it resumes from the step-2 checkpoint, and a worker raises once at step 9 and Ray
-        restarts it from step 8;
-    (c) ``jobs/pretrain.py`` sent SIGTERM (``ray job stop``, a pod eviction) while it starts: the
-        workers stop at their first log step (2) with a checkpoint of it, and the job exits 143
-        saying where to resume; then ``jobs/pretrain.py --resume-from`` that checkpoint, in a new
-        run folder, finishes the run (PBT's rounds continue each other's checkpoints this way).
-        Re-running the same command would resume it as in (b)."""
+        and the one before cut short (as a crash during the write leaves it);
+    (c) the same command again, as ``jobs/pretrain.py``: it passes over the damaged checkpoints,
+        resumes from step 2, and is sent SIGTERM (``ray job stop``, a pod eviction) while it
+        starts: the workers stop at their next log step (4) with a checkpoint of it, and the job
+        exits 143 saying where to resume;
+    (d) ``jobs/pretrain.py --resume-from`` that checkpoint, in a new run folder (PBT's rounds
+        continue each other's checkpoints this way), where a worker raises once at step 9 and Ray
+        restarts it from step 8."""
+    from conftest import TINY
+
+    from ppma_ray.cli import pretrain as job
+
     common = ["align.epochs=2", "align.batch_size=8", "align.samples_per_epoch=48", "run.checkpoint_every=2",
-              "run.keep=10", "align.mix={nohuman: 0.5, synthetic: 0.5}", SCHEDULE,
+              "run.keep=10", "align.mix={nohuman: 0.5, synthetic: 0.5}", SCHEDULE, "eval.tasks=[]",
               "align.random_erase=0.5"]  # its boxes come from Python's random: reseeded per step too
     reference = run_stage(resolve_paths(tiny_config(*common, "run.name=ref")), RunOptions("align"))
     assert reference["steps"] == 12
@@ -44,33 +48,28 @@ def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_sessi
     shutil.rmtree(by_step[5])  # gone, though Ray's run record lists it
     weights = (by_step[4] / MODEL_FILE).read_bytes()
     (by_step[4] / MODEL_FILE).write_bytes(weights[: len(weights) // 2])  # cut short
-    resumed = run_stage(resolve_paths(tiny_config(*common, "run.name=resumed", "run.fail_at_step=9",
-                                                  "run.max_failures=1")), RunOptions("align"))
-    assert resumed["steps"] == 12 and (tmp_path / "runs/resumed-align/failed_at_9").exists()
+
+    sets = [*TINY, f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={tiny_config().data.demo_root}", *common]
+    at_step_4 = _sigterm_as_it_resumes(ray_session, tmp_path, [*sets, "run.name=resumed"], by_step[5].name)
     logged = _metrics(tmp_path / "runs/resumed-align", "align")
-    assert [m["step"] for m in logged if m.get("event") == "resumed"] == [2, 8]  # from step 2, then 8 after the failure
+    assert [m["step"] for m in logged if m.get("event") == "resumed"] == [2]
+    assert [m["step"] for m in logged if "loss" in m] == [2, 4, 4]  # step 4 redone after the marker
+
+    assert job.main(["--resume-from", str(at_step_4), "--output-dir", str(tmp_path / "r2"),
+                     *[a for x in [*sets, "run.name=r2", "run.fail_at_step=9", "run.max_failures=1"]
+                       for a in ("--set", x)]]) == 0
+    round2 = json.loads((tmp_path / "r2/results.json").read_text())["stages"]
+    assert list(round2) == ["align"] and round2["align"]["steps"] == 12
+    assert (tmp_path / "runs/r2-align/failed_at_9").exists()
+    logged = _metrics(tmp_path / "runs/r2-align", "align")
+    assert [m["step"] for m in logged if m.get("event") == "resumed"] == [4, 8]  # continued, then 8 after the failure
     lines = [m for m in logged if "loss" in m]
-    assert [m["step"] for m in lines] == [2, 4, 4, 6, 8, 10, 12]  # step 4 redone after the marker, none skipped
+    assert [m["step"] for m in lines] == [6, 8, 10, 12]  # none skipped
     ref_lr = {m["step"]: m["lr"] for m in _metrics(tmp_path / "runs/ref-align", "align") if "lr" in m}
     assert all(m["lr"] == pytest.approx(ref_lr[m["step"]]) for m in lines)
 
-    from conftest import TINY
-
-    from ppma_ray.cli import pretrain as job
-
-    sets = [*TINY, f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={tiny_config().data.demo_root}", *common,
-            "eval.tasks=[]"]
-    at_step_2 = _sigterm_at_the_first_log_step(ray_session, tmp_path, [*sets, "run.name=sig"])
-    assert job.main(["--resume-from", str(at_step_2), "--output-dir", str(tmp_path / "r2"),
-                     *[a for x in [*sets, "run.name=r2"] for a in ("--set", x)]]) == 0
-    round2 = json.loads((tmp_path / "r2/results.json").read_text())["stages"]
-    assert list(round2) == ["align"] and round2["align"]["steps"] == 12
-    assert [m["step"] for m in _metrics(tmp_path / "runs/r2-align", "align") if "loss" in m][0] == 4  # continued
-
-    ref_w = _final_weights(reference)
-    for other in (resumed, round2["align"]):
-        weights = _final_weights(other)
-        assert all(torch.equal(ref_w[k], weights[k]) for k in ref_w)
+    ref_w, weights = _final_weights(reference), _final_weights(round2["align"])
+    assert all(torch.equal(ref_w[k], weights[k]) for k in ref_w)
 
 
 def _checkpoints(tmp_path, n: int = 3) -> list[Path]:
@@ -284,37 +283,40 @@ def test_a_failed_stage_is_one_line_per_rank_naming_its_saved_traceback(tmp_path
                                             f"(traceback: {saved}); rank 1: ValueError: bad shape")
 
 
-def _sigterm_at_the_first_log_step(ray_session, tmp_path: Path, sets: list[str]) -> Path:
-    """(c) of the test above: ``jobs/pretrain.py --stage align --random-init`` gets SIGTERM once its
-    run folder exists (its signal handler is in place; the first step is seconds away), stops at
-    step 2 (its first log step) with a whole checkpoint and exits 143 naming it. Returns it."""
+def _sigterm_as_it_resumes(ray_session, tmp_path: Path, sets: list[str], gone: str) -> Path:
+    """(c) of the test above: ``jobs/pretrain.py --stage align --random-init`` on the damaged run
+    folder gets SIGTERM once it has said where it resumes (its signal handler is in place; the
+    first step is seconds away), stops at step 4 (its next log step) with a whole checkpoint and
+    exits 143 naming it. Returns it."""
     import os
     import signal
     import subprocess
     import sys
-    import time
 
     from conftest import ROOT
 
     cmd = [sys.executable, str(ROOT / "jobs/pretrain.py"), "--stage", "align", "--random-init",
            *[a for x in sets for a in ("--set", x)]]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}  # joins, as under ray job submit
-    job = subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    run = tmp_path / "runs/sig-align"
-    deadline = time.time() + 120
-    while time.time() < deadline and job.poll() is None and not run.is_dir():
-        time.sleep(0.2)
-    assert job.poll() is None, job.communicate()[1][-3000:]
-    job.send_signal(signal.SIGTERM)
-    out, err = job.communicate(timeout=240)
+    with open(tmp_path / "stderr.txt", "w+") as stderr:  # read at the end: a pipe left unread could fill and block
+        job = subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=stderr)
+        out = []
+        for line in job.stdout:
+            out.append(line)
+            if "Ray's run record" in line:
+                break
+        assert job.poll() is None, "".join(out) + (tmp_path / "stderr.txt").read_text()[-3000:]
+        job.send_signal(signal.SIGTERM)
+        out.append(job.communicate(timeout=240)[0])
+        out, err = "".join(out), (tmp_path / "stderr.txt").read_text()
     assert job.returncode == 143, err[-3000:]
+    assert f"lists checkpoints that are gone ({gone})" in out, out
     (line,) = [x for x in err.splitlines() if x.startswith("stopped by SIGTERM")]
-    assert " at step 2;" in line and line.endswith("re-run the same command to resume"), line
+    assert " at step 4;" in line and line.endswith("re-run the same command to resume"), line
     checkpoint = Path(line.split("checkpoint ")[1].split(":")[0])
-    assert torch.load(checkpoint / STATE_FILE, weights_only=True)["step"] == 2 and checkpoint_problem(checkpoint) is None
-    assert max(m["step"] for m in _metrics(run, "align")) == 2
+    assert torch.load(checkpoint / STATE_FILE, weights_only=True)["step"] == 4 and checkpoint_problem(checkpoint) is None
     # the console without --verbose: the job's progress line, none of Ray's own lines
-    assert "[align] epoch 1/2 step 2/12 loss" in out and " eta " in out
+    assert "[align] epoch 1/2 step 4/12 loss" in out and " eta " in out
     for chatter in ("Starting execution of Dataset", "Checkpoint successfully created", "Reporting training result",
                     "Failed to query Ray Train Controller", "Connecting to existing Ray cluster"):
         assert chatter not in out + err, chatter
