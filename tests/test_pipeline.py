@@ -83,7 +83,8 @@ def test_corrupt_videos_are_skipped_counted_and_the_threshold_stops_the_run(ray_
     assert tracker.summary()["broken"] == {"videos": 2, "failed": 2}  # per video, not per clip (repeats=2)
     rows = list(csv.DictReader(io.StringIO(tracker.rejects_csv())))
     assert [r["path"].split("/")[-1] for r in rows] == ["empty.mp4", "text.mp4"]
-    assert all(r["source"] == "broken" and r["reason"] for r in rows)
+    assert all(r["source"] == "broken" and r["reason"] and not r["reason"].startswith(r["path"]) for r in rows)  # path: its own column
+    assert rows[0]["reason"] == "file is empty (0 bytes)"
     strict = FailureTracker(sources, max_failure_rate=0.0, min_videos=1)
     with pytest.raises(DataFailureError, match="failed to decode"):
         for b in ds.iter_torch_batches(batch_size=4):
@@ -104,7 +105,7 @@ def test_failures_are_judged_per_video_with_confidence_and_survive_a_checkpoint(
 
     from ppma_ray.data import pipeline
 
-    monkeypatch.setattr(pipeline, "decode_error", lambda path, fps=None: f"cannot open {path}")
+    monkeypatch.setattr(pipeline, "decode_error", lambda path, fps=None, backend="auto": f"cannot open {path}")
     n = 1000
     table = pa.table({"path": [f"v{i}.mp4" for i in range(n)], "label": [0] * n})
     bad = set(np.random.default_rng(0).choice(n, 30, replace=False).tolist())

@@ -1,6 +1,6 @@
 """Check every video of a manifest before training on it.
 
-    python jobs/validate_data.py MANIFEST --root DIR [--fps 25] [--out DIR]
+    python jobs/validate_data.py MANIFEST --root DIR_OR_BUCKET_URI [--fps 25] [--out DIR]
 
 Probes each row in parallel on Ray (open, count frames, decode first and last frame), prints a
 summary, and writes ``OUT/clean.csv`` (the good rows, same ``path;label`` format, paths relative to
@@ -11,19 +11,18 @@ was rejected.
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 from ppma_ray.cli import bad_input_exits, parser
 from ppma_ray.config import ConfigError
-from ppma_ray.data.manifest import read_manifest, write_ppma_manifest
+from ppma_ray.data.manifest import read_manifest, relative_path, write_ppma_manifest
 from ppma_ray.data.video import BACKENDS, backend_problem
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__, config=False)
     ap.add_argument("manifest")
-    ap.add_argument("--root", default=None, help="directory the manifest's relative paths are under")
+    ap.add_argument("--root", default=None, help="directory or bucket URI (s3://, gs://) the manifest's relative paths are under")
     ap.add_argument("--fps", type=float, default=None, help="frame rate of frame-folder videos (default 25)")
     ap.add_argument("--out", default="validated", help="output directory (default ./validated)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.writer(f)
         w.writerow(["line", "path", "reason"])
         for row in rejected.select(["line", "path", "reason"]).to_pylist():
-            w.writerow([row["line"], os.path.relpath(row["path"], args.root) if args.root else row["path"], row["reason"]])
+            w.writerow([row["line"], relative_path(row["path"], args.root), row["reason"]])
 
     frames = clean.column("num_frames").to_pylist()
     print(f"{args.manifest}: {table.num_rows} rows, {clean.num_rows} ok, {rejected.num_rows} rejected")

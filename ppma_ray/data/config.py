@@ -17,7 +17,7 @@ class SourceConfig:
     """A video collection. ``manifest: demo:<name>`` uses the generated demo set of that name."""
 
     manifest: str = ""
-    root: str | None = option(None, help="relative paths in the manifest are under this directory")
+    root: str | None = option(None, help="relative paths in the manifest are under this directory or bucket URI (s3://, gs://)")
     val_manifest: str | None = option(None, help="held-out rows, for per-source validation in stage 2")
     fps: float | None = option(None, gt=0, help="frame rate of frame-folder videos")
 

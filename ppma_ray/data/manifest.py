@@ -23,6 +23,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ppma_ray.data import objectstore
+
 REQUIRED = ("path", "label")
 OPTIONAL = {"source": pa.string(), "start_s": pa.float64(), "end_s": pa.float64()}
 
@@ -44,8 +46,10 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
 
     Args:
         path: the manifest file (``.parquet`` is read as Parquet, anything else as text).
-        root: directory that relative video paths are joined to. With a root, an absolute path or
-            a ``..`` that leaves the root is an error (a manifest must not reach outside its data).
+        root: directory that relative video paths are joined to: a local folder or a bucket URI
+            (``s3://bucket/prefix``, ``gs://...``; ``ppma_ray.data.objectstore``). With a root, an
+            absolute path or a ``..`` that leaves the root is an error (a manifest must not reach
+            outside its data). Without one, paths are used as written, bucket URIs included.
     """
     path = Path(path)
     if not path.is_file():
@@ -63,9 +67,18 @@ def write_ppma_manifest(table: pa.Table, out: str | os.PathLike, root: str | os.
     """Write ``path;label`` lines (paths relative to ``root`` when given), the PPMA split format."""
     lines = []
     for p, label in zip(table.column("path").to_pylist(), table.column("label").to_pylist()):
-        rel = os.path.relpath(p, root) if root is not None else p
-        lines.append(f"{rel};{label}\n")
+        lines.append(f"{relative_path(p, root)};{label}\n")
     Path(out).write_text("".join(lines), encoding="utf-8")
+
+
+def relative_path(path: str, root: str | os.PathLike | None) -> str:
+    """``path`` relative to ``root`` (a folder or a bucket URI); as it is without a root."""
+    if root is None:
+        return path
+    if objectstore.is_uri(str(root)):
+        prefix = f"{str(root).rstrip('/')}/"
+        return path[len(prefix):] if path.startswith(prefix) else path
+    return os.path.relpath(path, root)
 
 
 def _text_rows(path: Path) -> list[dict]:
@@ -131,8 +144,9 @@ def _parquet_rows(path: Path) -> list[dict]:
 
 
 def _to_table(path: Path, rows: list[dict], root) -> pa.Table:
-    root_abs = os.path.abspath(root) if root is not None else None
-    real = _RealPaths(root_abs) if root_abs is not None else None
+    remote = objectstore.is_uri(root)
+    root_abs = (root.rstrip("/") if remote else os.path.abspath(root)) if root is not None else None
+    real = _RealPaths(root_abs) if root_abs is not None and not remote else None
     out: dict[str, list] = {"path": [], "label": [], "line": []}
     optional = [c for c in OPTIONAL if c in rows[0]]
     for c in optional:
@@ -174,8 +188,13 @@ def _resolve(path: Path, line: int, p: str, root_abs: str | None, real: _RealPat
         raise ManifestError(path, line, "field 'path' is empty")
     if root_abs is None:
         return p
-    if os.path.isabs(p):
+    if os.path.isabs(p) or objectstore.is_uri(p):
         raise ManifestError(path, line, f"field 'path' is absolute ({p!r}) but a root was given")
+    if real is None:  # a bucket: no symlinks there, only ".." can leave the root
+        rel = objectstore.normalize(p)
+        if rel == ".." or rel.startswith("../"):
+            raise ManifestError(path, line, f"field 'path' escapes the root ({p!r})")
+        return objectstore.join(root_abs, rel)
     full = os.path.normpath(os.path.join(root_abs, p))
     if os.path.commonpath([full, root_abs]) != root_abs:
         raise ManifestError(path, line, f"field 'path' escapes the root ({p!r})")

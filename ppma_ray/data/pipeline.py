@@ -168,13 +168,14 @@ def build_eval_dataset(table: pa.Table, clip: ClipConfig, decode: DecodeConfig, 
     return _map(table, decode_eval_batch, kw, decode)
 
 
-def decode_error(path: str, fps: float | None = None) -> str:
-    """Why a video failed, for the rejects list: the error of one more probe, made by the process
-    that counts the failure (failures are rare; the decode batches carry numbers only)."""
+def decode_error(path: str, fps: float | None = None, backend: str = "auto") -> str:
+    """Why a video failed, for the rejects list (whose path is a column of its own): the error of
+    one more probe with the same backend, made by the process that counts the failure (failures
+    are rare; the decode batches carry numbers only)."""
     try:
-        probe_video(path, fps)
+        probe_video(path, fps, backend)
     except VideoDecodeError as e:
-        return str(e).splitlines()[0][:300]
+        return e.reason.splitlines()[0][:300]
     return "no clip window could be decoded (the first and last frames can)"
 
 
@@ -195,8 +196,10 @@ class FailureTracker:
 
     Z = 2.326  # one-sided 99%
 
-    def __init__(self, sources: list[Source], max_failure_rate: float = 0.05, min_videos: int = 50):
+    def __init__(self, sources: list[Source], max_failure_rate: float = 0.05, min_videos: int = 50,
+                 backend: str = "auto"):
         self.sources, self.max_failure_rate, self.min_videos = sources, max_failure_rate, min_videos
+        self.backend = backend
         self.seen = [np.zeros(s.table.num_rows, dtype=bool) for s in sources]
         self.rejects: dict[tuple[int, int], str] = {}  # (source, row) -> reason
         self.failed_clips = 0
@@ -214,7 +217,7 @@ class FailureTracker:
         for i in bad.tolist():
             key = (int(src[i]), int(row[i]))
             if key not in self.rejects:
-                self.rejects[key] = decode_error(self.path(*key), self.sources[key[0]].fps)
+                self.rejects[key] = decode_error(self.path(*key), self.sources[key[0]].fps, self.backend)
         self._check()
         keep = np.flatnonzero(ok)
         return {key: value[keep] for key, value in batch.items()}

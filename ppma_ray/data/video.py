@@ -5,8 +5,12 @@ A clip is a random ``clip_seconds`` window, uniformly subsampled to ``num_frames
 repeat when the window holds fewer). Only the sampled frames are decoded. Everything returns
 ``numpy.uint8`` arrays shaped ``(T, H, W, C)``; conversion to float happens on the training device.
 
-Every failure (missing, empty, truncated or undecodable file, a gap in a frame folder) raises
-``VideoDecodeError`` naming the file, so callers can count and report it instead of crashing.
+Every failure (missing, empty, truncated or undecodable file, a gap in a frame folder, an object
+that cannot be read) raises ``VideoDecodeError`` naming the file, so callers can count and report it
+instead of crashing.
+
+A path may be a bucket URI (``s3://``, ``gs://``; ``ppma_ray.data.objectstore``): the object is read
+whole into memory, with retries, and decoded from there; a frame folder may be a bucket prefix.
 
 Backends (``backend=``, config ``data.decode.backend``), all returning the same layout and the same
 frame for the same index (frame ``i`` is the ``i``-th in presentation order):
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import io
 import os
 import re
 from pathlib import Path
@@ -31,6 +36,7 @@ from typing import get_args
 
 import numpy as np
 
+from ppma_ray.data import objectstore
 from ppma_ray.data.config import DecodeBackend as Backend
 
 # decord's bundled FFmpeg prints every demuxer complaint to stderr; errors reach us as exceptions.
@@ -108,23 +114,47 @@ class VideoSource:
 
     def __init__(self, path: str | os.PathLike, fps: float | None = None, backend: str = "auto"):
         self.path = str(path)
-        p = Path(self.path)
-        if not p.exists():
-            raise VideoDecodeError(p, "file does not exist")
-        if p.is_dir():
-            self._frames = _list_frames(p)
-            self.fps = float(fps or DEFAULT_FRAME_FPS)
-            self._reader = None
+        self._frames: list[str] | None = None
+        self._reader = None
+        if objectstore.is_uri(self.path):
+            self._open_object(backend)
         else:
-            if p.stat().st_size == 0:
+            p = Path(self.path)
+            if not p.exists():
+                raise VideoDecodeError(p, "file does not exist")
+            if p.is_dir():
+                self._frames = [str(p / name) for name in _numbered_frames(p, os.listdir(p))]
+            elif p.stat().st_size == 0:
                 raise VideoDecodeError(p, "file is empty (0 bytes)")
-            self._frames = None
-            self._reader = READERS[resolve_backend(backend)](p)
+            else:
+                self._reader = READERS[resolve_backend(backend)](self.path, self.path)
+        if self._reader is not None:
             self.fps = float(fps or self._reader.fps or DEFAULT_FRAME_FPS)
-        self.num_frames = len(self._frames) if self._frames is not None else self._reader.num_frames
+            self.num_frames = self._reader.num_frames
+        else:
+            self.fps = float(fps or DEFAULT_FRAME_FPS)
+            self.num_frames = len(self._frames)
         if self.num_frames <= 0:
             self.close()
-            raise VideoDecodeError(p, "video has no frames")
+            raise VideoDecodeError(self.path, "video has no frames")
+
+    def _open_object(self, backend: str) -> None:
+        """An object in a bucket, read into memory; or, when no object has that name, a frame
+        folder under it."""
+        try:
+            try:
+                data = objectstore.read_bytes(self.path)
+            except FileNotFoundError:
+                names = [uri.rsplit("/", 1)[1] for uri in objectstore.list_folder(self.path)]
+                if not names:
+                    raise VideoDecodeError(self.path, "object does not exist") from None
+                self._frames = [objectstore.join(self.path, n) for n in _numbered_frames(self.path, names)]
+                return
+        except OSError as e:  # still failing after the retries: this video is skipped, not the run
+            raise VideoDecodeError(self.path, f"cannot read the object ({_short(e)})") from None
+        if not data:
+            raise VideoDecodeError(self.path, "file is empty (0 bytes)")
+        self._reader = READERS[resolve_backend(backend)](io.BytesIO(data), self.path)
 
     def close(self) -> None:
         """Free the decoder now (FFmpeg's buffers), not whenever the garbage collector gets to it."""
@@ -154,14 +184,17 @@ class VideoSource:
         return frames[inverse.reshape(-1)]
 
 
+# The readers take ``(source, name)``: a local path, or an object's bytes in a ``BytesIO`` (every
+# library here decodes from memory), and the name errors report.
+
 class _DecordReader:
-    def __init__(self, p: Path):
+    def __init__(self, source: str | io.BytesIO, name: str):
         import decord  # imported lazily: decord pulls in its FFmpeg only where decoding happens
 
         try:
-            self._reader = decord.VideoReader(str(p), ctx=decord.cpu(0), num_threads=1)
+            self._reader = decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
         except Exception as e:
-            raise VideoDecodeError(p, f"cannot open video ({_short(e)})") from None
+            raise VideoDecodeError(name, f"cannot open video ({_short(e)})") from None
         self.num_frames, self.fps = len(self._reader), self._reader.get_avg_fps()
 
     def get(self, indices: np.ndarray) -> np.ndarray:
@@ -172,13 +205,13 @@ class _DecordReader:
 
 
 class _PyAVReader:
-    def __init__(self, p: Path):
+    def __init__(self, source: str | io.BytesIO, name: str):
         import av
 
-        self.path = str(p)
+        self.path = name
         self._container = None
         try:
-            self._container = av.open(self.path)
+            self._container = av.open(source)
             self._stream = self._container.streams.video[0]
             self._stream.codec_context.thread_count = 1  # one decode task per reserved CPU, as decord
             pts, keys = [], []
@@ -190,7 +223,7 @@ class _PyAVReader:
         except Exception as e:
             if self._container is not None:  # opened, but its packets cannot be read
                 self._container.close()
-            raise VideoDecodeError(p, f"cannot open video ({_short(e)})") from None
+            raise VideoDecodeError(name, f"cannot open video ({_short(e)})") from None
         self._pts = np.sort(np.asarray(pts, dtype=np.int64))  # frame i: the i-th in presentation order
         self._keys = np.sort(np.asarray(keys or pts[:1], dtype=np.int64))
         rate = self._stream.average_rate or self._stream.guessed_rate
@@ -223,13 +256,14 @@ class _PyAVReader:
 
 
 class _TorchCodecReader:
-    def __init__(self, p: Path):
+    def __init__(self, source: str | io.BytesIO, name: str):
         from torchcodec.decoders import VideoDecoder
 
         try:
-            self._decoder = VideoDecoder(str(p), seek_mode="exact", num_ffmpeg_threads=1)
+            self._decoder = VideoDecoder(source if isinstance(source, str) else source.getvalue(), seek_mode="exact",
+                                         num_ffmpeg_threads=1)
         except Exception as e:
-            raise VideoDecodeError(p, f"cannot open video ({_short(e)})") from None
+            raise VideoDecodeError(name, f"cannot open video ({_short(e)})") from None
         meta = self._decoder.metadata
         self.num_frames, self.fps = len(self._decoder), meta.average_fps
 
@@ -311,9 +345,10 @@ def _segment(src: VideoSource, start_s: float | None, end_s: float | None) -> tu
     return lo, hi
 
 
-def _list_frames(folder: Path) -> list[str]:
+def _numbered_frames(folder: str | Path, names: list[str]) -> list[str]:
+    """The numbered ``.jpg``/``.png`` names among ``names``, in frame order; a gap is an error."""
     numbered = []
-    for name in os.listdir(folder):
+    for name in names:
         m = FRAME_RE.search(name)
         if m:
             numbered.append((int(m.group(1)), name))
@@ -324,14 +359,15 @@ def _list_frames(folder: Path) -> list[str]:
     for k, (num, name) in enumerate(numbered):
         if num != first + k:  # a gap would silently shift the timing of every later frame
             raise VideoDecodeError(folder, f"frame folder is missing frame number {first + k} (next is {name})")
-    return [str(folder / name) for _, name in numbered]
+    return [name for _, name in numbered]
 
 
 def _read_image(path: str) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        source = io.BytesIO(objectstore.read_bytes(path)) if objectstore.is_uri(path) else path
+        with Image.open(source) as im:
             return np.asarray(im.convert("RGB"))
     except Exception as e:
         raise VideoDecodeError(path, f"cannot read frame image ({_short(e)})") from None

@@ -188,7 +188,7 @@ def train_loop(loop_config: dict) -> None:
 
     stream = EpochStream([s.train for s in stage.sources], stage_cfg, ctx.clip, ctx.decode, cfg.run.seed,
                          ctx.world, ctx.rank)
-    tracker = FailureTracker([s.train for s in stage.sources], ctx.decode.max_failure_rate)
+    tracker = FailureTracker([s.train for s in stage.sources], ctx.decode.max_failure_rate, backend=ctx.decode.backend)
     if state.data_failures:
         tracker.load_state_dict(state.data_failures)
     total_steps = stage_cfg.epochs * stream.steps_per_epoch

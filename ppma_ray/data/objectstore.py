@@ -1,0 +1,101 @@
+"""Videos in object storage: ``s3://`` and ``gs://`` paths, read through pyarrow's filesystems.
+
+A source's ``root`` (or a manifest's paths) may be a bucket URI. The decode task reads the whole
+object into memory and decodes from there (decord, PyAV and torchcodec all take in-memory input),
+so nothing is staged on local disk and no node needs a shared filesystem.
+
+Configuration is the usual environment, so a local S3 server (MinIO, moto) works as well as AWS:
+credentials from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or the SDK's other sources), the
+endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, the region from ``AWS_REGION`` /
+``AWS_DEFAULT_REGION`` (else the bucket's own, asked once). pyarrow's ``S3FileSystem`` reads the
+credentials itself but not the endpoint variables (apache/arrow#49643), which is why the filesystem
+is built here rather than with ``FileSystem.from_uri``. Google Cloud Storage goes through
+``GcsFileSystem`` with its default credentials.
+
+Transient errors (throttling, 5xx, dropped connections) are retried twice over: by the SDK's own
+retry strategy for each request, and here around each whole read, with backoff. A missing object
+is not transient: it raises ``FileNotFoundError`` at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import time
+from datetime import timedelta
+
+import pyarrow.fs as pafs
+
+SCHEMES = ("s3", "gs", "gcs")
+SDK_ATTEMPTS = 5  # per request, by the S3 SDK's standard retry strategy (exponential backoff)
+READ_ATTEMPTS = 4  # per whole read, here
+BACKOFF_S = 0.5
+
+
+def is_uri(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` names an object in a bucket (``s3://``, ``gs://``, ``gcs://``)."""
+    return isinstance(path, str) and path.split("://", 1)[0] in SCHEMES and "://" in path
+
+
+def join(root: str, relative: str) -> str:
+    """``root`` + ``relative`` with ``/`` (never ``os.path``: it would fold ``s3://`` into ``s3:/``)."""
+    return f"{root.rstrip('/')}/{relative.lstrip('/')}"
+
+
+def normalize(relative: str) -> str:
+    """A manifest's relative path in POSIX form, ``..`` folded (a leading ``..`` stays: it escapes)."""
+    return posixpath.normpath(relative.replace(os.sep, "/"))
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(the filesystem, the path in it) for a bucket URI; the filesystem is built once per
+    process and bucket."""
+    scheme, rest = uri.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    return _filesystem(scheme, bucket), rest
+
+
+@functools.cache
+def _filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
+    if scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=60))
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=SDK_ATTEMPTS)}
+    if endpoint:
+        protocol, _, host = endpoint.rpartition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=protocol or "https")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs["region"] = region or ("us-east-1" if endpoint else pafs.resolve_s3_region(bucket))
+    return pafs.S3FileSystem(**kwargs)
+
+
+def read_bytes(uri: str, attempts: int = READ_ATTEMPTS) -> bytes:
+    """The whole object. ``FileNotFoundError`` when it does not exist (at once); other errors are
+    retried ``attempts`` times in all, with backoff, and the last one is raised."""
+    fs, path = filesystem(uri)
+    for attempt in range(attempts):
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def exists(uri: str) -> bool:
+    """Whether the object (or a folder of objects, such as a frame folder) exists."""
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_folder(uri: str) -> list[str]:
+    """The URIs of the objects directly under ``uri`` (empty when there are none)."""
+    fs, path = filesystem(uri)
+    scheme = uri.split("://", 1)[0]
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File)

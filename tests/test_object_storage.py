@@ -1,0 +1,173 @@
+"""Videos in object storage, against a real S3 API on localhost (moto's server): decoding from a
+bucket, manifests rooted in one, faults of the network and of the objects, the validator, the
+preflight, and a stage that trains from a bucket."""
+
+import csv
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DEMO_CONFIG, TINY, upload
+
+from ppma_ray.data import objectstore
+from ppma_ray.data.manifest import ManifestError, read_manifest, write_ppma_manifest
+from ppma_ray.data.video import VideoDecodeError, backend_problem, probe_video, sample_clips
+
+DECODERS = [pytest.param(b, marks=pytest.mark.skipif(backend_problem(b) is not None, reason=str(backend_problem(b))))
+            for b in ("decord", "pyav", "torchcodec")]
+
+
+@pytest.mark.parametrize("backend", DECODERS)
+def test_a_video_in_a_bucket_decodes_to_the_local_files_frames(s3_bucket, sample_videos, video_dir, backend):
+    """Read whole into memory and decoded from there: the same frames, bit for bit, as from disk;
+    a frame folder may be a prefix in the bucket."""
+    local = sample_videos["bikes"]
+    uri = upload(s3_bucket, local, f"{backend}/bikes.mp4")
+    assert np.array_equal(sample_clips(uri, 2, 8, 1.0, backend=backend), sample_clips(local, 2, 8, 1.0, backend=backend))
+    assert probe_video(uri, backend=backend) == probe_video(local, backend=backend)
+    frames = upload(s3_bucket, video_dir / "frames_ok", f"{backend}/frames_ok")
+    assert np.array_equal(sample_clips(frames, 1, 4, 0.4), sample_clips(video_dir / "frames_ok", 1, 4, 0.4))
+
+
+def test_missing_empty_and_broken_objects_are_decode_errors_naming_the_object(s3_bucket, video_dir):
+    cases = {"missing.mp4": None, "empty.mp4": "empty.mp4", "text.mp4": "text.mp4", "truncated.mp4": "truncated.mp4",
+             "frames_gap": "frames_gap"}
+    expected = {"missing.mp4": "object does not exist", "empty.mp4": "file is empty", "text.mp4": "cannot open video",
+                "truncated.mp4": "", "frames_gap": "missing frame number 3"}
+    for key, local in cases.items():
+        uri = f"{s3_bucket}/broken/{key}" if local is None else upload(s3_bucket, video_dir / local, f"broken/{key}")
+        with pytest.raises(VideoDecodeError) as e:
+            probe_video(uri)
+        assert e.value.path == uri and expected[key] in e.value.reason, (key, e.value.reason)
+
+
+class FlakyProxy:
+    """A TCP proxy in front of the S3 server that drops the first ``drop`` connections (closed as
+    soon as accepted: the client sees the connection reset) and forwards the rest."""
+
+    def __init__(self, target_port: int, drop: int):
+        self.drop, self.target = drop, target_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.drop:
+                self.drop -= 1
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                client.close()  # linger 0: a reset, as a dropped connection
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.server.close()
+
+
+def test_dropped_connections_are_retried_and_a_lasting_outage_is_a_decode_error(s3_bucket, sample_videos, monkeypatch):
+    import os
+
+    uri = upload(s3_bucket, sample_videos["bikes"], "flaky/bikes.mp4")
+    expected = probe_video(uri)
+    s3_port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    proxy = FlakyProxy(s3_port, drop=3)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    objectstore._filesystem.cache_clear()  # built per process from the environment: rebuild it on the proxy
+    try:
+        assert probe_video(uri) == expected and proxy.drop == 0  # three resets, then read whole
+        # an outage outlasting every retry (fewer and shorter here, to keep the test short)
+        monkeypatch.setattr(objectstore, "SDK_ATTEMPTS", 1)
+        monkeypatch.setattr(objectstore, "BACKOFF_S", 0.01)
+        objectstore._filesystem.cache_clear()
+        proxy.drop = 10**6
+        with pytest.raises(VideoDecodeError, match="cannot read the object"):
+            probe_video(uri)
+        assert proxy.drop == 10**6 - objectstore.READ_ATTEMPTS  # one connection per attempt: retried here
+    finally:
+        proxy.close()
+        objectstore._filesystem.cache_clear()
+
+
+def test_a_manifest_rooted_in_a_bucket_joins_its_paths_there_and_keeps_them_inside(tmp_path):
+    (tmp_path / "train.csv").write_text("a/x.mp4;0\n./b//y.mp4;1\n")
+    table = read_manifest(tmp_path / "train.csv", root="s3://bucket/data/")
+    assert table.column("path").to_pylist() == ["s3://bucket/data/a/x.mp4", "s3://bucket/data/b/y.mp4"]
+    write_ppma_manifest(table, tmp_path / "again.csv", root="s3://bucket/data")
+    assert (tmp_path / "again.csv").read_text() == "a/x.mp4;0\nb/y.mp4;1\n"
+    for line, problem in (("a/../../x.mp4;0", "escapes the root"), ("s3://other/x.mp4;0", "is absolute")):
+        (tmp_path / "bad.csv").write_text(line + "\n")
+        with pytest.raises(ManifestError, match=problem):
+            read_manifest(tmp_path / "bad.csv", root="s3://bucket/data")
+    (tmp_path / "uris.csv").write_text("s3://bucket/data/a/x.mp4;0\n")  # without a root, URIs as written
+    assert read_manifest(tmp_path / "uris.csv").column("path").to_pylist() == ["s3://bucket/data/a/x.mp4"]
+
+
+@pytest.fixture(scope="module")
+def bucket_source(s3_bucket, demo_root, tmp_path_factory) -> tuple[Path, str, str]:
+    """(local manifest, bucket root, missing path): 7 demo no-human videos in the bucket, listed
+    with one that is not there."""
+    lines = (demo_root / "nohuman/train.csv").read_text().splitlines()[:7]
+    for line in lines:
+        path = line.split(";")[0]
+        upload(s3_bucket, demo_root / "nohuman" / path, f"nohuman/{path}")
+    manifest = tmp_path_factory.mktemp("bucket") / "train.csv"
+    manifest.write_text("\n".join([*lines, "train/gone.mp4;0"]) + "\n")
+    return manifest, f"{s3_bucket}/nohuman", "train/gone.mp4"
+
+
+@pytest.mark.integration
+def test_validate_data_and_preflight_read_the_bucket_and_name_the_missing_object(ray_session, bucket_source, tmp_path):
+    from ppma_ray.cli.validate_data import main as validate
+    from ppma_ray.config import load_config
+    from ppma_ray.preflight import storage_checks
+
+    manifest, root, gone = bucket_source
+    assert validate([str(manifest), "--root", root, "--out", str(tmp_path / "v"), "--backend", "pyav"]) == 1
+    (reject,) = list(csv.DictReader(open(tmp_path / "v/rejects.csv")))
+    assert reject["path"] == gone and reject["reason"] == "object does not exist" and reject["line"] == "8"
+    assert len((tmp_path / "v/clean.csv").read_text().splitlines()) == 7
+    paths = read_manifest(manifest, root=root).column("path").to_pylist()
+    cfg = load_config(DEMO_CONFIG, [*TINY, f"run.storage_path={tmp_path / 'runs'}"])
+    (reachable,) = [c for c in storage_checks(cfg.run.storage_path, paths) if c.name == "data reachable from workers"]
+    assert not reachable.ok and f"{root}/{gone}" in reachable.detail and "8 sampled files" in reachable.detail
+    (reachable,) = [c for c in storage_checks(cfg.run.storage_path, paths[:7]) if c.name == "data reachable from workers"]
+    assert reachable.ok, reachable.detail
+
+
+@pytest.mark.integration
+def test_a_stage_trains_from_a_bucket_and_counts_and_lists_the_missing_object(ray_session, tiny_config, bucket_source, tmp_path):
+    from ppma_ray.train.config import RunOptions
+    from ppma_ray.train.runner import resolve_paths, run_stage
+
+    manifest, root, gone = bucket_source
+    cfg = tiny_config("run.name=s3", "mae.epochs=1", "mae.batch_size=8", "mae.samples_per_epoch=32",
+                      f"data.sources.nohuman={{manifest: {manifest}, root: {root}, val_manifest: null}}")
+    out = run_stage(resolve_paths(cfg), RunOptions("mae"), output_dir=tmp_path)
+    assert out["steps"] == 4 and np.isfinite(out["final_loss"])
+    assert out["data_failures"]["nohuman"] == {"videos": 8, "failed": 1}  # every video drawn once, 4 clips each
+    (reject,) = list(csv.DictReader(open(out["rejects"])))
+    assert reject["path"] == f"{root}/{gone}" and reject["reason"] == "object does not exist"
+
