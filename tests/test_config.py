@@ -16,7 +16,7 @@ from ppma_ray.config import ConfigError, PretrainConfig, dump_yaml, from_dict, l
 from ppma_ray.models.config import PRESETS, RUN_FIELDS, ModelConfig, PresetName, ViTConfig
 
 CONFIG_JOBS = ["pretrain", "evaluate", "tune_mix", "preflight"]
-ALL_JOBS = CONFIG_JOBS + ["report", "validate_data", "remove_humans", "audit_privacy"]
+ALL_JOBS = CONFIG_JOBS + ["report", "export_hf", "validate_data", "remove_humans", "audit_privacy"]
 JOB_ARGS = {"evaluate": ["--task", "demo:motion"]}
 
 
@@ -163,7 +163,7 @@ def test_every_job_answers_help_and_version():
         assert r.returncode == 0, (job, flag, r.stderr)
         assert ("usage:" in r.stdout) if flag == "--help" else r.stdout.startswith("ppma_ray "), (job, flag)
         if flag == "--help":  # every job that starts Ray shows Ray's own messages only when asked
-            assert ("--verbose" in r.stdout) == (job != "report"), job
+            assert ("--verbose" in r.stdout) == (job not in ("report", "export_hf")), job
             # the config-driven jobs list every config key, its default and meaning
             listed = "model.preset = vit_base" in r.stdout and "align.optim.lr = " in r.stdout
             assert listed == (job in CONFIG_JOBS), job

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -49,3 +51,120 @@ def test_pretraining_export_matches_transformers(tmp_path):
 def test_ppma_style_decoder_refuses_pretraining_export(tmp_path):
     with pytest.raises(ValueError, match="cannot express"):
         to_hf(create_model("vit_tiny", "mae", **SMALL), tmp_path)
+
+
+def _hub_cache(tmp_path, monkeypatch, hf_model, repo: str = "org/tiny", commit: str = "a" * 40):
+    """``hf_model`` saved into a Hugging Face Hub cache laid out as ``snapshot_download`` leaves it
+    (``models--ORG--NAME/refs/main`` -> ``snapshots/<commit>/``), read offline: no network."""
+    from huggingface_hub import constants
+
+    folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    hf_model.save_pretrained(folder / "snapshots" / commit)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read per call, unlike the environment
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_init_from_a_hub_id_reads_the_hub_cache_and_is_checked_before_ray(tmp_path, monkeypatch):
+    """``--init-from hf://ORG/NAME[@REVISION]``: the job's early check fetches it (here: from the
+    cache, offline) and matches it against the run's model; a wrong size or a missing repo is one
+    line naming it."""
+    from conftest import DEMO_CONFIG, TINY
+
+    from ppma_ray.cli import check_weights
+    from ppma_ray.config import load_config
+    from ppma_ray.models.checkpoint import load_trunk, read_state_dict
+    from ppma_ray.models.errors import CheckpointError
+    from ppma_ray.train.loop import stage_model
+
+    cfg = load_config(DEMO_CONFIG, TINY)  # vit_tiny, 2 blocks, 8 frames of 32 px
+    hf_cfg = transformers.VideoMAEConfig(image_size=32, num_frames=8, patch_size=16, tubelet_size=2, hidden_size=192,
+                                         num_hidden_layers=2, num_attention_heads=3, intermediate_size=768)
+    torch.manual_seed(0)
+    hf = transformers.VideoMAEForPreTraining(hf_cfg)
+    _hub_cache(tmp_path, monkeypatch, hf)
+    check_weights(cfg, "hf://org/tiny")
+    model = stage_model(cfg, "align", {"nohuman": 6})
+    report = load_trunk(model, "hf://org/tiny@" + "a" * 40)
+    assert report.layout == "hf" and not report.missing and not report.unexpected
+    ours, theirs = model.state_dict(), hf.state_dict()
+    assert torch.equal(ours["blocks.1.mlp.fc2.weight"], theirs["videomae.encoder.layer.1.output.dense.weight"])
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "hub/models--org--tiny/snapshots" / ("a" * 40) / "model.safetensors"))
+    assert set(read_state_dict("hf://org/tiny")) == set(saved)  # the files, as transformers named them on disk
+    with pytest.raises(CheckpointError, match="hf://org/missing: cannot be fetched from the Hugging Face Hub"):
+        check_weights(cfg, "hf://org/missing")
+    deeper = load_config(DEMO_CONFIG, [*TINY, "model.depth=3"])
+    with pytest.raises(CheckpointError, match="blocks.2"):
+        check_weights(deeper, "hf://org/tiny")
+    with pytest.raises(CheckpointError, match="expected hf://ORG/NAME"):
+        read_state_dict("hf://just-a-name")
+
+
+@pytest.fixture
+def pretrain_output(tmp_path):
+    """A ``jobs/pretrain.py`` output folder as the job writes it: results.json naming each stage's
+    final checkpoint (ours, in our layout), and evaluation entries."""
+    import json
+
+    from conftest import DEMO_CONFIG, TINY
+
+    from ppma_ray.config import load_config, to_dict
+    from ppma_ray.train.checkpoint import save_checkpoint
+    from ppma_ray.train.loop import stage_model
+
+    cfg = load_config(DEMO_CONFIG, [*TINY, "model.decoder_style=videomae", "run.name=demo"])
+    torch.manual_seed(0)
+    ckpts = {"mae": stage_model(cfg, "mae"), "align": _randomize(stage_model(cfg, "align", {"nohuman": 6, "synthetic": 5}))}
+    stages = {k: {"checkpoint": str(save_checkpoint(tmp_path / f"runs/demo-{k}/checkpoint_2026-01-01_00-00-00", m, None,
+                                                    {"step": 12}, to_dict(cfg))), "steps": 12} for k, m in ckpts.items()}
+    evals = [{"task": "motion", "protocol": "lp", "top1": 0.625, "videos": 60, "model": "ppma"}]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/results.json").write_text(json.dumps({"stages": stages, "eval": evals}))
+    return tmp_path / "out", ckpts
+
+
+def test_export_job_writes_a_transformers_classifier_and_a_model_card_and_pushes(pretrain_output, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from ppma_ray.cli.export_hf import main
+
+    run, models = pretrain_output
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo, **kw: calls.append(("create", repo, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(("upload", kw["repo_id"], sorted(p.name for p in Path(kw["folder_path"]).iterdir()))))
+    assert main([str(run), str(tmp_path / "hf"), "--head", "synthetic", "--push-to-hub", "org/ppma-tiny", "--private"]) == 0
+    hf = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randn(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        ref = models["align"].eval()(x, head="synthetic")
+        theirs = hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits
+    assert hf.config.num_labels == 5 and (ref - theirs).abs().max() <= 1e-4
+    card = (tmp_path / "hf/README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: video-classification\n")
+    assert "# org/ppma-tiny" in card and "No pretraining source showed real people" in card
+    assert "| nohuman | mae, align | footage without people |" in card
+    assert "| synthetic | align | synthetic footage of virtual humans only |" in card
+    assert "| motion | LP | 62.5 | 60 |" in card and "| align | " in card
+    assert calls == [("create", "org/ppma-tiny", {"private": True, "exist_ok": True}),
+                     ("upload", "org/ppma-tiny", ["README.md", "config.json", "model.safetensors"])]
+
+
+def test_export_job_stage_1_and_its_errors(pretrain_output, tmp_path, capsys):
+    from ppma_ray.cli.export_hf import main
+
+    run, _ = pretrain_output
+    assert main([str(run), str(tmp_path / "mae"), "--stage", "mae"]) == 0
+    assert transformers.VideoMAEForPreTraining.from_pretrained(tmp_path / "mae").config.num_hidden_layers == 2
+    assert "pipeline_tag" not in (tmp_path / "mae/README.md").read_text()
+    capsys.readouterr()  # transformers' loading bar
+    for argv, words in (([str(run), str(tmp_path / "x")], "--head: this model has a head per source (nohuman, synthetic)"),
+                        ([str(run), str(tmp_path / "x"), "--head", "people"], "--head: no head 'people'"),
+                        ([str(tmp_path / "nowhere"), str(tmp_path / "x")], "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err, err

@@ -210,8 +210,9 @@ def check_storage(cfg: PretrainConfig, checkpoints: int | None = None) -> None:
 def check_weights(cfg: PretrainConfig, source: str | None, partial: bool = False) -> None:
     """Match a local weights source (any layout ``load_trunk`` reads) against the run's model, built
     on the meta device: a file that would load partially or not at all fails here, in a second,
-    instead of inside a training worker. URIs are checked where they are read."""
-    if not source or "://" in source:
+    instead of inside a training worker. A Hugging Face Hub id (``hf://``) is fetched here first (the
+    workers then read the Hub cache on this node); other URIs are checked where they are read."""
+    if not source or ("://" in source and not source.startswith("hf://")):
         return
     import torch
 

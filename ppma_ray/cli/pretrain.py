@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", choices=["mae", "align"], default=None, help="run one stage only")
     ap.add_argument("--init-from", default=None,
                     help="weights to start the (first) stage from: a checkpoint or run folder, a Hugging Face VideoMAE "
-                         "folder, a .safetensors/.pth/.pt/.bin file (ours, VideoMAE, the released PPMA code)")
+                         "folder or Hub id hf://ORG/NAME[@REVISION], a .safetensors/.pth/.pt/.bin file (ours, VideoMAE, "
+                         "the released PPMA code)")
     ap.add_argument("--init-from-partial", action="store_true",
                     help="load --init-from even if trunk tensors are missing or left over (printed); default: an error")
     ap.add_argument("--random-init", action="store_true",

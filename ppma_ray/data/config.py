@@ -12,6 +12,10 @@ from typing import Literal
 from ppma_ray.schema import ConfigError, option
 
 
+# Who appears in a source's videos: what an exported model card states about its pretraining data
+Humans = Literal["unknown", "removed", "synthetic", "none", "real"]
+
+
 @dataclass
 class SourceConfig:
     """A video collection. ``manifest: demo:<name>`` uses the generated demo set of that name."""
@@ -20,6 +24,8 @@ class SourceConfig:
     root: str | None = option(None, help="relative paths in the manifest are under this directory or bucket URI (s3://, gs://)")
     val_manifest: str | None = option(None, help="held-out rows, for per-source validation in stage 2")
     fps: float | None = option(None, gt=0, help="frame rate of frame-folder videos")
+    humans: Humans = option("unknown", help="who appears in the videos, stated in exported model cards: removed (real "
+                            "footage, people removed), synthetic (virtual humans only), none, real, unknown")
 
 
 @dataclass

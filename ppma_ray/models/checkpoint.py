@@ -4,7 +4,8 @@
 Accepted sources: our checkpoints (a checkpoint folder or its ``model.safetensors``), VideoMAE
 ``.pth`` files (pretraining or fine-tuned), the released PPMA (omnivision) ``.pt`` files, including
 the ensemble file (``ensemble_weights``: a list of state dicts), and Hugging Face VideoMAE models (a
-``save_pretrained`` folder or its ``model.safetensors`` / ``pytorch_model.bin``, with the attention
+``save_pretrained`` folder or its ``model.safetensors`` / ``pytorch_model.bin``, or a Hub id
+``hf://ORG/NAME[@REVISION]``, with the attention
 biases stored as ``q_bias``/``v_bias`` (what transformers writes) or ``query.bias``/``value.bias``).
 
 The layout is detected from the keys, then every tensor is renamed to one canonical form, the
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ppma_ray.models import hub
 from ppma_ray.models.errors import CheckpointError
 from ppma_ray.models.mae import PretrainVideoMAE
 
@@ -58,8 +60,9 @@ class TransferReport:
 
 def weights_file(source: str | os.PathLike) -> Path:
     """The weights file of ``source``: the file itself, or a folder's ``model.safetensors`` /
-    ``pytorch_model.bin`` (our checkpoint folders and Hugging Face ``save_pretrained`` output)."""
-    path = Path(source)
+    ``pytorch_model.bin`` (our checkpoint folders and Hugging Face ``save_pretrained`` output), or
+    that of a Hugging Face Hub repository, ``hf://ORG/NAME[@REVISION]`` (fetched into the Hub cache)."""
+    path = hub.snapshot(source) if hub.is_hub(source) else Path(source)
     if path.is_dir():
         for name in FOLDER_FILES:
             if (path / name).is_file():
