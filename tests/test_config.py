@@ -57,6 +57,8 @@ def _jobs(calls: dict, **kw) -> dict:
         (["mae.batch_size=big"], "--set mae.batch_size: expected an integer, got 'big'"),
         (["align.optim.betas=[0.9, 1.5]"], "--set align.optim.betas: each must be in [0, 1)"),
         (["tune.p_values=[0, 2]"], "--set tune.p_values[1]: must be in [0, 1], got 2.0"),
+        (["run.loggers=[jsonl, neptune]"], "--set run.loggers[1]: 'neptune' is not one of tensorboard, jsonl, wandb, mlflow"),
+        (["data.sources.nohuman.humans=maybe"], "--set data.sources.nohuman.humans: 'maybe' is not one of unknown, removed"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_key(overrides, words):

@@ -3,11 +3,13 @@ bucket, manifests rooted in one, faults of the network and of the objects, the v
 preflight, and a stage that trains from a bucket."""
 
 import csv
+import json
 import socket
 import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 
 from conftest import DEMO_CONFIG, TINY, upload
@@ -159,15 +161,44 @@ def test_validate_data_and_preflight_read_the_bucket_and_name_the_missing_object
 
 @pytest.mark.integration
 def test_a_stage_trains_from_a_bucket_and_counts_and_lists_the_missing_object(ray_session, tiny_config, bucket_source, tmp_path):
+    """... and logs to the trackers of ``run.loggers`` from its Ray Train worker (W&B offline)."""
+    pytest.importorskip("wandb")
     from ppma_ray.train.config import RunOptions
     from ppma_ray.train.runner import resolve_paths, run_stage
 
     manifest, root, gone = bucket_source
     cfg = tiny_config("run.name=s3", "mae.epochs=1", "mae.batch_size=8", "mae.samples_per_epoch=32",
-                      f"data.sources.nohuman={{manifest: {manifest}, root: {root}, val_manifest: null}}")
+                      f"data.sources.nohuman={{manifest: {manifest}, root: {root}, val_manifest: null}}",
+                      "run.loggers=[jsonl, wandb]")  # through Ray's setup_wandb, inside a Ray Train worker
     out = run_stage(resolve_paths(cfg), RunOptions("mae"), output_dir=tmp_path)
     assert out["steps"] == 4 and np.isfinite(out["final_loss"])
+    run_dir = tmp_path / "runs/s3-mae"
+    (wandb_run,) = run_dir.glob("wandb/offline-run-*-s3-mae/run-s3-mae.wandb")
+    assert b"loss" in wandb_run.read_bytes() and b"data.sources.nohuman.root" in wandb_run.read_bytes()
+    assert [json.loads(x)["step"] for x in (run_dir / "mae_metrics.jsonl").read_text().splitlines()] == [2, 4]
+    assert not (run_dir / "tensorboard").exists()  # only the loggers asked for
     assert out["data_failures"]["nohuman"] == {"videos": 8, "failed": 1}  # every video drawn once, 4 clips each
     (reject,) = list(csv.DictReader(open(out["rejects"])))
     assert reject["path"] == f"{root}/{gone}" and reject["reason"] == "object does not exist"
 
+
+
+def test_with_object_storage_the_metrics_are_uploaded_next_to_the_checkpoints(s3_bucket, tmp_path):
+    """``run.storage_path: s3://...``: the loggers write node-locally and upload at every checkpoint
+    and at the end; a restart on another node (a fresh local folder) continues the JSON lines."""
+    from ppma_ray.train.metrics import MetricsLog
+
+    fs, folder = objectstore.filesystem(f"{s3_bucket}/runs/r-mae")
+    first = MetricsLog(tmp_path / "node1", "mae", ["jsonl", "tensorboard"], "r-mae", remote=(fs, folder))
+    first.write(2, {"loss": 1.0})
+    first.upload()  # at a checkpoint
+    with fs.open_input_stream(f"{folder}/mae_metrics.jsonl") as f:
+        assert f.read().decode().splitlines() == ['{"step": 2, "loss": 1.0}']
+    # the worker dies here; Ray restarts it on another node
+    second = MetricsLog(tmp_path / "node2", "mae", ["jsonl", "tensorboard"], "r-mae", remote=(fs, folder))
+    second.write(4, {"loss": 0.5})
+    second.close()
+    with fs.open_input_stream(f"{folder}/mae_metrics.jsonl") as f:
+        assert [json.loads(x)["step"] for x in f.read().decode().splitlines()] == [2, 4]
+    events = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{folder}/tensorboard/mae")) if i.type == pafs.FileType.File]
+    assert len(events) == 2 and all("tfevents" in e for e in events)  # one file per writer, both kept

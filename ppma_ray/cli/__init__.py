@@ -9,6 +9,7 @@ one line on stderr and exit code 2. The jobs' modules import torch and Ray only 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -80,6 +81,9 @@ def finish_config(args: argparse.Namespace, cfg: PretrainConfig) -> PretrainConf
     problem = backend_problem(cfg.data.decode.backend)
     if problem:  # this machine; decode nodes of a cluster are checked by their first task
         raise ConfigError.at("data.decode.backend", problem)
+    for tracker, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
+        if tracker in cfg.run.loggers and importlib.util.find_spec(module) is None:
+            raise ConfigError.at("run.loggers", f"{tracker} is not installed here (pip install -e '.[tracking]')")
     return cfg
 
 

@@ -113,9 +113,17 @@ class ScalingSettings:
         return {"CPU": self.cpus_per_worker, **self.worker_resources, **({"GPU": 1.0} if self.use_gpu else {})}
 
 
+# Experiment trackers a stage can log to (``run.loggers``); train/metrics.py writes them
+Logger = Literal["tensorboard", "jsonl", "wandb", "mlflow"]
+
+
 @dataclass
 class RunSettings:
     storage_path: str = option("runs", help="checkpoints and metrics (a path or a URI)")
+    loggers: list[Logger] = option(default_factory=lambda: ["tensorboard", "jsonl"],
+                                   help="where rank 0 logs each log step: tensorboard, jsonl, wandb (WANDB_* settings; "
+                                        "WANDB_MODE=offline works without network), mlflow (MLFLOW_TRACKING_URI, else "
+                                        "a SQLite store in the run folder)")
     name: str = option("ppma", help="run name: <storage_path>/<name>-<stage>")
     seed: int = option(0, help="seeds the model, the data plan and every step")
     checkpoint_every: int = option(0, ge=0, help="steps between checkpoints (0: end of each epoch only)")

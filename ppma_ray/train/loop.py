@@ -33,7 +33,7 @@ from ppma_ray.models.averaging import LearnedAverage
 from ppma_ray.models.checkpoint import load_trunk, load_trunks
 from ppma_ray.models.errors import CheckpointError
 from ppma_ray.train.checkpoint import (FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, checkpoint_problem,
-                                      load_checkpoint, save_checkpoint, step_seed)
+                                      load_checkpoint, save_checkpoint, step_seed, storage)
 from ppma_ray.train.data import EpochStream, ResolvedSource, resolve_sources
 from ppma_ray.train.evaluate import multiview_test
 from ppma_ray.train.metrics import MetricsLog, Progress, console
@@ -192,8 +192,9 @@ def train_loop(loop_config: dict) -> None:
     if state.data_failures:
         tracker.load_state_dict(state.data_failures)
     total_steps = stage_cfg.epochs * stream.steps_per_epoch
-    log_dir = _local_dir(cfg, options.run_name)
-    log = MetricsLog(log_dir if ctx.rank == 0 else None, options.stage)
+    log_dir, remote = _log_dirs(cfg, options.run_name)
+    log = MetricsLog(log_dir if ctx.rank == 0 else None, options.stage, cfg.run.loggers, options.run_name, to_dict(cfg),
+                     remote)
     if state.step:  # lines after this one redo steps the file may already hold (from before a crash)
         log.write(state.step, {"event": "resumed"})
     progress = Progress(options.stage, total_steps, stage_cfg.epochs, ctx.world, verbose=ctx.rank == 0)
@@ -247,6 +248,7 @@ def train_loop(loop_config: dict) -> None:
                            data_failures=tracker.summary())
             state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
             _report(metrics, stage, state, cfg, ctx.rank, tracker)
+            log.upload()
         if stop:
             break
         t_fetch = time.perf_counter()
@@ -344,10 +346,14 @@ def _report(metrics: dict, stage: Stage, state: TrainState, cfg: PretrainConfig,
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _local_dir(cfg: PretrainConfig, run_name: str) -> Path | None:
+def _log_dirs(cfg: PretrainConfig, run_name: str) -> tuple[Path, tuple | None]:
+    """(where this stage's logger files are written, the run folder they are uploaded to or None):
+    the run folder itself on local or shared storage; with object storage a node-local folder,
+    uploaded next to the checkpoints."""
     if "://" in cfg.run.storage_path:
-        return None  # object storage: metrics still reach Ray through ray.train.report
-    return Path(cfg.run.storage_path).resolve() / run_name
+        fs, base, _ = storage(cfg.run.storage_path)
+        return Path(tempfile.gettempdir()) / "ppma_ray_logs" / run_name, (fs, f"{base.rstrip('/')}/{run_name}")
+    return Path(cfg.run.storage_path).resolve() / run_name, None
 
 
 def _load_init(model, init_from: str, strict: bool):

@@ -1,8 +1,10 @@
-"""What a worker tells people and files: one progress line per log step, JSON lines, TensorBoard."""
+"""What a worker tells people and files: one progress line per log step, and the metrics of each
+log step in every logger of ``run.loggers`` (JSON lines, TensorBoard, W&B, MLflow)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,33 +13,104 @@ import torch
 
 from ppma_ray.train.step import StepResult
 
+DEFAULT_LOGGERS = ("tensorboard", "jsonl")
+
+
+def flatten(d: dict, where: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted config keys, as trackers show parameters."""
+    out = {}
+    for k, v in d.items():
+        key = f"{where}.{k}" if where else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
 
 class MetricsLog:
-    """Rank 0's JSON-lines file and TensorBoard writer (local or shared-filesystem storage only)."""
+    """Rank 0's loggers. Files (the JSON-lines file, TensorBoard's events, W&B's offline run,
+    MLflow's default SQLite store) go to ``directory``: the run folder on local or shared storage;
+    with object storage (``remote``: the filesystem and path of the run folder) a node-local
+    folder whose contents are uploaded next to the checkpoints at every checkpoint (``upload``) and
+    at the end.
+    W&B and MLflow start through Ray's integrations (``setup_wandb``, ``setup_mlflow``); their
+    runs are named after the stage's run, and the run's whole config is logged as parameters."""
 
-    def __init__(self, directory: Path | None, stage: str):
-        self.jsonl = self.tb = None
-        if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(directory / f"{stage}_metrics.jsonl", "a")
+    def __init__(self, directory: Path | None, stage: str, loggers=DEFAULT_LOGGERS, run_name: str = "",
+                 config: dict | None = None, remote: tuple | None = None):
+        self.jsonl = self.tb = self.wandb = self.mlflow = None
+        self.directory, self.remote = directory, remote
+        if directory is None:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        if "jsonl" in loggers:
+            name = f"{stage}_metrics.jsonl"
+            if remote:  # a restart on another node continues the file the run uploaded so far
+                self._download(name)
+            self.jsonl = open(directory / name, "a")
+        if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(directory / "tensorboard" / stage))
+        params = flatten(config or {})
+        if "wandb" in loggers:
+            from ray.air.integrations.wandb import setup_wandb
+
+            # the stage's run name is the W&B run id: a restarted or re-run stage continues its W&B run
+            self.wandb = setup_wandb(config=params, rank_zero_only=False, trial_id=run_name, trial_name=run_name,
+                                     project=os.environ.get("WANDB_PROJECT", "ppma_ray"), resume="allow",
+                                     dir=str(directory))
+        if "mlflow" in loggers:
+            from ray.air.integrations.mlflow import setup_mlflow
+
+            # MLflow's file store is in maintenance mode (it raises unless MLFLOW_ALLOW_FILE_STORE):
+            # without a tracking server, a SQLite file in the run folder, MLflow's own local default
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{directory.resolve() / 'mlflow.db'}"
+            self.mlflow = setup_mlflow(config={k: str(v)[:500] for k, v in params.items()}, tracking_uri=uri,
+                                       experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", "ppma_ray"),
+                                       run_name=run_name, create_experiment_if_not_exists=True, rank_zero_only=False)
 
     def write(self, step: int, metrics: dict) -> None:
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
             self.jsonl.flush()
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb and numbers:
+            self.wandb.log(numbers, step=step)
+        if self.mlflow and numbers:
+            self.mlflow.log_metrics(numbers, step=step)
+
+    def upload(self) -> None:
+        """With object storage: the logger files, next to the checkpoints (same names as on local storage)."""
+        if self.remote and self.directory is not None:
+            import pyarrow.fs as pafs
+
+            fs, path = self.remote
+            pafs.copy_files(str(self.directory), path, destination_filesystem=fs)
+
+    def _download(self, name: str) -> None:
+        import pyarrow.fs as pafs
+
+        fs, folder = self.remote
+        path = f"{folder}/{name}"
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            with fs.open_input_stream(path) as f:
+                (self.directory / name).write_bytes(f.read())
 
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+        if self.mlflow:
+            self.mlflow.end_run()
+        self.upload()
 
 
 # The process's own stdout, written without ``print``: Ray Train replaces ``print`` in its workers

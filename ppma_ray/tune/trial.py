@@ -7,6 +7,7 @@ Experiments (``grid``, ``pbt``) build on this module; it imports none of them.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -74,6 +75,25 @@ def score(cfg: PretrainConfig, tasks: dict, model_name: str, checkpoints: list[s
     return {**metrics, **extra}
 
 
+def tracker_callbacks(cfg: PretrainConfig, name: str) -> list:
+    """Tune's own W&B / MLflow callbacks for the trackers in ``run.loggers``: one tracker run per
+    trial with its parameters and every reported row (objective, per-task top-1). The stages
+    inside a trial log their steps themselves (``train/metrics.py``)."""
+    callbacks: list = []
+    if "wandb" in cfg.run.loggers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "ppma_ray"), group=name))
+    if "mlflow" in cfg.run.loggers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        # without a tracking server: a SQLite store next to the runs (object storage: in the working directory)
+        where = Path(cfg.run.storage_path) if "://" not in cfg.run.storage_path else Path.cwd()
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{where.resolve() / 'mlflow.db'}"
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name))
+    return callbacks
+
+
 def run_tuner(name: str, trainable, space: dict, cfg: PretrainConfig, search_alg=None, num_samples: int = 1,
               scheduler=None, max_concurrent: int | None = None) -> "tune.ResultGrid":
     """A Tune experiment under storage_path/name, restored (finished trials kept) when it exists.
@@ -90,7 +110,8 @@ def run_tuner(name: str, trainable, space: dict, cfg: PretrainConfig, search_alg
             tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples, scheduler=scheduler,
                                         max_concurrent_trials=max_concurrent, reuse_actors=True),
             run_config=tune.RunConfig(storage_path=cfg.run.storage_path, name=name,
-                                      failure_config=tune.FailureConfig(fail_fast=False)),
+                                      failure_config=tune.FailureConfig(fail_fast=False),
+                                      callbacks=tracker_callbacks(cfg, name)),
         )
     return tuner.fit()
 
