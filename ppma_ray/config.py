@@ -61,6 +61,11 @@ class PretrainConfig:
             if stage.batch_size % unit:
                 raise ConfigError.at(f"{name}.batch_size", f"{stage.batch_size} is not a multiple of {name}.repeats x "
                                                            f"scaling.num_workers = {unit}")
+            per_rank = stage.batch_size // self.scaling.num_workers
+            if per_rank % stage.accum_steps:
+                raise ConfigError.at(f"{name}.accum_steps", f"each worker's {per_rank} clips ({name}.batch_size / "
+                                                            f"scaling.num_workers) do not split into {stage.accum_steps} "
+                                                            "equal micro-batches")
         clip = self.data.clip
         try:
             vit_config(self.model, img_size=clip.img_size, num_frames=clip.num_frames)

@@ -57,6 +57,7 @@ def _jobs(calls: dict, **kw) -> dict:
         (["mae.batch_size=big"], "--set mae.batch_size: expected an integer, got 'big'"),
         (["align.optim.betas=[0.9, 1.5]"], "--set align.optim.betas: each must be in [0, 1)"),
         (["tune.p_values=[0, 2]"], "--set tune.p_values[1]: must be in [0, 1], got 2.0"),
+        (["mae.accum_steps=3"], "--set mae.accum_steps: each worker's 32 clips (mae.batch_size / scaling.num_workers) do not split into 3"),
         (["run.loggers=[jsonl, neptune]"], "--set run.loggers[1]: 'neptune' is not one of tensorboard, jsonl, wandb, mlflow"),
         (["data.sources.nohuman.humans=maybe"], "--set data.sources.nohuman.humans: 'maybe' is not one of unknown, removed"),
     ],

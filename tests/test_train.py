@@ -39,11 +39,12 @@ def _with_corrupt_videos(demo_root: Path, dest: Path) -> tuple[Path, set[str]]:
 
 def test_two_worker_ddp_pretraining_end_to_end(ray_session, tiny_config, demo_root, tmp_path):
     """Both stages under two-worker DDP, with 3% corrupt videos in the no-human set: they are
-    skipped, counted once per video (both ranks' counts merged) and listed, and training goes on."""
+    skipped, counted once per video (both ranks' counts merged) and listed, and training goes on.
+    Stage 2 accumulates two micro-batches per step (gradients all-reduced once per step)."""
     manifest, bad = _with_corrupt_videos(demo_root, tmp_path / "nohuman")
     cfg = tiny_config("scaling.num_workers=2", "run.name=e2e", "mae.epochs=3", "mae.batch_size=16",
                       "mae.samples_per_epoch=128", "align.epochs=3", "align.batch_size=16", "align.samples_per_epoch=192",
-                      "align.optim.lr=2e-3", "run.val_every=3",
+                      "align.optim.lr=2e-3", "run.val_every=3", "align.accum_steps=2",  # DDP's no_sync between micro-batches
                       f"data.sources.nohuman={{manifest: {manifest}, val_manifest: {demo_root / 'nohuman/val.csv'}, "
                       f"root: {tmp_path / 'nohuman'}}}")
     out = pretrain(cfg, output_dir=tmp_path / "out")

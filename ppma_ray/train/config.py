@@ -39,6 +39,8 @@ class OptimConfig:
 class StageConfig:
     epochs: int = option(1, ge=1, help="passes over samples_per_epoch")
     batch_size: int = option(128, ge=1, help="global batch in clips (a multiple of repeats x workers)")
+    accum_steps: int = option(1, ge=1, help="micro-batches per optimizer step: the same global batch and LR with "
+                                            "1/accum_steps of the activation memory")
     samples_per_epoch: int | None = option(None, ge=1, help="clips per epoch (null: the used sources' sizes)")
     repeats: int = option(1, ge=1, help="repeated augmentations per decoded video")
     mix: dict[str, float] = option(default_factory=dict, help="source name -> weight of the stage's clips")

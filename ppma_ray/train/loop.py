@@ -212,7 +212,7 @@ def train_loop(loop_config: dict) -> None:
         random.seed(seed)  # timm's random erasing draws its boxes from Python's generator
         lr = lr_at(state.step, total_steps, stage_cfg.optim)
         result = train_step(ctx, model, stage.loss_fn, stage.optimizer, stage.params, batch, lr,
-                            stage_cfg.optim.clip_grad, weight)
+                            stage_cfg.optim.clip_grad, weight, stage_cfg.accum_steps)
         skipped = torch.where(result.taken, torch.zeros_like(skipped), skipped + 1)
         state.step += 1
         state.epoch, state.step_in_epoch = epoch, i + 1

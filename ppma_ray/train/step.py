@@ -95,7 +95,7 @@ class StepResult:
 
 def train_step(ctx: WorkerContext, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
                params: list[torch.Tensor], batch: dict[str, torch.Tensor], lr: float,
-               clip_grad: float | None = None, weight: float = 1.0) -> StepResult:
+               clip_grad: float | None = None, weight: float = 1.0, accum_steps: int = 1) -> StepResult:
     """One optimizer step on ``batch`` (CPU tensors: video ``(B, T, H, W, C)`` uint8, labels, ...).
 
     ``batch`` may already be on the device (``prefetch_to_device``); ``weight`` scales the loss: 0
@@ -103,16 +103,34 @@ def train_step(ctx: WorkerContext, model: nn.Module, loss_fn: LossFn, optimizer:
     learning from it. Randomness (masks, drop-path, mixup) comes from torch's global generator,
     which the caller seeds per step. ``optimizer`` must be fused AdamW (``build_optimizer``): its
     ``found_inf`` flag is how the step is skipped without a host sync.
+
+    ``accum_steps``: the batch is split into that many micro-batches, each forward and backward on
+    its own (1/accum_steps of the activations), their gradients summed, with DDP's all-reduce on
+    the last one only (``no_sync`` before), then one optimizer step. Both losses average over clips
+    and each micro-batch's loss counts by its share of the clips, so this is the gradient of the
+    whole batch, also when failed clips made it smaller or uneven (mixup/cutmix mix within a
+    micro-batch, and masks are drawn per micro-batch).
     """
     schedule_lr(optimizer, lr)
     dev = ctx.to_device(batch)
-    with ctx.autocast():
-        loss, extra = loss_fn(model, dev)
-        loss = loss * weight
+    micro = _split(dev, accum_steps)
+    n = sum(len(part["video"]) for part in micro)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total, extras = None, []
+    for i, part in enumerate(micro):
+        share = len(part["video"]) / n
+        last = i == len(micro) - 1  # the one backward that all-reduces (ranks may split differently)
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with ctx.autocast():
+                loss, extra = loss_fn(model, part)
+                loss = loss * (weight * share)
+            loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+        extras.append({k: v * share for k, v in extra.items()})
+    extra = {k: sum(e[k] for e in extras) for k in extras[0]}
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
-    finite = (torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)).float()
+    finite = (torch.isfinite(total) & torch.isfinite(grad_norm)).float()
     if ctx.world > 1:  # all ranks must take (or skip) the step together
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     optimizer.found_inf = 1.0 - finite  # read by the fused kernel on the device: 1 = skip this step
@@ -120,4 +138,15 @@ def train_step(ctx: WorkerContext, model: nn.Module, loss_fn: LossFn, optimizer:
         optimizer.step()
     finally:
         optimizer.found_inf = None
-    return StepResult(loss.detach(), grad_norm.detach(), finite > 0, extra)
+    return StepResult(total, grad_norm.detach(), finite > 0, extra)
+
+
+def _split(batch: dict, parts: int) -> list[dict]:
+    """Up to ``parts`` micro-batches of every per-clip column, as equal as the clips allow (a batch
+    that lost clips to decode failures may be uneven or hold fewer clips than ``parts``)."""
+    n = len(batch["video"])
+    parts = max(1, min(parts, n))
+    if parts == 1:
+        return [batch]
+    columns = {k: v.tensor_split(parts) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.ndim and len(v) == n}
+    return [{**batch, **{k: chunks[i] for k, chunks in columns.items()}} for i in range(parts)]
