@@ -100,6 +100,14 @@ def _literal_choices(tp) -> tuple:
     return ()
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"<prefix>a.b": 1}``: dotted keys, as ``--set`` and trackers name them."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
 def from_dict(cls, data, where: str = ""):
     """Build dataclass ``cls`` from plain data, checking keys, types, choices, ranges and rules."""
     return _convert(cls, data, where)

@@ -122,7 +122,7 @@ def test_pretrain_rejects_a_manifest_that_cannot_work_before_ray_starts(case, tm
     from ppma_ray.cli import pretrain
 
     monkeypatch.setattr(pretrain, "start_ray", lambda cfg: pytest.fail("the job started Ray"))
-    lines = {"relative without root": "videos/a.mp4;0\n", "bad label": "videos/a.mp4;zero\n",
+    lines = {"relative without root": "videos/a.mp4;0\n", "bad label": "videos/a.mp4;-1\n",
              "escapes root": "../a.mp4;0\n"}[case]
     (tmp_path / "train.csv").write_text(lines)
     root = [] if case == "relative without root" else ["--set", f"data.sources.nohuman.root={tmp_path}"]
@@ -133,3 +133,62 @@ def test_pretrain_rejects_a_manifest_that_cannot_work_before_ray_starts(case, tm
     expected = {"relative without root": "data.sources.nohuman.root is not set", "bad label": "train.csv:1",
                 "escapes root": "escapes the root"}[case]
     assert str(tmp_path / "train.csv") in err and expected in err, err
+
+
+def test_kinetics_csv_names_the_trimmed_clips_and_maps_class_names_to_sorted_ids(tmp_path):
+    """Kinetics' own CSV (quoted class names with commas included); ids follow the sorted names."""
+    from ppma_ray.data.manifest import label_map_of
+
+    f = tmp_path / "train.csv"
+    f.write_text('label,youtube_id,time_start,time_end,split\n'
+                 '"passing American football (in game)",-_1WOF-LMdM,30,40,train\n'
+                 'abseiling,0347ZoDXyP0,5,15,train\n'
+                 '"passing American football (in game)",zzz,0,10,train\n')
+    t = read_manifest(f, root=tmp_path / "k400")
+    assert t.column("path").to_pylist() == [str(tmp_path / "k400" / p) for p in
+                                            ("-_1WOF-LMdM_000030_000040.mp4", "0347ZoDXyP0_000005_000015.mp4", "zzz_000000_000010.mp4")]
+    assert t.column("label").to_pylist() == [1, 0, 1] and t.column("line").to_pylist() == [2, 3, 4]
+    assert label_map_of(t) == {"abseiling": 0, "passing American football (in game)": 1}
+    f.write_text("label,youtube_id,time_start,time_end,split\nabseiling,x,five,15,train\n")
+    with pytest.raises(ManifestError, match=r"train.csv:2: time_start / time_end are not numbers"):
+        read_manifest(f)
+
+
+def test_something_something_v2_json_labels_by_template_with_a_given_label_map(tmp_path):
+    import json
+
+    items = [{"id": "78687", "label": "holding potato next to vicks vaporub bottle",
+              "template": "Holding [something] next to [something]", "placeholders": ["potato", "vicks"]},
+             {"id": "42326", "label": "moving a pen up", "template": "Moving [something] up", "placeholders": ["a pen"]}]
+    (tmp_path / "train.json").write_text(json.dumps(items))
+    labels = {"Holding something next to something": 43, "Moving something up": 94}  # the dataset's labels.json
+    (tmp_path / "labels.json").write_text(json.dumps({k: str(v) for k, v in labels.items()}))  # ids as strings, as there
+    t = read_manifest(tmp_path / "train.json", root=tmp_path / "videos", label_map=tmp_path / "labels.json")
+    assert t.column("path").to_pylist() == [str(tmp_path / "videos/78687.webm"), str(tmp_path / "videos/42326.webm")]
+    assert t.column("label").to_pylist() == [43, 94]
+    (tmp_path / "test.json").write_text(json.dumps([{"id": "1420"}]))
+    with pytest.raises(ManifestError, match=r"test.json:1: item without a 'template' \(the test list has no labels\)"):
+        read_manifest(tmp_path / "test.json")
+    with pytest.raises(ManifestError, match=r"train.json:2: label 'Moving something up' is not in the given label map \(1 classes\)"):
+        read_manifest(tmp_path / "train.json", label_map={"Holding something next to something": 0})
+
+
+def test_named_labels_the_held_out_list_takes_the_training_ids(tmp_path):
+    """A held-out list with fewer classes keeps the training list's ids (what the job's early check
+    returns, and writes next to its outputs); a typo among integer ids is an error, not a new class."""
+    from ppma_ray.cli import check_manifests_exist
+    from ppma_ray.config import load_config
+    from conftest import DEMO_CONFIG, TINY
+
+    (tmp_path / "train.csv").write_text("path,label\na.mp4,walk\nb.mp4,run\nc.mp4,swim\n")
+    (tmp_path / "val.csv").write_text("path,label\nd.mp4,swim\n")
+    cfg = load_config(DEMO_CONFIG, [*TINY, f"data.sources.nohuman={{manifest: {tmp_path / 'train.csv'}, "
+                                           f"val_manifest: {tmp_path / 'val.csv'}, root: {tmp_path}}}"])
+    assert check_manifests_exist(cfg, ("mae",)) == {"nohuman": {"run": 0, "swim": 1, "walk": 2}}
+    from ppma_ray.train.data import resolve_sources
+
+    (src,) = resolve_sources(cfg.data, ["nohuman"])
+    assert src.train.table.column("label").to_pylist() == [2, 0, 1] and src.val.table.column("label").to_pylist() == [1]
+    (tmp_path / "typo.csv").write_text("a.mp4;1\nb.mp4;2\nc.mp4;tow\n")
+    with pytest.raises(ManifestError, match=r"typo.csv:3: field 'label' is not an integer"):
+        read_manifest(tmp_path / "typo.csv")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import ppma_ray
 from ppma_ray.config import ConfigError, PretrainConfig, dump_yaml, load_config
-from ppma_ray.data.manifest import ManifestError, read_manifest
-from ppma_ray.schema import check_all
+from ppma_ray.data.manifest import ManifestError, label_map_of, read_manifest
+from ppma_ray.schema import check_all, flatten
 
 # The demo config ships beside the jobs (jobs/configs/); an installed entry point finds it from a
 # checkout or an editable install. Elsewhere pass --config.
@@ -110,12 +110,13 @@ def stage_failure_exits():
         raise SystemExit(1) from None
 
 
-def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> None:
+def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> dict[str, dict[str, int]]:
     """The manifests the stages read exist and parse (a ``ManifestError`` names file:line), and their
     relative video paths have a root to be relative to: without ``root`` they would resolve in each
     Ray worker's own working directory, and every decode would fail. URIs are checked where they are
-    read."""
+    read. Returns the label map of each source whose labels are class names."""
     names = {n for stage in stages for n in getattr(cfg, stage).source_names()}
+    label_maps: dict[str, dict[str, int]] = {}
     for name in sorted(names):
         src = cfg.data.sources[name]
         if src.manifest.startswith("demo:"):
@@ -126,20 +127,15 @@ def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> None:
                 continue
             if not Path(path).is_file():
                 raise FileNotFoundError(f"data.sources.{name}.{key}: {path} does not exist")
-            table = read_manifest(path, root=src.root)
+            table = read_manifest(path, root=src.root, label_map=src.label_map or label_maps.get(name))
+            if key == "manifest" and label_map_of(table) is not None:
+                label_maps[name] = label_map_of(table)
             if src.root is None:
                 relative = next((p for p in table.column("path").to_pylist() if not os.path.isabs(p) and "://" not in p), None)
                 if relative is not None:
                     raise ManifestError(path, None, f"video path {relative!r} is relative and data.sources.{name}.root is "
                                                     f"not set: set it to the folder the paths are relative to")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"<prefix>a.b": 1}``."""
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return out
+    return label_maps
 
 
 def check_resume_config(cfg: PretrainConfig, stages=("mae", "align")) -> None:
@@ -172,8 +168,8 @@ def config_diff(saved: dict, now: dict, stage: str) -> list[str]:
     that differs: what a checkpoint's training depends on (``run.*``, ``scaling.*`` may change)."""
     diff = []
     for section in ("model", "data.clip", stage):
-        a = _flat(_at(saved, section), f"{section}.")
-        b = _flat(_at(now, section), f"{section}.")
+        a = flatten(_at(saved, section), f"{section}.")
+        b = flatten(_at(now, section), f"{section}.")
         diff += [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return diff
 

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             stages = (stage,) if args.stage or stage == "align" else ("mae", "align")
         else:
             args.init_from = stage2_start(cfg, args)
-        check_manifests_exist(cfg, stages)
+        label_maps = check_manifests_exist(cfg, stages)
         check_resume_config(cfg, stages)
         check_storage(cfg)
         check_weights(cfg, args.init_from, args.init_from_partial)
@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.output_dir) if args.output_dir else run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    for name, labels in label_maps.items():  # named labels: the ids this run used, to pin them in later runs
+        (out_dir / "label_maps").mkdir(exist_ok=True)
+        (out_dir / "label_maps" / f"{name}.json").write_text(json.dumps(labels, indent=2))
+        print(f"data.sources.{name}: {len(labels)} named classes, ids in {out_dir / 'label_maps' / f'{name}.json'} "
+              f"(data.sources.{name}.label_map keeps them in later runs)")
     try:
         with stage_failure_exits(), graceful_stop(f"ppma-stop-{cfg.run.name}-{os.getpid()}") as stop_flag:
             results = {"config": str(out_dir / "config.json"),

@@ -24,6 +24,8 @@ class SourceConfig:
     root: str | None = option(None, help="relative paths in the manifest are under this directory or bucket URI (s3://, gs://)")
     val_manifest: str | None = option(None, help="held-out rows, for per-source validation in stage 2")
     fps: float | None = option(None, gt=0, help="frame rate of frame-folder videos")
+    label_map: str | None = option(None, help="JSON {class name: id} for manifests with named labels (default: "
+                                   "the sorted names of the training list; the job writes the map it used)")
     humans: Humans = option("unknown", help="who appears in the videos, stated in exported model cards: removed (real "
                             "footage, people removed), synthetic (virtual humans only), none, real, unknown")
 

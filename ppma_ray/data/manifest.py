@@ -11,12 +11,24 @@ Formats are auto-detected:
 * VideoMAE lists ``path label`` (whitespace) and ``path,label`` (CSV) without a header.
 * CSV with a header naming the columns (``path``, ``label``, optional ``source``, ``start_s``,
   ``end_s``), and Parquet files with those columns.
+* Kinetics CSV (``label,youtube_id,time_start,time_end,split``): the video of a row is
+  ``<youtube_id>_<time_start:06d>_<time_end:06d>.mp4``, the name the Kinetics downloaders give the
+  trimmed clip.
+* Something-Something v2 JSON (``.json``: a list of ``{"id", "template", ...}``): the video is
+  ``<id>.webm``, the class its template with ``[something]`` as ``something`` (the names of the
+  dataset's ``labels.json``).
+
+Labels are integers, or class names: names become ids through a label map (``{name: id}``, given
+as a dict or a JSON file), else through the sorted names of the file itself. The map used is kept in
+the table's schema metadata (``label_map``), so a held-out list is read with the training list's map
+and a run can write it next to its outputs (``label_map_of``).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from pathlib import Path
 
@@ -41,26 +53,56 @@ class ManifestError(ValueError):
         return type(self), (self.file, self.line, self.problem)
 
 
-def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None) -> pa.Table:
+def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None,
+                  label_map: dict[str, int] | str | os.PathLike | None = None) -> pa.Table:
     """Read a manifest of any supported format into the canonical table.
 
     Args:
-        path: the manifest file (``.parquet`` is read as Parquet, anything else as text).
+        path: the manifest file (``.parquet`` is read as Parquet, ``.json`` as Something-Something
+            v2, anything else as text).
         root: directory that relative video paths are joined to: a local folder or a bucket URI
             (``s3://bucket/prefix``, ``gs://...``; ``ppma_ray.data.objectstore``). With a root, an
             absolute path or a ``..`` that leaves the root is an error (a manifest must not reach
             outside its data). Without one, paths are used as written, bucket URIs included.
+        label_map: class name -> id for a manifest whose labels are names (a dict, or a JSON file of
+            one); a name not in it is an error. Without it, ids follow the sorted names.
     """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, None, "manifest file does not exist")
-    if path.suffix.lower() == ".parquet":
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
         rows = _parquet_rows(path)
+    elif suffix == ".json":
+        rows = _ssv2_rows(path)
     else:
         rows = _text_rows(path)
     if not rows:
         raise ManifestError(path, None, "manifest has no rows")
-    return _to_table(path, rows, root)
+    return _to_table(path, rows, root, _read_label_map(label_map))
+
+
+def label_map_of(table: pa.Table) -> dict[str, int] | None:
+    """The class name -> id map a manifest with named labels was read with (None: integer labels)."""
+    meta = table.schema.metadata or {}
+    return json.loads(meta[b"label_map"]) if b"label_map" in meta else None
+
+
+def _read_label_map(label_map) -> tuple[dict[str, int], str] | None:
+    """(map, where it came from) of ``read_manifest``'s argument."""
+    if label_map is None:
+        return None
+    if isinstance(label_map, dict):
+        return {str(k): int(v) for k, v in label_map.items()}, "the given label map"
+    file = Path(label_map)
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ManifestError(file, None, f"not a readable label map ({type(e).__name__}: {e})") from None
+    # Something-Something's labels.json writes its ids as strings ("43"): take those too
+    if not isinstance(data, dict) or not all(str(v).isdigit() for v in data.values()):
+        raise ManifestError(file, None, "a label map is a JSON object of class name -> non-negative integer id")
+    return {str(k): int(v) for k, v in data.items()}, str(file)
 
 
 def write_ppma_manifest(table: pa.Table, out: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
@@ -91,6 +133,8 @@ def _text_rows(path: Path) -> list[dict]:
         lines.pop()  # trailing blank lines are harmless
     if not lines:
         return []
+    if _is_kinetics_header(lines[0]):
+        return _kinetics_rows(path, text)
     if _is_header(lines[0]):
         return _named_csv_rows(path, text)
     sep = ";" if ";" in lines[0] else "," if "," in lines[0] else None
@@ -103,6 +147,51 @@ def _text_rows(path: Path) -> list[dict]:
         if len(parts) != 2 or not parts[0].strip():
             raise ManifestError(path, i, f"expected 'path{sep or ' '}label', got {line!r}")
         rows.append({"path": parts[0].strip(), "label": parts[1].strip(), "line": i})
+    return rows
+
+
+KINETICS = ("label", "youtube_id", "time_start", "time_end")
+
+
+def _is_kinetics_header(first_line: str) -> bool:
+    fields = {f.strip().lower() for f in next(csv.reader([first_line]))}
+    return set(KINETICS) <= fields
+
+
+def _kinetics_rows(path: Path, text: str) -> list[dict]:
+    """Kinetics' CSV: ``<youtube_id>_<start:06d>_<end:06d>.mp4``, the trimmed clip's usual name."""
+    rows = []
+    for i, rec in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+        rec = {(k or "").strip().lower(): (v or "").strip() for k, v in rec.items()}
+        if not any(rec.values()):
+            raise ManifestError(path, i, "empty line in the middle of the manifest")
+        try:
+            start, end = int(float(rec["time_start"])), int(float(rec["time_end"]))
+        except ValueError:
+            raise ManifestError(path, i, f"time_start / time_end are not numbers ({rec['time_start']!r}, "
+                                         f"{rec['time_end']!r})") from None
+        if not rec["youtube_id"] or not rec["label"]:
+            raise ManifestError(path, i, "youtube_id and label must not be empty")
+        rows.append({"path": f"{rec['youtube_id']}_{start:06d}_{end:06d}.mp4", "label": rec["label"], "line": i})
+    return rows
+
+
+def _ssv2_rows(path: Path) -> list[dict]:
+    """Something-Something v2's JSON list: ``<id>.webm``, labelled by its template."""
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ManifestError(path, None, f"not a JSON list of videos ({e})") from None
+    if not isinstance(items, list):
+        raise ManifestError(path, None, "expected a JSON list of {\"id\", \"template\"} objects")
+    rows = []
+    for i, item in enumerate(items, start=1):  # "line": the item's 1-based position in the list
+        if not isinstance(item, dict) or "id" not in item:
+            raise ManifestError(path, i, "item without an 'id'")
+        if "template" not in item:
+            raise ManifestError(path, i, "item without a 'template' (the test list has no labels)")
+        label = str(item["template"]).replace("[", "").replace("]", "")
+        rows.append({"path": f"{item['id']}.webm", "label": label, "line": i})
     return rows
 
 
@@ -143,7 +232,30 @@ def _parquet_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _to_table(path: Path, rows: list[dict], root) -> pa.Table:
+def _label_ids(path: Path, rows: list[dict], label_map: tuple[dict[str, int], str] | None) -> tuple[list[int], dict | None]:
+    """Integer labels as they are; class names through ``label_map`` or the file's sorted names."""
+    def is_int(v) -> bool:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return True
+        return isinstance(v, str) and v.strip().lstrip("-").isdigit()
+
+    numeric = [is_int(r.get("label")) for r in rows]
+    if label_map is None and any(numeric):  # integer ids; a name among them is a typo, not a class
+        return [_as_int(path, r["line"], "label", r.get("label")) for r in rows], None
+    names = [str(r.get("label") or "").strip() for r in rows]
+    for r, name in zip(rows, names):
+        if not name:
+            raise ManifestError(path, r["line"], "field 'label' is empty")
+    mapping, where = label_map or ({n: i for i, n in enumerate(sorted(set(names)))}, "")
+    ids = []
+    for r, name in zip(rows, names):
+        if name not in mapping:
+            raise ManifestError(path, r["line"], f"label {name!r} is not in {where} ({len(mapping)} classes)")
+        ids.append(mapping[name])
+    return ids, mapping
+
+
+def _to_table(path: Path, rows: list[dict], root, label_map=None) -> pa.Table:
     remote = objectstore.is_uri(root)
     root_abs = (root.rstrip("/") if remote else os.path.abspath(root)) if root is not None else None
     real = _RealPaths(root_abs) if root_abs is not None and not remote else None
@@ -151,15 +263,17 @@ def _to_table(path: Path, rows: list[dict], root) -> pa.Table:
     optional = [c for c in OPTIONAL if c in rows[0]]
     for c in optional:
         out[c] = []
-    for rec in rows:
+    labels, mapping = _label_ids(path, rows, label_map)
+    for rec, label in zip(rows, labels):
         i = rec["line"]
         out["path"].append(_resolve(path, i, str(rec.get("path") or ""), root_abs, real))
-        out["label"].append(_as_int(path, i, "label", rec.get("label")))
+        out["label"].append(label)
         out["line"].append(i)
         for c in optional:
             out[c].append(_as_optional(path, i, c, rec.get(c)))
     schema = pa.schema(
-        [("path", pa.string()), ("label", pa.int64()), ("line", pa.int64())] + [(c, OPTIONAL[c]) for c in optional]
+        [("path", pa.string()), ("label", pa.int64()), ("line", pa.int64())] + [(c, OPTIONAL[c]) for c in optional],
+        metadata={"label_map": json.dumps(mapping)} if mapping is not None else None,
     )
     return pa.table(out, schema=schema)
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 from ppma_ray.data.catalog import CATALOG, split_file
 from ppma_ray.data.config import ClipConfig, DataConfig, DecodeConfig, SourceConfig
 from ppma_ray.data.demo import make_demo
-from ppma_ray.data.manifest import read_manifest
+from ppma_ray.data.manifest import label_map_of, read_manifest
 from ppma_ray.data.mixing import plan_epoch
 from ppma_ray.data.pipeline import Source, build_dataset, build_eval_dataset, plan_to_table
 from ppma_ray.train.config import EvalSettings, StageConfig
@@ -46,8 +46,10 @@ def resolve_sources(data: DataConfig, names: list[str]) -> list[ResolvedSource]:
             train_m, val_m = manifests[kind]["train"], manifests[kind]["val"]
         else:
             root, train_m, val_m = sc.root, sc.manifest, sc.val_manifest
-        train = Source(name, read_manifest(train_m, root=root), fps=sc.fps)
-        val = Source(name, read_manifest(val_m, root=root), fps=sc.fps) if val_m else None
+        train = Source(name, read_manifest(train_m, root=root, label_map=sc.label_map), fps=sc.fps)
+        # named labels: the held-out list takes the training list's ids, whatever classes it holds
+        labels = sc.label_map or label_map_of(train.table)
+        val = Source(name, read_manifest(val_m, root=root, label_map=labels), fps=sc.fps) if val_m else None
         out.append(ResolvedSource(train, val))
     return out
 

@@ -11,21 +11,10 @@ from pathlib import Path
 
 import torch
 
+from ppma_ray.schema import flatten
 from ppma_ray.train.step import StepResult
 
 DEFAULT_LOGGERS = ("tensorboard", "jsonl")
-
-
-def flatten(d: dict, where: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted config keys, as trackers show parameters."""
-    out = {}
-    for k, v in d.items():
-        key = f"{where}.{k}" if where else str(k)
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
 
 
 class MetricsLog:
