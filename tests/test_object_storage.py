@@ -1,6 +1,7 @@
 """Videos in object storage, against a real S3 API on localhost (moto's server): decoding from a
 bucket, manifests rooted in one, faults of the network and of the objects, the validator, the
-preflight, and a stage that trains from a bucket."""
+preflight, and the loggers' upload. Training from a bucket is in test_train.py (its DDP run reads
+the synthetic set from one)."""
 
 import csv
 import json
@@ -157,30 +158,6 @@ def test_validate_data_and_preflight_read_the_bucket_and_name_the_missing_object
     assert not reachable.ok and f"{root}/{gone}" in reachable.detail and "8 sampled files" in reachable.detail
     (reachable,) = [c for c in storage_checks(cfg.run.storage_path, paths[:7]) if c.name == "data reachable from workers"]
     assert reachable.ok, reachable.detail
-
-
-@pytest.mark.integration
-def test_a_stage_trains_from_a_bucket_and_counts_and_lists_the_missing_object(ray_session, tiny_config, bucket_source, tmp_path):
-    """... and logs to the trackers of ``run.loggers`` from its Ray Train worker (W&B offline)."""
-    pytest.importorskip("wandb")
-    from ppma_ray.train.config import RunOptions
-    from ppma_ray.train.runner import resolve_paths, run_stage
-
-    manifest, root, gone = bucket_source
-    cfg = tiny_config("run.name=s3", "mae.epochs=1", "mae.batch_size=8", "mae.samples_per_epoch=32",
-                      f"data.sources.nohuman={{manifest: {manifest}, root: {root}, val_manifest: null}}",
-                      "run.loggers=[jsonl, wandb]")  # through Ray's setup_wandb, inside a Ray Train worker
-    out = run_stage(resolve_paths(cfg), RunOptions("mae"), output_dir=tmp_path)
-    assert out["steps"] == 4 and np.isfinite(out["final_loss"])
-    run_dir = tmp_path / "runs/s3-mae"
-    (wandb_run,) = run_dir.glob("wandb/offline-run-*-s3-mae/run-s3-mae.wandb")
-    assert b"loss" in wandb_run.read_bytes() and b"data.sources.nohuman.root" in wandb_run.read_bytes()
-    assert [json.loads(x)["step"] for x in (run_dir / "mae_metrics.jsonl").read_text().splitlines()] == [2, 4]
-    assert not (run_dir / "tensorboard").exists()  # only the loggers asked for
-    assert out["data_failures"]["nohuman"] == {"videos": 8, "failed": 1}  # every video drawn once, 4 clips each
-    (reject,) = list(csv.DictReader(open(out["rejects"])))
-    assert reject["path"] == f"{root}/{gone}" and reject["reason"] == "object does not exist"
-
 
 
 def test_with_object_storage_the_metrics_are_uploaded_next_to_the_checkpoints(s3_bucket, tmp_path):

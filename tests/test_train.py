@@ -37,16 +37,38 @@ def _with_corrupt_videos(demo_root: Path, dest: Path) -> tuple[Path, set[str]]:
     return dest / "train_with_bad.csv", set(bad)
 
 
-def test_two_worker_ddp_pretraining_end_to_end(ray_session, tiny_config, demo_root, tmp_path):
+def _in_the_bucket(bucket: str, demo_root: Path, dest: Path) -> tuple[Path, Path, str, str]:
+    """A sixth of the demo's synthetic set in the S3 bucket, listed (local manifests, bucket root)
+    with one object that is not there: (train manifest, val manifest, root, missing path)."""
+    from conftest import upload
+
+    lists = {}
+    for split, step in (("train", 6), ("val", 4)):
+        lines = (demo_root / f"synthetic/{split}.csv").read_text().splitlines()[::step]
+        for line in lines:
+            upload(bucket, demo_root / "synthetic" / line.split(";")[0], f"synthetic/{line.split(';')[0]}")
+        lists[split] = lines
+    dest.mkdir()
+    (dest / "train.csv").write_text("\n".join([*lists["train"], "train/gone.mp4;0"]) + "\n")
+    (dest / "val.csv").write_text("\n".join(lists["val"]) + "\n")
+    return dest / "train.csv", dest / "val.csv", f"{bucket}/synthetic", "train/gone.mp4"
+
+
+def test_two_worker_ddp_pretraining_end_to_end(ray_session, tiny_config, demo_root, s3_bucket, tmp_path):
     """Both stages under two-worker DDP, with 3% corrupt videos in the no-human set: they are
     skipped, counted once per video (both ranks' counts merged) and listed, and training goes on.
-    Stage 2 accumulates two micro-batches per step (gradients all-reduced once per step)."""
+    The synthetic set is read from an S3 bucket (a local S3 server), one object missing: a counted,
+    listed decode failure like a corrupt file. Stage 2 accumulates two micro-batches per step
+    (gradients all-reduced once per step) and also logs to W&B (offline) from rank 0."""
     manifest, bad = _with_corrupt_videos(demo_root, tmp_path / "nohuman")
+    syn_train, syn_val, syn_root, gone = _in_the_bucket(s3_bucket, demo_root, tmp_path / "synthetic")
     cfg = tiny_config("scaling.num_workers=2", "run.name=e2e", "mae.epochs=3", "mae.batch_size=16",
                       "mae.samples_per_epoch=128", "align.epochs=3", "align.batch_size=16", "align.samples_per_epoch=192",
                       "align.optim.lr=2e-3", "run.val_every=3", "align.accum_steps=2",  # DDP's no_sync between micro-batches
                       f"data.sources.nohuman={{manifest: {manifest}, val_manifest: {demo_root / 'nohuman/val.csv'}, "
-                      f"root: {tmp_path / 'nohuman'}}}")
+                      f"root: {tmp_path / 'nohuman'}}}",
+                      f"data.sources.synthetic={{manifest: {syn_train}, val_manifest: {syn_val}, root: {syn_root}}}",
+                      "run.loggers=[jsonl, wandb]")
     out = pretrain(cfg, output_dir=tmp_path / "out")
     mae = _metrics(tmp_path / "runs/e2e-mae", "mae")
     assert mae[-1]["loss"] < mae[0]["loss"]
@@ -62,9 +84,14 @@ def test_two_worker_ddp_pretraining_end_to_end(ray_session, tiny_config, demo_ro
     # videos drawn from the 198 no-human ones: MAE 3 x 32 (4 clips each), stage 2 3 x 96 (all of them)
     for stage, seen in (("mae", 96), ("align", 198)):
         failures = out[stage]["data_failures"]["nohuman"]
-        rejects = list(csv.DictReader(open(out[stage]["rejects"])))
+        rejects = [r for r in csv.DictReader(open(out[stage]["rejects"])) if r["source"] == "nohuman"]
         assert failures["videos"] == seen and failures["failed"] == len(rejects) >= 1, failures
-        assert {r["path"].split("nohuman/", 1)[1] for r in rejects} <= bad
-        assert all(r["source"] == "nohuman" and r["reason"] for r in rejects)
+        assert {r["path"].split("nohuman/", 1)[1] for r in rejects} <= bad and all(r["reason"] for r in rejects)
         assert Path(out[stage]["rejects"]).parent == tmp_path / "out"
     assert len(rejects) == len(bad)  # stage 2 drew every video
+    assert out["align"]["data_failures"]["synthetic"] == {"videos": 49, "failed": 1}  # every object drawn
+    (missing,) = [r for r in csv.DictReader(open(out["align"]["rejects"])) if r["source"] == "synthetic"]
+    assert missing["path"] == f"{syn_root}/{gone}" and missing["reason"] == "object does not exist"
+    assert out["align"]["val_top1"]["synthetic"] >= 0.0  # validated from the bucket too
+    # W&B through Ray's setup_wandb in the rank-0 worker: its offline run, named after the stage
+    assert list((tmp_path / "runs/e2e-align").glob("wandb/offline-run-*-e2e-align/run-e2e-align.wandb"))

@@ -131,6 +131,8 @@ class RunSettings:
     checkpoint_every: int = option(0, ge=0, help="steps between checkpoints (0: end of each epoch only)")
     keep: int = option(2, ge=1, help="checkpoints kept per stage")
     max_failures: int = option(0, ge=-1, help="worker restarts from the last checkpoint (-1: unlimited)")
+    max_preemption_failures: int = option(-1, ge=-1, help="restarts after a node was preempted (spot reclaim, drain), "
+                                                       "counted apart from max_failures (-1: unlimited)")
     log_every: int = option(10, ge=1, help="steps between progress lines")
     val_every: int = option(1, ge=1, help="epochs between stage-2 validations (the last epoch always validates)")
     max_steps: int | None = option(None, ge=1, help="stop after this many steps (the schedule still spans all epochs)")

@@ -39,7 +39,7 @@ from ppma_ray.train.evaluate import multiview_test
 from ppma_ray.train.metrics import MetricsLog, Progress, console
 from ppma_ray.train.optim import build_optimizer, lr_at
 from ppma_ray.train.stages import AlignLoss, mae_loss
-from ppma_ray.train.stop import requested as stop_requested
+from ppma_ray.train.stop import preemption_notice, requested as stop_requested
 from ppma_ray.train.step import LossFn, WorkerContext, prefetch_to_device, train_step
 
 # consecutive non-finite steps before the run is stopped; counted on the device and checked at log
@@ -201,6 +201,7 @@ def train_loop(loop_config: dict) -> None:
     metrics: dict = {}
     model.train()
     skipped = torch.full((), state.skipped_steps, device=ctx.device)
+    preempt_saved = False  # one checkpoint per preemption notice (a restart starts a new loop)
     stream_batches = stream.iterate(state.epoch, state.step_in_epoch, end, pin_memory=ctx.device.type == "cuda")
     t_fetch = time.perf_counter()
     for (epoch, i, weight, clips), batch in prefetch_to_device(ctx, _without_failed(stream_batches, tracker)):
@@ -224,6 +225,10 @@ def train_loop(loop_config: dict) -> None:
         if log_line or report:  # the host reads device values here only
             if stop_requested(options.stop_flag, ctx.world, ctx.device):
                 stop = report = True
+            if not preempt_saved and (notice := preemption_notice()):  # checkpoint now, train on
+                report = preempt_saved = True
+                if ctx.rank == 0:
+                    console(f"[{options.stage}] {notice}: checkpoint at step {state.step}")
             state.skipped_steps = int(skipped)
             if state.skipped_steps > MAX_SKIPPED_STEPS:
                 raise FloatingPointError(f"{options.stage}: loss or gradient not finite for {state.skipped_steps} steps "

@@ -183,7 +183,9 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
         run_config=RunConfig(
             storage_path=cfg.run.storage_path, name=options.run_name,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            # a preempted node (Ray Train's own signal, see train/stop.py) is retried apart from real failures
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures,
+                                         max_preemption_failures=cfg.run.max_preemption_failures),
             callbacks=callbacks,
             # without --verbose: none of Ray Train's own lines (each report, each checkpoint, the
             # controller's traceback of a failure: the job prints one line naming the saved one)

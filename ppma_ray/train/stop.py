@@ -2,6 +2,11 @@
 their next log step (``run.log_every``); they write a checkpoint there and return, and the job
 exits 143 / 130 saying where it stopped. Re-running the same command resumes from that checkpoint.
 
+Preemption: when Ray Train learns that a node of the run is about to be reclaimed (a spot instance,
+a preemptible VM, a drained node; ``ray.train.get_preemption_info``), the workers write a
+checkpoint at their next log step and train on; when the node goes, Ray Train restarts the run
+from that checkpoint (``run.max_preemption_failures`` times, apart from ``run.max_failures``).
+
 The request travels through a small named actor, not a file: every rank must stop at the same
 step (DDP), so the ranks read it at the same log step and agree by an all-reduce.
 """
@@ -82,6 +87,20 @@ def requested(name: str | None, world: int, device: torch.device) -> bool:
     if world > 1:
         torch.distributed.all_reduce(wanted, op=torch.distributed.ReduceOp.MAX)
     return bool(wanted.item())
+
+
+def preemption_notice() -> str | None:
+    """At the same step on every rank (a collective): a line naming the nodes Ray Train says are
+    about to be preempted, and the deadline; None while there is no notice."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return None
+    import time
+
+    left = f", {max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s before the deadline" if info.deadline_ms else ""
+    return f"node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} (ranks {info.preempted_ranks}) will be preempted{left}"
 
 
 def signalled(name: str | None) -> int | None:
