@@ -39,7 +39,8 @@ def _rows(out):
 
 
 @pytest.mark.integration
-def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_session, stage1, tiny_config, tune_task, tmp_path):
+def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_session, stage1, tiny_config, tune_task, tmp_path,
+                                                                       capfd):
     from ppma_ray.tune.search import run_experiment
 
     sets = TUNE + tune_task + ["run.name=t", "align.samples_per_epoch=32"]
@@ -52,6 +53,9 @@ def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_sessio
         ("mix", 0.0, "done"), ("mix", 0.5, "failed"), ("mix", 1.0, "done")]
     stage2_dirs = sorted(p.name for p in (tmp_path / "runs").glob("t-mix_trial*"))
     assert len(stage2_dirs) == 2
+    progress = [x for x in capfd.readouterr().out.splitlines() if x.startswith("[tune] ")]
+    assert [x.split(" trials")[0] for x in progress] == ["[tune] 1/3", "[tune] 2/3", "[tune] 3/3"], progress
+    assert "(1 failed)" in progress[-1] and progress[-1].endswith("eta 0s"), progress
 
     # the same command again, now with the averaging phase: finished trials are not run again
     second = tiny_config(*sets, *["tune.p_values=[0.0, 0.5, 1.0]", "tune.fail_p=0.5",

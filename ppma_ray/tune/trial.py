@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -75,6 +76,34 @@ def score(cfg: PretrainConfig, tasks: dict, model_name: str, checkpoints: list[s
     return {**metrics, **extra}
 
 
+class TrialProgress(tune.Callback):
+    """One console line per finished trial, with the experiment's ETA: the trials left at the mean
+    time per trial finished by this process (an upper bound under ASHA, which stops some early).
+    Counts come from the trials' states, so a restored experiment counts its finished trials."""
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        self.total, self.here, self.t0 = total_num_samples, 0, time.perf_counter()
+
+    def _line(self, trials, trial) -> None:
+        from ppma_ray.train.metrics import console, duration
+
+        self.here += 1
+        # Tune marks a completed trial TERMINATED just after this hook (an errored one just before)
+        finished = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | {trial.trial_id}
+        failed = sum(t.status == "ERROR" for t in trials)
+        total = max(self.total or 0, len(trials))
+        elapsed = time.perf_counter() - self.t0
+        left = (total - len(finished)) * elapsed / self.here
+        console(f"[tune] {len(finished)}/{total} trials finished" + (f" ({failed} failed)" if failed else "")
+                + f", {duration(elapsed)}, eta {duration(left)}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(trials, trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trials, trial)
+
+
 def tracker_callbacks(cfg: PretrainConfig, name: str) -> list:
     """Tune's own W&B / MLflow callbacks for the trackers in ``run.loggers``: one tracker run per
     trial with its parameters and every reported row (objective, per-task top-1). The stages
@@ -111,7 +140,7 @@ def run_tuner(name: str, trainable, space: dict, cfg: PretrainConfig, search_alg
                                         max_concurrent_trials=max_concurrent, reuse_actors=True),
             run_config=tune.RunConfig(storage_path=cfg.run.storage_path, name=name,
                                       failure_config=tune.FailureConfig(fail_fast=False),
-                                      callbacks=tracker_callbacks(cfg, name)),
+                                      callbacks=[TrialProgress(), *tracker_callbacks(cfg, name)]),
         )
     return tuner.fit()
 
