@@ -128,8 +128,8 @@ def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> dict[
             if not Path(path).is_file():
                 raise FileNotFoundError(f"data.sources.{name}.{key}: {path} does not exist")
             table = read_manifest(path, root=src.root, label_map=src.label_map or label_maps.get(name))
-            if key == "manifest" and label_map_of(table) is not None:
-                label_maps[name] = label_map_of(table)
+            if key == "manifest" and (labels := label_map_of(table)) is not None:
+                label_maps[name] = labels
             if src.root is None:
                 relative = next((p for p in table.column("path").to_pylist() if not os.path.isabs(p) and "://" not in p), None)
                 if relative is not None:

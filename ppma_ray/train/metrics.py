@@ -17,6 +17,18 @@ from ppma_ray.train.step import StepResult
 DEFAULT_LOGGERS = ("tensorboard", "jsonl")
 
 
+def wandb_project() -> str:
+    """The W&B project of every run of this project: ``WANDB_PROJECT``, else ``ppma_ray``."""
+    return os.environ.get("WANDB_PROJECT", "ppma_ray")
+
+
+def mlflow_tracking_uri(folder: Path) -> str:
+    """``MLFLOW_TRACKING_URI``, else a SQLite store in ``folder``. MLflow's own local default, the
+    file store, is in maintenance mode and raises unless ``MLFLOW_ALLOW_FILE_STORE`` is set; SQLite
+    needs no server and no network."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{folder.resolve() / 'mlflow.db'}"
+
+
 class MetricsLog:
     """Rank 0's loggers. Files (the JSON-lines file, TensorBoard's events, W&B's offline run,
     MLflow's default SQLite store) go to ``directory``: the run folder on local or shared storage;
@@ -48,15 +60,13 @@ class MetricsLog:
 
             # the stage's run name is the W&B run id: a restarted or re-run stage continues its W&B run
             self.wandb = setup_wandb(config=params, rank_zero_only=False, trial_id=run_name, trial_name=run_name,
-                                     project=os.environ.get("WANDB_PROJECT", "ppma_ray"), resume="allow",
+                                     project=wandb_project(), resume="allow",
                                      dir=str(directory))
         if "mlflow" in loggers:
             from ray.air.integrations.mlflow import setup_mlflow
 
-            # MLflow's file store is in maintenance mode (it raises unless MLFLOW_ALLOW_FILE_STORE):
-            # without a tracking server, a SQLite file in the run folder, MLflow's own local default
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{directory.resolve() / 'mlflow.db'}"
-            self.mlflow = setup_mlflow(config={k: str(v)[:500] for k, v in params.items()}, tracking_uri=uri,
+            self.mlflow = setup_mlflow(config={k: str(v)[:500] for k, v in params.items()},
+                                       tracking_uri=mlflow_tracking_uri(directory),
                                        experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", "ppma_ray"),
                                        run_name=run_name, create_experiment_if_not_exists=True, rank_zero_only=False)
 

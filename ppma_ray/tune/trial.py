@@ -7,7 +7,6 @@ Experiments (``grid``, ``pbt``) build on this module; it imports none of them.
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,18 +107,19 @@ def tracker_callbacks(cfg: PretrainConfig, name: str) -> list:
     """Tune's own W&B / MLflow callbacks for the trackers in ``run.loggers``: one tracker run per
     trial with its parameters and every reported row (objective, per-task top-1). The stages
     inside a trial log their steps themselves (``train/metrics.py``)."""
+    from ppma_ray.train.metrics import mlflow_tracking_uri, wandb_project
+
     callbacks: list = []
     if "wandb" in cfg.run.loggers:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
-        callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "ppma_ray"), group=name))
+        callbacks.append(WandbLoggerCallback(project=wandb_project(), group=name))
     if "mlflow" in cfg.run.loggers:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        # without a tracking server: a SQLite store next to the runs (object storage: in the working directory)
+        # without a tracking server: next to the runs (object storage: in the working directory)
         where = Path(cfg.run.storage_path) if "://" not in cfg.run.storage_path else Path.cwd()
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{where.resolve() / 'mlflow.db'}"
-        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name))
+        callbacks.append(MLflowLoggerCallback(tracking_uri=mlflow_tracking_uri(where), experiment_name=name))
     return callbacks
 
 
