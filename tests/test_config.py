@@ -148,12 +148,16 @@ def test_job_specific_bad_input_exits_2_before_ray():
         "search": ("tune_mix", "--set", "tune.search=bayes"),
         "tasks": ("tune_mix", "--set", "eval.tasks=[]"),
         "pbt": ("tune_mix", "--scheduler", "pbt", "--set", "tune.pbt_interval=6"),
+        "pbt_extra": ("tune_mix", "--scheduler", "pbt", "--set", "tune.extra={align.optim.lr: [0.1, 0.2]}"),
+        "range": ("tune_mix", "--set", "tune.search=random", "--set", "tune.extra={align.optim.lr: [0.1, 0.2, 0.3]}"),
         "manifest": ("pretrain", "--set", "data.sources.nohuman.manifest=/nope/train.csv"),
         "ablation": ("pretrain", "--ablation", "--stage", "mae"),
     })
     expected = {"search": "--set tune.search: 'bayes' is not one of",
                 "tasks": "eval.tasks: the tuning objective needs at least one downstream task",
                 "pbt": "tune.pbt_interval: 6 epochs leaves no second round",
+                "pbt_extra": "tune.extra: PBT mutates p only",
+                "range": "tune.extra.align.optim.lr: tune.search random samples a [low, high] range",
                 "manifest": "data.sources.nohuman.manifest: /nope/train.csv does not exist",
                 "ablation": "--ablation runs both stages from scratch"}
     for key, r in results.items():

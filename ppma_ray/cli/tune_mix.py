@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.scheduler:
             cfg.tune.scheduler = args.scheduler
         cfg = finish_config(args, cfg)
-        from ppma_ray.tune.search import check
+        from ppma_ray.tune.checks import check  # config only: the experiments import Ray Tune and torch
 
         check(cfg)
         check_manifests_exist(cfg, ("align",) if args.stage1 else ("mae", "align"))

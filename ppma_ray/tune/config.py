@@ -40,6 +40,12 @@ class TuneSettings:
             for i, v in enumerate(getattr(self, key)):
                 if not 0.0 <= v <= 1.0:
                     raise ConfigError.at(f"{key}[{i}]", f"must be in [0, 1], got {v}")
+        if self.extra and self.scheduler == "pbt":
+            raise ConfigError.at("extra", "PBT mutates p only; search other keys with scheduler none or asha")
+        if self.search != "grid":
+            for key, values in self.extra.items():
+                if len(values) != 2:
+                    raise ConfigError.at(f"extra.{key}", f"tune.search {self.search} samples a [low, high] range, got {values}")
 
     def mix(self, p: float) -> dict[str, float]:
         """The stage-2 source weights of synthetic proportion ``p`` (rounded so YAML stays readable)."""

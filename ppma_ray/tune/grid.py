@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ray import tune
 
-from ppma_ray.config import ConfigError, PretrainConfig, TuneSettings, apply_override, from_dict
+from ppma_ray.config import PretrainConfig, TuneSettings, apply_override, from_dict
 from ppma_ray.train.config import RunOptions
 from ppma_ray.train.runner import run_stage
 from ppma_ray.tune.outputs import scored, write_best, write_csv
@@ -81,14 +81,6 @@ def search_space(t: TuneSettings, p_values: list[float]):
     from ray.tune.search.hyperopt import HyperOptSearch  # the Literal leaves "hyperopt"
 
     return space, HyperOptSearch(points_to_evaluate=ends, metric="objective", mode="max"), t.num_samples + 2
-
-
-def check(cfg: PretrainConfig) -> None:
-    t = cfg.tune
-    if t.search != "grid":
-        for key, values in t.extra.items():
-            if len(values) != 2:
-                raise ConfigError.at(f"tune.extra.{key}", f"tune.search {t.search} samples a [low, high] range, got {values}")
 
 
 def run(cfg: PretrainConfig, common: dict, out: Path) -> list[dict]:
@@ -157,4 +149,4 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-EXPERIMENT = Experiment(check=check, prepare=lambda cfg: None, run=run)
+EXPERIMENT = Experiment(prepare=lambda cfg: None, run=run)

@@ -27,7 +27,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from ppma_ray.config import ConfigError, PretrainConfig, TuneSettings, from_dict
+from ppma_ray.config import PretrainConfig, TuneSettings, from_dict
 from ppma_ray.train.data import resolve_sources
 from ppma_ray.train.config import RunOptions
 from ppma_ray.train.runner import run_stage
@@ -131,17 +131,6 @@ def pbt_trial(config: dict, base: dict, stage1: str, tasks: dict, rounds) -> Non
                          "done": stop >= epochs}, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def check(cfg: PretrainConfig) -> None:
-    """The PBT settings, checked before anything runs."""
-    t = cfg.tune
-    epochs = t.align_epochs or cfg.align.epochs
-    if t.extra:
-        raise ConfigError.at("tune.extra", "PBT mutates p only; search other keys with --scheduler none or asha")
-    if t.pbt_interval >= epochs:
-        raise ConfigError.at("tune.pbt_interval", f"{t.pbt_interval} epochs leaves no second round in {epochs} stage-2 "
-                                                  "epochs (tune.align_epochs)")
-
-
 def prepare(cfg: PretrainConfig) -> None:
     """In place: stage 2 gets ``tune.align_epochs`` epochs of a length that is the same whatever p
     is (by default both sources' sizes, as for 0 < p < 1), so every round's steps fit one LR schedule."""
@@ -235,4 +224,4 @@ def plot(rows: list[dict], rounds: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-EXPERIMENT = Experiment(check=check, prepare=prepare, run=run)
+EXPERIMENT = Experiment(prepare=prepare, run=run)

@@ -8,35 +8,23 @@
 Re-running the same command restores the experiment from ``storage_path``; finished trials are not
 run again, a failing trial is recorded and skipped.
 
-A new kind of experiment is one module with an ``EXPERIMENT`` and one entry in ``EXPERIMENTS``.
+A new kind of experiment is one module with an ``EXPERIMENT`` and one entry in ``EXPERIMENTS``; its
+settings go in ``TuneSettings`` (``tune/config.py``), checked as the config loads, and any check
+against other sections in ``tune/checks.py``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ppma_ray.config import ConfigError, PretrainConfig, to_dict
+from ppma_ray.config import PretrainConfig, to_dict
 from ppma_ray.train.config import RunOptions
 from ppma_ray.train.runner import resolve_paths, run_stage
 from ppma_ray.tune import grid, pbt
+from ppma_ray.tune.checks import check
 from ppma_ray.tune.trial import Experiment, tuning_tasks
 
 EXPERIMENTS: dict[str, Experiment] = {"none": grid.EXPERIMENT, "asha": grid.EXPERIMENT, "pbt": pbt.EXPERIMENT}
-
-
-def check(cfg: PretrainConfig) -> None:
-    """Everything about the tune section that can be checked before anything runs."""
-    t = cfg.tune
-    if not cfg.eval.tasks:
-        raise ConfigError.at("eval.tasks", "the tuning objective needs at least one downstream task")
-    for key in ("nohuman", "synthetic"):
-        name = getattr(t, key)
-        if name not in cfg.data.sources:
-            raise ConfigError.at(f"tune.{key}", f"{name!r} is not a source in data.sources ({', '.join(sorted(cfg.data.sources))})")
-    if cfg.align.mix_by != "weights":  # with "sizes" the proportion p would be ignored
-        raise ConfigError.at("align.mix_by", f"{cfg.align.mix_by!r} ignores the proportion p that Tune searches; "
-                                             "set align.mix_by=weights")
-    EXPERIMENTS[t.scheduler].check(cfg)
 
 
 def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None = None) -> dict:

@@ -26,12 +26,11 @@ TRIAL_CPU = 0.01  # the trial driver only waits on its TorchTrainer
 
 @dataclass(frozen=True)
 class Experiment:
-    """One kind of Tune experiment. ``check`` rejects its bad settings before anything runs;
-    ``prepare`` may fix the config in place before it is shared with the trials; ``run`` runs the
-    trials and writes the outputs (``trials.csv``, ``best.yaml``, ``tune.png``, ...) and returns
-    one row per trial."""
+    """One kind of Tune experiment. ``prepare`` may fix the config in place before it is shared
+    with the trials; ``run`` runs the trials and writes the outputs (``trials.csv``, ``best.yaml``,
+    ``tune.png``, ...) and returns one row per trial. Its settings are checked before anything
+    runs, and before this module is imported (``tune/checks.py``)."""
 
-    check: Callable[[PretrainConfig], None]
     prepare: Callable[[PretrainConfig], None]
     run: Callable[[PretrainConfig, dict, Path], "list[dict]"]
 
