@@ -21,39 +21,48 @@ SCHEDULE = "align.mix_schedule=[[1, {nohuman: 0.0, synthetic: 1.0}]]"
 @pytest.mark.integration
 def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_session, tiny_config, tmp_path):
     """One stage-2 run with a mix schedule, bit for bit the same uninterrupted (a) and interrupted
-    every way in one lineage (b-d), four Ray Train runs in all:
-    (b) stopped after step 5, mid-epoch (as a crash would); then its newest checkpoint deleted
-        and the one before cut short (as a crash during the write leaves it);
-    (c) the same command again, as ``jobs/pretrain.py``: it passes over the damaged checkpoints,
-        resumes from step 2, and is sent SIGTERM (``ray job stop``, a pod eviction) while it
-        starts: the workers stop at their next log step (4) with a checkpoint of it, and the job
-        exits 143 saying where to resume;
+    every way in one lineage (b-d), three Ray Train runs in all:
+    (a) the whole run (12 steps, a checkpoint every 2), its final weights the reference;
+    (b) then its run folder damaged: the checkpoints after step 4 deleted, though Ray's run record
+        lists them (lost storage), and step 4's cut short (a crash during the write);
+    (c) the same command again, as ``jobs/pretrain.py``, uploading checkpoints asynchronously: it
+        passes over the damaged checkpoints, resumes from step 2, and is sent SIGTERM (``ray job
+        stop``, a pod eviction) while it starts: the workers stop at their next log step (4) with a
+        checkpoint of it, uploaded before the job exits 143 saying where to resume;
     (d) ``jobs/pretrain.py --resume-from`` that checkpoint, in a new run folder (PBT's rounds
         continue each other's checkpoints this way), where a worker raises once at step 9 and Ray
         restarts it from step 8."""
     from conftest import TINY
 
     from ppma_ray.cli import pretrain as job
+    from ppma_ray.train.loop import checkpoint_staging
 
     common = ["align.epochs=2", "align.batch_size=8", "align.samples_per_epoch=48", "run.checkpoint_every=2",
               "run.keep=10", "align.mix={nohuman: 0.5, synthetic: 0.5}", SCHEDULE, "eval.tasks=[]",
               "align.random_erase=0.5"]  # its boxes come from Python's random: reseeded per step too
-    reference = run_stage(resolve_paths(tiny_config(*common, "run.name=ref")), RunOptions("align"))
+    reference = run_stage(resolve_paths(tiny_config(*common, "run.name=resumed")), RunOptions("align"))
     assert reference["steps"] == 12
-
-    first = run_stage(resolve_paths(tiny_config(*common, "run.name=resumed", "run.max_steps=5")), RunOptions("align"))
-    assert first["steps"] == 5
-    by_step = {torch.load(d / STATE_FILE, weights_only=True)["step"]: d for d in Path(first["checkpoint"]).parent.glob("checkpoint_*") if d.is_dir()}
-    assert sorted(by_step) == [2, 4, 5]
-    shutil.rmtree(by_step[5])  # gone, though Ray's run record lists it
+    ref_w = _final_weights(reference)
+    run_dir = tmp_path / "runs/resumed-align"
+    ref_lr = {m["step"]: m["lr"] for m in _metrics(run_dir, "align") if "lr" in m}
+    by_step = {torch.load(d / STATE_FILE, weights_only=True)["step"]: d for d in run_dir.glob("checkpoint_*") if d.is_dir()}
+    assert sorted(by_step) == [2, 4, 6, 8, 10, 12]
+    for step in (6, 8, 10, 12):
+        shutil.rmtree(by_step[step])  # gone, though Ray's run record lists them
     weights = (by_step[4] / MODEL_FILE).read_bytes()
     (by_step[4] / MODEL_FILE).write_bytes(weights[: len(weights) // 2])  # cut short
 
     sets = [*TINY, f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={tiny_config().data.demo_root}", *common]
-    at_step_4 = _sigterm_as_it_resumes(ray_session, tmp_path, [*sets, "run.name=resumed"], by_step[5].name)
-    logged = _metrics(tmp_path / "runs/resumed-align", "align")
-    assert [m["step"] for m in logged if m.get("event") == "resumed"] == [2]
-    assert [m["step"] for m in logged if "loss" in m] == [2, 4, 4]  # step 4 redone after the marker
+    gone = ", ".join(sorted(by_step[s].name for s in (6, 8, 10, 12)))
+    staging = checkpoint_staging("resumed-align")
+    shutil.rmtree(staging, ignore_errors=True)
+    at_step_4 = _sigterm_as_it_resumes(ray_session, tmp_path, [*sets, "run.name=resumed", "run.checkpoint_upload=async"],
+                                       gone)
+    assert staging.is_dir() and not list(staging.iterdir())  # written there, uploaded, then removed
+    logged = _metrics(run_dir, "align")
+    marker = [i for i, m in enumerate(logged) if m.get("event") == "resumed"]
+    assert [logged[i]["step"] for i in marker] == [2]
+    assert [m["step"] for m in logged[marker[0]:] if "loss" in m] == [4]  # step 4 redone after the marker
 
     assert job.main(["--resume-from", str(at_step_4), "--output-dir", str(tmp_path / "r2"),
                      *[a for x in [*sets, "run.name=r2", "run.fail_at_step=9", "run.max_failures=1"]
@@ -65,10 +74,9 @@ def test_resume_restart_and_rounds_all_reach_the_uninterrupted_weights(ray_sessi
     assert [m["step"] for m in logged if m.get("event") == "resumed"] == [4, 8]  # continued, then 8 after the failure
     lines = [m for m in logged if "loss" in m]
     assert [m["step"] for m in lines] == [6, 8, 10, 12]  # none skipped
-    ref_lr = {m["step"]: m["lr"] for m in _metrics(tmp_path / "runs/ref-align", "align") if "lr" in m}
     assert all(m["lr"] == pytest.approx(ref_lr[m["step"]]) for m in lines)
 
-    ref_w, weights = _final_weights(reference), _final_weights(round2["align"])
+    weights = _final_weights(round2["align"])
     assert all(torch.equal(ref_w[k], weights[k]) for k in ref_w)
 
 

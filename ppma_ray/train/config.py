@@ -130,6 +130,9 @@ class RunSettings:
     seed: int = option(0, help="seeds the model, the data plan and every step")
     checkpoint_every: int = option(0, ge=0, help="steps between checkpoints (0: end of each epoch only)")
     keep: int = option(2, ge=1, help="checkpoints kept per stage")
+    checkpoint_upload: Literal["sync", "async"] = option(
+        "sync", help="async: rank 0 writes each checkpoint to local disk and Ray uploads it to storage_path in the "
+                     "background while training goes on (for object storage; a checkpoint counts once uploaded)")
     max_failures: int = option(0, ge=-1, help="worker restarts from the last checkpoint (-1: unlimited)")
     max_preemption_failures: int = option(-1, ge=-1, help="restarts after a node was preempted (spot reclaim, drain), "
                                                        "counted apart from max_failures (-1: unlimited)")

@@ -252,7 +252,7 @@ def train_loop(loop_config: dict) -> None:
             metrics.update(progress.totals(), step=state.step, epoch=state.epoch, failed_clips=tracker.failed_clips,
                            data_failures=tracker.summary())
             state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
-            _report(metrics, stage, state, cfg, ctx.rank, tracker)
+            _report(metrics, stage, state, cfg, ctx.rank, tracker, options.run_name)
             log.upload()
         if stop:
             break
@@ -339,16 +339,35 @@ def _without_failed(batches, tracker: FailureTracker):
 
 
 def _report(metrics: dict, stage: Stage, state: TrainState, cfg: PretrainConfig, rank: int,
-            tracker: FailureTracker) -> None:
+            tracker: FailureTracker, run_name: str) -> None:
     """Every rank reports (Ray needs the same number of calls); only rank 0 attaches a checkpoint,
-    with the rejected videos so far (``rejects.csv``, ``data_failures.json``)."""
+    with the rejected videos so far (``rejects.csv``, ``data_failures.json``).
+
+    ``run.checkpoint_upload: async``: the checkpoint is written to a local staging folder and Ray
+    uploads it from a background thread, then deletes the folder; the next steps train meanwhile
+    (a ViT-B checkpoint with its optimizer state is about 1 GB). Ray waits for the uploads before the
+    run ends, and a checkpoint enters the run record only once uploaded, so a crash mid-upload
+    resumes from the one before."""
     if rank != 0:
         ray.train.report(metrics)
         return
+    extra = {REJECTS_FILE: tracker.rejects_csv(), FAILURES_FILE: json.dumps(tracker.summary(), indent=2)}
+    if cfg.run.checkpoint_upload == "async":
+        staging = checkpoint_staging(run_name)
+        staging.mkdir(parents=True, exist_ok=True)
+        local = tempfile.mkdtemp(prefix=f"step{state.step}-", dir=staging)
+        save_checkpoint(local, stage.model, stage.optimizer, asdict(state), to_dict(cfg), extra=extra)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, stage.model, stage.optimizer, asdict(state), to_dict(cfg),
-                        extra={REJECTS_FILE: tracker.rejects_csv(), FAILURES_FILE: json.dumps(tracker.summary(), indent=2)})
+        save_checkpoint(tmp, stage.model, stage.optimizer, asdict(state), to_dict(cfg), extra=extra)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def checkpoint_staging(run_name: str) -> Path:
+    """Where rank 0 writes the checkpoints that Ray uploads in the background (node-local)."""
+    return Path(tempfile.gettempdir()) / "ppma_ray_checkpoints" / run_name
 
 
 def _log_dirs(cfg: PretrainConfig, run_name: str) -> tuple[Path, tuple | None]:
