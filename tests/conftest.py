@@ -102,14 +102,21 @@ TUNE = ["tune.align_epochs=1", "eval.tasks=[motion]", "eval.test_clips=1", "eval
 
 @pytest.fixture(scope="session")
 def tune_task(demo_root, tmp_path_factory) -> list[str]:
-    """``--set`` entries for the Tune tests' probe task ``motion``: a quarter of demo:motion (24
-    training videos, 4 per class and whole groups, 12 test videos), so every trial's probe decodes
-    a quarter of the videos. The tests are about the search, not about the score."""
+    """``--set`` entries for the Tune tests' data. Their probe task ``motion``: a quarter of
+    demo:motion (24 training videos, 4 per class and whole groups, 12 test videos), so every trial's
+    probe decodes a quarter of the videos. The stage-2 sources keep their training lists and
+    validate on 6 videos each instead of 48. The tests are about the search, not about the score."""
     d = tmp_path_factory.mktemp("tune_task")
-    for split, n in (("train", 24), ("val", 12)):
-        lines = (demo_root / "motion" / f"{split}.csv").read_text().splitlines(keepends=True)[:n]
-        (d / f"{split}.csv").write_text("".join(lines))
-    return [f"data.sources.motion={{manifest: {d / 'train.csv'}, val_manifest: {d / 'val.csv'}, root: {demo_root / 'motion'}}}"]
+    sets = []
+    for name, sizes in (("motion", {"train": 24, "val": 12}), ("nohuman", {"val": 6}), ("synthetic", {"val": 6})):
+        lists = {}
+        for split in ("train", "val"):
+            lines = (demo_root / name / f"{split}.csv").read_text().splitlines(keepends=True)
+            lists[split] = d / f"{name}_{split}.csv"
+            lists[split].write_text("".join(lines[:sizes.get(split, len(lines))]))
+        sets.append(f"data.sources.{name}={{manifest: {lists['train']}, val_manifest: {lists['val']}, "
+                    f"root: {demo_root / name}}}")
+    return sets
 
 
 @pytest.fixture(scope="session")
