@@ -197,9 +197,13 @@ def test_ray_job_submit_runs_pretrain_on_the_cluster(two_node_cluster, demo_root
     import json
 
     out = tmp_path / "out"
+    # the no-human list labelled by class names, as Kinetics' CSV is: the job writes the ids it used
+    rows = [line.rsplit(";", 1) for line in (demo_root / "nohuman/train.csv").read_text().splitlines()]
+    (tmp_path / "named.csv").write_text("path,label\n" + "".join(f"{p},scene_{y}\n" for p, y in rows))
     tiny = ["model.depth=2", "model.decoder_depth=1", "data.clip.img_size=32", "data.clip.short_side=36",
             "data.clip.num_frames=8", "scaling.cpus_per_worker=0.5", "scaling.worker_resources={trainer: 1}",
             "mae.epochs=1", "align.epochs=1",
+            f"data.sources.nohuman={{manifest: {tmp_path / 'named.csv'}, root: {demo_root / 'nohuman'}}}",
             f"run.storage_path={tmp_path / 'runs'}", f"data.demo_root={demo_root}", "run.name=job"]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", two_node_cluster["dashboard"], "--working-dir", str(ROOT),
            "--", "python", "jobs/pretrain.py", "--stage", "mae", *[a for t in tiny for a in ("--set", t)],
@@ -217,6 +221,8 @@ def test_ray_job_submit_runs_pretrain_on_the_cluster(two_node_cluster, demo_root
     assert "Starting execution of Dataset" not in r.stdout + r.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["stages"]["mae"]["steps"] == 6 and Path(results["stages"]["mae"]["checkpoint"]).is_dir()
+    assert json.loads((out / "label_maps/nohuman.json").read_text()) == {f"scene_{y}": y for y in range(6)}
+    assert f"data.sources.nohuman: 6 named classes, ids in {out / 'label_maps/nohuman.json'}" in r.stdout
 
     placement = _placement(two_node_cluster)
     trainer, decoder = placement["trainer_node"], placement["decode_node"]
