@@ -20,6 +20,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ppma_ray.config import PretrainConfig
+from ppma_ray.data import objectstore
 
 
 @dataclass
@@ -104,7 +105,7 @@ def _probe_node(storage_path: str, marker: str, sample_paths: list[str]) -> dict
 
     out = {"node": ray.get_runtime_context().get_node_id()[:8], "write": "", "marker": False, "missing": []}
     try:
-        fs, root = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(), storage_path)
+        fs, root = objectstore.filesystem(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(), storage_path)
         fs.create_dir(root, recursive=True)
         probe = f"{root.rstrip('/')}/.preflight-{uuid.uuid4().hex}"
         with fs.open_output_stream(probe) as f:
@@ -120,8 +121,6 @@ def _probe_node(storage_path: str, marker: str, sample_paths: list[str]) -> dict
 def _reachable(path: str) -> bool:
     """Whether this node sees a data file: on its filesystem, or in its bucket with this node's
     credentials and endpoint (a node without them cannot read the object)."""
-    from ppma_ray.data import objectstore
-
     if not objectstore.is_uri(path):
         return os.path.exists(path)
     try:
@@ -139,7 +138,7 @@ def storage_checks(path: str, samples: list[str] | None = None) -> list[Check]:
     samples = samples or []
     marker = f".preflight-marker-{uuid.uuid4().hex}"
     try:
-        fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+        fs, root = objectstore.filesystem(path) if "://" in path else (pafs.LocalFileSystem(), path)
         fs.create_dir(root, recursive=True)
         with fs.open_output_stream(f"{root.rstrip('/')}/{marker}") as f:
             f.write(b"ok")

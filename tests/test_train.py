@@ -58,8 +58,17 @@ def test_two_worker_ddp_pretraining_end_to_end(ray_session, tiny_config, demo_ro
     """Both stages under two-worker DDP, with 3% corrupt videos in the no-human set: they are
     skipped, counted once per video (both ranks' counts merged) and listed, and training goes on.
     The synthetic set is read from an S3 bucket (a local S3 server), one object missing: a counted,
-    listed decode failure like a corrupt file. Stage 2 accumulates two micro-batches per step
-    (gradients all-reduced once per step) and also logs to W&B (offline) from rank 0."""
+    listed decode failure like a corrupt file. The runs are stored in the bucket too, as in the
+    paper config: checkpoints, metrics and W&B's offline run land there, and stage 2 starts from
+    stage 1's checkpoint URI. Stage 2 accumulates two micro-batches per step (gradients all-reduced
+    once per step) and also logs to W&B (offline) from rank 0."""
+    import io
+
+    import pyarrow.fs as pafs
+    from safetensors.torch import load as load_safetensors
+
+    from ppma_ray.data.objectstore import filesystem, read_bytes
+
     manifest, bad = _with_corrupt_videos(demo_root, tmp_path / "nohuman")
     syn_train, syn_val, syn_root, gone = _in_the_bucket(s3_bucket, demo_root, tmp_path / "synthetic")
     cfg = tiny_config("scaling.num_workers=2", "run.name=e2e", "mae.epochs=3", "mae.batch_size=16",
@@ -68,19 +77,22 @@ def test_two_worker_ddp_pretraining_end_to_end(ray_session, tiny_config, demo_ro
                       f"data.sources.nohuman={{manifest: {manifest}, val_manifest: {demo_root / 'nohuman/val.csv'}, "
                       f"root: {tmp_path / 'nohuman'}}}",
                       f"data.sources.synthetic={{manifest: {syn_train}, val_manifest: {syn_val}, root: {syn_root}}}",
-                      "run.loggers=[jsonl, wandb]")
+                      "run.loggers=[jsonl, wandb]", f"run.storage_path={s3_bucket}/runs")
     out = pretrain(cfg, output_dir=tmp_path / "out")
-    mae = _metrics(tmp_path / "runs/e2e-mae", "mae")
+    runs = f"{s3_bucket}/runs"
+    mae = [json.loads(x) for x in read_bytes(f"{runs}/e2e-mae/mae_metrics.jsonl").decode().splitlines()]
     assert mae[-1]["loss"] < mae[0]["loss"]
     assert out["mae"]["steps"] == 3 * (128 // 16)
     # scene classes of the no-human set are easy; 6 classes, so chance is 1/6
     assert out["align"]["val_top1"]["nohuman"] > 0.5
     for stage in ("mae", "align"):
-        ckpt = Path(out[stage]["checkpoint"])
-        assert {"model.safetensors", "train_state.pt", "config.json"} <= {p.name for p in ckpt.iterdir()}
-        state = torch.load(ckpt / STATE_FILE, weights_only=True)
+        ckpt = out[stage]["checkpoint"]
+        assert ckpt.startswith(f"{runs}/e2e-{stage}/checkpoint_"), ckpt
+        fs, path = filesystem(ckpt)
+        assert {"model.safetensors", "train_state.pt", "config.json"} <= {i.base_name for i in fs.get_file_info(pafs.FileSelector(path))}
+        state = torch.load(io.BytesIO(read_bytes(f"{ckpt}/{STATE_FILE}")), weights_only=True)
         assert state["step"] == out[stage]["steps"] and "optimizer" in state
-        assert load_file(str(ckpt / "model.safetensors"))
+        assert load_safetensors(read_bytes(f"{ckpt}/model.safetensors"))
     # videos drawn from the 198 no-human ones: MAE 3 x 32 (4 clips each), stage 2 3 x 96 (all of them)
     for stage, seen in (("mae", 96), ("align", 198)):
         failures = out[stage]["data_failures"]["nohuman"]
@@ -93,5 +105,6 @@ def test_two_worker_ddp_pretraining_end_to_end(ray_session, tiny_config, demo_ro
     (missing,) = [r for r in csv.DictReader(open(out["align"]["rejects"])) if r["source"] == "synthetic"]
     assert missing["path"] == f"{syn_root}/{gone}" and missing["reason"] == "object does not exist"
     assert out["align"]["val_top1"]["synthetic"] >= 0.0  # validated from the bucket too
-    # W&B through Ray's setup_wandb in the rank-0 worker: its offline run, named after the stage
-    assert list((tmp_path / "runs/e2e-align").glob("wandb/offline-run-*-e2e-align/run-e2e-align.wandb"))
+    # W&B through Ray's setup_wandb in the rank-0 worker: its offline run, named after the stage, uploaded
+    fs, path = filesystem(f"{runs}/e2e-align/wandb")
+    assert [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.base_name == "run-e2e-align.wandb"]

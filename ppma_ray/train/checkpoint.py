@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ppma_ray.data import objectstore
 from ppma_ray.models.errors import CheckpointError
 
 MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "train_state.pt", "config.json"
@@ -132,12 +133,40 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 def storage(storage_path: str) -> tuple[pafs.FileSystem, str, str]:
     """(filesystem, path in it, path as shown) of ``run.storage_path``: a local folder (made
-    absolute) or an object-storage URI."""
+    absolute) or an object-storage URI, reached as the data is (``data/objectstore.py``: the
+    endpoint of ``AWS_ENDPOINT_URL``, which pyarrow's own ``FileSystem.from_uri`` ignores)."""
     if "://" in storage_path:
-        fs, base = pafs.FileSystem.from_uri(storage_path)
-        return fs, base, storage_path.rstrip("/")
+        fs, base = objectstore.filesystem(storage_path)
+        return fs, base.rstrip("/"), storage_path.rstrip("/")
     path = os.path.abspath(storage_path)
     return pafs.LocalFileSystem(), path, path
+
+
+def ray_storage(storage_path: str) -> dict:
+    """Ray Train's / Tune's ``RunConfig`` storage arguments for ``run.storage_path``: on object
+    storage the filesystem is ours (above), so checkpoints go where the data comes from."""
+    if "://" not in storage_path:
+        return {"storage_path": storage_path}
+    fs, base, _ = storage(storage_path)
+    return {"storage_path": base, "storage_filesystem": fs}
+
+
+def location(checkpoint, storage_path: str) -> str:
+    """A Ray checkpoint as the jobs print it and take it back (``--init-from``, ``--resume-from``,
+    stage 2's start): its local path, or on object storage its URI (Ray's ``path`` has no scheme)."""
+    if "://" in storage_path:
+        return f"{storage_path.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
+    return checkpoint.path
+
+
+def open_checkpoint(where: str):
+    """A ``ray.train.Checkpoint`` of a local path or an object-storage URI (through our filesystem)."""
+    import ray.train
+
+    if "://" in where:
+        fs, path = objectstore.filesystem(where)
+        return ray.train.Checkpoint(path, filesystem=fs)
+    return ray.train.Checkpoint(where)
 
 
 def checkpoint_dirs(fs: pafs.FileSystem, folder: str) -> list[str]:

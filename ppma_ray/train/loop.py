@@ -33,7 +33,7 @@ from ppma_ray.models.averaging import LearnedAverage
 from ppma_ray.models.checkpoint import load_trunk, load_trunks
 from ppma_ray.models.errors import CheckpointError
 from ppma_ray.train.checkpoint import (FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, checkpoint_problem,
-                                      load_checkpoint, save_checkpoint, step_seed, storage)
+                                      load_checkpoint, open_checkpoint, save_checkpoint, step_seed, storage)
 from ppma_ray.train.data import EpochStream, ResolvedSource, resolve_sources
 from ppma_ray.train.evaluate import multiview_test
 from ppma_ray.train.metrics import MetricsLog, Progress, console
@@ -129,7 +129,7 @@ def restore(cfg: PretrainConfig, options: RunOptions, stage: Stage, rank: int) -
     if own is not None:
         return _resume(_newest_first(own), stage, rank)
     if options.resume_from:
-        return _resume([ray.train.Checkpoint(options.resume_from)], stage, rank)  # a path or a URI
+        return _resume([open_checkpoint(options.resume_from)], stage, rank)  # a path or a URI
     if options.init_from:
         report = _load_init(getattr(stage.model, "classifier", stage.model), options.init_from, not options.init_partial)
         if rank == 0:
@@ -383,7 +383,7 @@ def _log_dirs(cfg: PretrainConfig, run_name: str) -> tuple[Path, tuple | None]:
 def _load_init(model, init_from: str, strict: bool):
     """Trunk from a weights file, a checkpoint or Hugging Face folder, or a checkpoint URI."""
     if "://" in init_from:
-        with ray.train.Checkpoint(init_from).as_directory() as d:
+        with open_checkpoint(init_from).as_directory() as d:
             return load_trunk(model, d, strict)
     return load_trunk(model, init_from, strict)
 

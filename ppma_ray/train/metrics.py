@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,8 @@ class MetricsLog:
         self.directory, self.remote = directory, remote
         if directory is None:
             return
+        if remote:  # a node-local copy: start from what the run uploaded, never from another run's leftovers
+            shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True, exist_ok=True)
         if "jsonl" in loggers:
             name = f"{stage}_metrics.jsonl"

@@ -17,7 +17,8 @@ from ray.train.torch import TorchTrainer
 
 from ppma_ray.config import PretrainConfig
 from ppma_ray.data.demo import make_demo
-from ppma_ray.train.checkpoint import FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, newest_whole, read_train_state, storage
+from ppma_ray.train.checkpoint import (FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, location, newest_whole,
+                                      ray_storage, read_train_state, storage)
 from ppma_ray.models.errors import CheckpointError
 from ppma_ray.ray_env import quiet, quiet_process
 from ppma_ray.train.config import RunOptions
@@ -181,7 +182,7 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
         train_loop_config={"config": cfg, "options": options},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=s.worker_bundle()),
         run_config=RunConfig(
-            storage_path=cfg.run.storage_path, name=options.run_name,
+            **ray_storage(cfg.run.storage_path), name=options.run_name,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep),
             # a preempted node (Ray Train's own signal, see train/stop.py) is retried apart from real failures
             failure_config=FailureConfig(max_failures=cfg.run.max_failures,
@@ -207,7 +208,7 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
         "final_loss": m.get("loss"),
         "clips_per_s": m.get("stage_clips_per_s"),
         "wall_s": wall,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": location(result.checkpoint, cfg.run.storage_path) if result.checkpoint else None,
         "failed_clips": m.get("failed_clips", 0),
     }
     if result.checkpoint:

@@ -16,6 +16,7 @@ from ray import tune
 
 from ppma_ray.config import PretrainConfig, SourceConfig
 from ppma_ray.data.manifest import write_ppma_manifest
+from ppma_ray.train.checkpoint import ray_storage
 from ppma_ray.train.data import resolve_sources, task_source
 from ppma_ray.train.downstream import evaluate, task_name
 from ppma_ray.train.runner import resolve_paths
@@ -137,7 +138,7 @@ def run_tuner(name: str, trainable, space: dict, cfg: PretrainConfig, search_alg
             # trial's process instead of starting and importing a new one (seconds per trial)
             tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples, scheduler=scheduler,
                                         max_concurrent_trials=max_concurrent, reuse_actors=True),
-            run_config=tune.RunConfig(storage_path=cfg.run.storage_path, name=name,
+            run_config=tune.RunConfig(**ray_storage(cfg.run.storage_path), name=name,
                                       failure_config=tune.FailureConfig(fail_fast=False),
                                       callbacks=[TrialProgress(), *tracker_callbacks(cfg, name)]),
         )
