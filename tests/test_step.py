@@ -297,3 +297,22 @@ def test_two_accumulated_micro_batches_give_the_weights_of_one_step_on_the_whole
     # ~3e-6 where |g| is near eps (measured), so the weights agree to 1% of the step size, lr = 1e-3
     assert all(torch.allclose(w1[k], w2[k], rtol=0, atol=1e-5) for k in w1)
     assert not all(torch.equal(w1[k], v) for k, v in setup()[0].state_dict().items())  # the step moved them
+
+
+def test_a_preemption_notice_names_the_nodes_ranks_and_time_left(monkeypatch):
+    """The line a worker prints when Ray Train says nodes of the run are going (Ray's own
+    ``PreemptionInfo``); no notice, no line. The drain itself is not exercised here."""
+    import time
+
+    import ray.train
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    from ppma_ray.train.stop import preemption_notice
+
+    monkeypatch.setattr(ray.train, "get_preemption_info", lambda: None)
+    assert preemption_notice() is None
+    info = PreemptionInfo(deadline_ms=int((time.time() + 90.4) * 1000), preempted_node_to_ranks={"b" * 40: [2, 3], "a" * 40: [0]})
+    monkeypatch.setattr(ray.train, "get_preemption_info", lambda: info)
+    line = preemption_notice()
+    assert line.startswith("node(s) aaaaaaaa, bbbbbbbb (ranks [0, 2, 3]) will be preempted, ") and line.endswith(" s before the deadline")
+    assert 85 <= int(line.rsplit(", ", 1)[1].split(" ")[0]) <= 90

@@ -59,8 +59,8 @@ def test_two_worker_ddp_pretraining_end_to_end(ray_session, tiny_config, demo_ro
     skipped, counted once per video (both ranks' counts merged) and listed, and training goes on.
     The synthetic set is read from an S3 bucket (a local S3 server), one object missing: a counted,
     listed decode failure like a corrupt file. The runs are stored in the bucket too, as in the
-    paper config: checkpoints, metrics and W&B's offline run land there, and stage 2 starts from
-    stage 1's checkpoint URI. Stage 2 accumulates two micro-batches per step (gradients all-reduced
+    paper config (checkpoints uploaded in the background): checkpoints, metrics and W&B's offline run
+    land there, and stage 2 starts from stage 1's checkpoint URI. Stage 2 accumulates two micro-batches per step (gradients all-reduced
     once per step) and also logs to W&B (offline) from rank 0."""
     import io
 
@@ -77,7 +77,7 @@ def test_two_worker_ddp_pretraining_end_to_end(ray_session, tiny_config, demo_ro
                       f"data.sources.nohuman={{manifest: {manifest}, val_manifest: {demo_root / 'nohuman/val.csv'}, "
                       f"root: {tmp_path / 'nohuman'}}}",
                       f"data.sources.synthetic={{manifest: {syn_train}, val_manifest: {syn_val}, root: {syn_root}}}",
-                      "run.loggers=[jsonl, wandb]", f"run.storage_path={s3_bucket}/runs")
+                      "run.loggers=[jsonl, wandb]", f"run.storage_path={s3_bucket}/runs", "run.checkpoint_upload=async")
     out = pretrain(cfg, output_dir=tmp_path / "out")
     runs = f"{s3_bucket}/runs"
     mae = [json.loads(x) for x in read_bytes(f"{runs}/e2e-mae/mae_metrics.jsonl").decode().splitlines()]
