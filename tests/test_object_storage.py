@@ -1,7 +1,7 @@
 """Videos in object storage, against a real S3 API on localhost (moto's server): decoding from a
 bucket, manifests rooted in one, faults of the network and of the objects, the validator, the
-preflight, and the loggers' upload. Training from a bucket is in test_train.py (its DDP run reads
-the synthetic set from one)."""
+preflight, the loggers' upload, and checkpoints named by URI. Training from a bucket is in
+test_train.py (its DDP run reads the synthetic set from one and stores its runs in it)."""
 
 import csv
 import json
@@ -179,3 +179,53 @@ def test_with_object_storage_the_metrics_are_uploaded_next_to_the_checkpoints(s3
         assert [json.loads(x)["step"] for x in f.read().decode().splitlines()] == [2, 4]
     events = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{folder}/tensorboard/mae")) if i.type == pafs.FileType.File]
     assert len(events) == 2 and all("tfevents" in e for e in events)  # one file per writer, both kept
+
+
+def test_a_checkpoint_uri_is_evaluated_from_a_local_copy_of_its_weights(s3_bucket, tmp_path):
+    """``results.json`` names checkpoints in object storage by URI; the probes and averages read
+    the weights and config from a local copy (not the optimizer state), and a URI with no weights
+    is named."""
+    import torch
+
+    from ppma_ray.train.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, resolve_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(4, 2)
+    local = save_checkpoint(tmp_path / "checkpoint_2026-01-01_00-00-00", model, torch.optim.AdamW(model.parameters()),
+                            {"step": 3}, {"model": {"depth": 2}})
+    uri = upload(s3_bucket, local, f"runs/{tmp_path.name}/r-align/{local.name}")
+    weights = resolve_checkpoint(uri)
+    assert weights.name == MODEL_FILE and weights.read_bytes() == (local / MODEL_FILE).read_bytes()
+    assert (weights.parent / CONFIG_FILE).read_bytes() == (local / CONFIG_FILE).read_bytes()
+    assert not (weights.parent / STATE_FILE).exists()
+    assert resolve_checkpoint(uri) == weights  # downloaded once
+    with pytest.raises(FileNotFoundError, match=f"--checkpoint {s3_bucket}/runs/nope: no model.safetensors there"):
+        resolve_checkpoint(f"{s3_bucket}/runs/nope")
+
+
+def test_checkpoints_in_the_bucket_are_averaged_and_probed(s3_bucket, ray_session, tiny_config, tune_task, tmp_path):
+    """Two stage-1 checkpoints given by URI, runs stored in the bucket: the fixed-alpha average is
+    made from local copies of their weights, uploaded next to the run for the workers, and probed;
+    the results name the checkpoints by their URIs."""
+    import torch
+    from safetensors.torch import load as load_safetensors
+
+    from ppma_ray.config import to_dict
+    from ppma_ray.models.averaging import average_state_dicts
+    from ppma_ray.models.checkpoint import load_trunks
+    from ppma_ray.train.checkpoint import save_checkpoint
+    from ppma_ray.train.downstream import evaluate
+    from ppma_ray.train.loop import stage_model
+
+    runs = f"{s3_bucket}/runs/{tmp_path.name}"
+    cfg = tiny_config(*tune_task, "eval.test_clips=1", "eval.test_crops=1", "eval.lp_epochs=5", f"run.storage_path={runs}",
+                      "run.name=b")
+    uris, local = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        local.append(save_checkpoint(tmp_path / f"m{seed}", stage_model(cfg, "mae"), None, {"step": 1}, to_dict(cfg)))
+        uris.append(upload(s3_bucket, local[-1], f"runs/{tmp_path.name}/m{seed}/checkpoint_2026-01-01_00-00-00"))
+    entry = evaluate(cfg, "motion", "lp", "avg", uris, alphas=[0.25], cache_features=True)
+    assert entry["checkpoint"] == ",".join(uris) and entry["videos"] == 12 and 0.0 <= entry["top1"] <= 1.0
+    averaged = load_safetensors(objectstore.read_bytes(f"{runs}/b-avg-motion-lp/averaged/averaged.safetensors"))
+    expected = average_state_dicts(load_trunks([str(d / "model.safetensors") for d in local]), [0.25, 0.75])
+    assert averaged.keys() == expected.keys() and all(torch.equal(averaged[k], expected[k]) for k in expected)

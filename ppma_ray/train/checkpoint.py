@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ppma_ray.data import objectstore
+from ppma_ray.models.checkpoint import weights_file
 from ppma_ray.models.errors import CheckpointError
 
 MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "train_state.pt", "config.json"
@@ -167,6 +169,49 @@ def open_checkpoint(where: str):
         fs, path = objectstore.filesystem(where)
         return ray.train.Checkpoint(path, filesystem=fs)
     return ray.train.Checkpoint(where)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A weights file, a checkpoint directory, or a Ray run directory (its newest checkpoint);
+    absolute, since workers do not share the driver's working directory. A checkpoint in object
+    storage (its URI, as ``results.json`` names it) is downloaded first (``downloaded``)."""
+    if "://" in str(path):
+        path = downloaded(str(path))
+    p = Path(path).resolve()
+    if p.is_file():
+        return p
+    ckpts = sorted(c for c in p.glob("checkpoint_*") if (c / MODEL_FILE).is_file())
+    if ckpts and not (p / MODEL_FILE).is_file():
+        return ckpts[-1] / MODEL_FILE
+    try:  # a checkpoint folder or a Hugging Face folder (model.safetensors or pytorch_model.bin)
+        return weights_file(p)
+    except CheckpointError:
+        raise FileNotFoundError(f"--checkpoint {path}: no weights file, checkpoint, run or Hugging Face folder there") from None
+
+
+def downloaded(uri: str) -> Path:
+    """A local copy of the weights and config of the checkpoint folder at ``uri`` (not its
+    optimizer state, most of a checkpoint's size), made once per machine: the probes and averages
+    read weights from local files. Each file lands whole or not at all (written aside, then renamed)."""
+    fs, folder = objectstore.filesystem(uri.rstrip("/"))
+    local = Path(tempfile.gettempdir()) / "ppma_ray_downloads" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_FILE, CONFIG_FILE):
+        if (local / name).is_file() or fs.get_file_info(f"{folder}/{name}").type != pafs.FileType.File:
+            continue
+        with fs.open_input_stream(f"{folder}/{name}") as f:
+            (local / f"{name}.part").write_bytes(f.read())
+        os.replace(local / f"{name}.part", local / name)
+    if not (local / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"--checkpoint {uri}: no {MODEL_FILE} there")
+    return local
+
+
+def upload_folder(local: Path, uri: str) -> str:
+    """Copy a local folder's files to ``uri`` (object storage); returns ``uri``."""
+    fs, path = objectstore.filesystem(uri)
+    pafs.copy_files(str(local), path, destination_filesystem=fs)
+    return uri
 
 
 def checkpoint_dirs(fs: pafs.FileSystem, folder: str) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,30 +15,14 @@ from safetensors.torch import save_file
 from ppma_ray.config import ClipConfig, ConfigError, ModelConfig, PretrainConfig, from_dict
 from ppma_ray.models import vit_config
 from ppma_ray.models.averaging import average_state_dicts
-from ppma_ray.models.checkpoint import load_trunks, read_checkpoint, read_state_dict, weights_file
-from ppma_ray.models.errors import CheckpointError
-from ppma_ray.train.checkpoint import CONFIG_FILE, MODEL_FILE
+from ppma_ray.models.checkpoint import load_trunks, read_checkpoint, read_state_dict
+from ppma_ray.train.checkpoint import CONFIG_FILE, resolve_checkpoint, upload_folder
 from ppma_ray.train.data import resolve_sources, task_source
 from ppma_ray.train.linear_probe import linear_probe_cached
 from ppma_ray.train.config import AverageSpec, RunOptions
 from ppma_ray.train.runner import decode_cpu_budget, resolve_paths, run_stage
 
 CSV_FIELDS = ["model", "task", "protocol", "top1", "top5", "videos", "failed", "wall_s", "checkpoint"]
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A weights file, a checkpoint directory, or a Ray run directory (its newest checkpoint);
-    absolute, since workers do not share the driver's working directory."""
-    p = Path(path).resolve()
-    if p.is_file():
-        return p
-    ckpts = sorted(c for c in p.glob("checkpoint_*") if (c / MODEL_FILE).is_file())
-    if ckpts and not (p / MODEL_FILE).is_file():
-        return ckpts[-1] / MODEL_FILE
-    try:  # a checkpoint folder or a Hugging Face folder (model.safetensors or pytorch_model.bin)
-        return weights_file(p)
-    except CheckpointError:
-        raise FileNotFoundError(f"--checkpoint {path}: no weights file, checkpoint, run or Hugging Face folder there") from None
 
 
 def count_models(checkpoints: list[str]) -> int:
@@ -75,7 +60,10 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
     ``checkpoints``: none (random init), one, or K >= 2 to average with fixed ``alphas`` or a
     learned alpha (LP only). ``num_classes`` (default: the largest label + 1) is checked against
     the labels."""
+    # local weights files (a checkpoint in object storage: a local copy) for reading here; the Ray
+    # Train workers get URIs as they are, since they may run on other machines
     weights = [resolve_checkpoint(c) for c in checkpoints or []]
+    given = [c if "://" in str(c) else str(w) for c, w in zip(checkpoints or [], weights)]
     cfg = config_for_checkpoint(cfg, weights[0] if weights else None)
     n_models = count_models(checkpoints or [])
     if alphas is not None and len(alphas) == 1 and n_models == 2:
@@ -88,23 +76,26 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
     stage = getattr(cfg, protocol)  # the lp: or ft: section, trained on the task alone with one head
     stage.mix, stage.mix_schedule, stage.heads = {name: 1.0}, [], "shared"
     run_name = f"{cfg.run.name}-{model_name}-{name}-{protocol}"
-    run_dir = Path(cfg.run.storage_path) / run_name
     t0 = time.perf_counter()
 
-    init_state, init_from, average = None, None, None
+    init_from, local_init, average = None, None, None  # for the workers, and for reading here
     if n_models == 1:
-        init_from = str(weights[0])
+        init_from, local_init = given[0], str(weights[0])
     elif n_models > 1:  # several checkpoints, or the released ensemble file
         if learned_alpha:
             if protocol != "lp":
                 raise ValueError("a learned averaging coefficient is trained with the linear probe (--protocol lp)")
-            average = AverageSpec([str(w) for w in weights], per_layer)
+            average = AverageSpec(given, per_layer)
         else:
             alphas = alphas or [1.0 / n_models] * n_models
             init_state = average_state_dicts(load_trunks([str(w) for w in weights]), alphas)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            init_from = str(run_dir / "averaged.safetensors")
-            save_file({k: v.contiguous() for k, v in init_state.items()}, init_from)
+            remote = "://" in cfg.run.storage_path
+            local_dir = Path(tempfile.mkdtemp(prefix="ppma_averaged_")) if remote else Path(cfg.run.storage_path) / run_name
+            local_dir.mkdir(parents=True, exist_ok=True)
+            local_init = init_from = str(local_dir / "averaged.safetensors")
+            save_file({k: v.contiguous() for k, v in init_state.items()}, local_init)
+            if remote:  # next to the run in the bucket, where every worker reads it
+                init_from = upload_folder(local_dir, f"{cfg.run.storage_path.rstrip('/')}/{run_name}/averaged")
 
     (src,) = resolve_sources(cfg.data, [name])
     if src.val is None:
@@ -115,7 +106,7 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
     n_classes = num_classes or largest + 1
     if protocol == "lp" and cache_features and average is None:
         model_cfg = vit_config(cfg.model, img_size=cfg.data.clip.img_size, num_frames=cfg.data.clip.num_frames)
-        state = read_state_dict(init_from) if init_from else None
+        state = read_state_dict(local_init) if local_init else None
         decode = cfg.data.decode.with_budget(decode_cpu_budget(cfg))
         res = linear_probe_cached(model_cfg, state, src.train, src.val, n_classes, cfg.data.clip, decode, cfg.eval.test_clips,
                                   cfg.eval.test_crops, cfg.eval.lp_epochs, cfg.eval.lp_lr, cfg.eval.lp_weight_decay, cfg.run.seed)
@@ -129,7 +120,7 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
             extra["lp_protocol"] = "augmented-clips"  # the head trained on the lp: stage's augmented clips (release)
     return {"model": model_name, "task": name, "protocol": protocol, "top1": top1, "top5": top5, "videos": videos,
             "failed": failed, "num_classes": n_classes, "wall_s": time.perf_counter() - t0,
-            "checkpoint": ",".join(str(w) for w in weights) or "random_init", **extra}
+            "checkpoint": ",".join(given) or "random_init", **extra}
 
 
 def write_results(out_dir: str | Path, entries: list[dict], extra: dict | None = None) -> None:

@@ -33,7 +33,8 @@ from ppma_ray.models.averaging import LearnedAverage
 from ppma_ray.models.checkpoint import load_trunk, load_trunks
 from ppma_ray.models.errors import CheckpointError
 from ppma_ray.train.checkpoint import (FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, checkpoint_problem,
-                                      load_checkpoint, open_checkpoint, save_checkpoint, step_seed, storage)
+                                      load_checkpoint, open_checkpoint, resolve_checkpoint, save_checkpoint, step_seed,
+                                      storage)
 from ppma_ray.train.data import EpochStream, ResolvedSource, resolve_sources
 from ppma_ray.train.evaluate import multiview_test
 from ppma_ray.train.metrics import MetricsLog, Progress, console
@@ -105,7 +106,8 @@ def setup(cfg: PretrainConfig, options: RunOptions, ctx: WorkerContext) -> Stage
     model.set_grad_checkpointing(stage.grad_checkpointing)
     model.to(ctx.device)
     if options.average:  # learned weight averaging of K checkpoints, trained with the LP head
-        model = LearnedAverage(model, load_trunks(options.average.checkpoints), options.average.per_layer).to(ctx.device)
+        trunks = load_trunks([str(resolve_checkpoint(c)) for c in options.average.checkpoints])  # URIs: local copies
+        model = LearnedAverage(model, trunks, options.average.per_layer).to(ctx.device)
     elif options.stage == "lp":  # a drop-path rate for the LP keeps it active on the frozen trunk (release)
         model.set_linear_probe(True, trunk_drop_path=stage.drop_path_rate > 0)
     optimizer = build_optimizer(model, stage.optim)
