@@ -198,6 +198,10 @@ def test_a_checkpoint_uri_is_evaluated_from_a_local_copy_of_its_weights(s3_bucke
     assert (weights.parent / CONFIG_FILE).read_bytes() == (local / CONFIG_FILE).read_bytes()
     assert not (weights.parent / STATE_FILE).exists()
     assert resolve_checkpoint(uri) == weights  # downloaded once
+    # the same checkpoint written again (here another size: S3 times are whole seconds): fetched again
+    upload(s3_bucket, save_checkpoint(tmp_path / "again", torch.nn.Linear(4, 3), None, {"step": 4}, {}), uri.split("/", 3)[3])
+    again = resolve_checkpoint(uri)
+    assert again != weights and again.read_bytes() == (tmp_path / "again" / MODEL_FILE).read_bytes()
     with pytest.raises(FileNotFoundError, match=f"--checkpoint {s3_bucket}/runs/nope: no model.safetensors there"):
         resolve_checkpoint(f"{s3_bucket}/runs/nope")
 

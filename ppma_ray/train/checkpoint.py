@@ -191,19 +191,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def downloaded(uri: str) -> Path:
     """A local copy of the weights and config of the checkpoint folder at ``uri`` (not its
-    optimizer state, most of a checkpoint's size), made once per machine: the probes and averages
-    read weights from local files. Each file lands whole or not at all (written aside, then renamed)."""
+    optimizer state, most of a checkpoint's size), made once per machine and version of the
+    objects (their size and modification time name the copy: an object written again is fetched
+    again): the probes and averages read weights from local files. Each file lands whole or not at
+    all (written aside, then renamed)."""
     fs, folder = objectstore.filesystem(uri.rstrip("/"))
-    local = Path(tempfile.gettempdir()) / "ppma_ray_downloads" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    infos = {name: fs.get_file_info(f"{folder}/{name}") for name in (MODEL_FILE, CONFIG_FILE)}
+    if infos[MODEL_FILE].type != pafs.FileType.File:
+        raise FileNotFoundError(f"--checkpoint {uri}: no {MODEL_FILE} there")
+    version = json.dumps([uri, *[(i.size, i.mtime_ns) for i in infos.values()]])
+    local = Path(tempfile.gettempdir()) / "ppma_ray_downloads" / hashlib.sha1(version.encode()).hexdigest()[:16]
     local.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL_FILE, CONFIG_FILE):
-        if (local / name).is_file() or fs.get_file_info(f"{folder}/{name}").type != pafs.FileType.File:
+    for name, info in infos.items():
+        if info.type != pafs.FileType.File or (local / name).is_file():
             continue
         with fs.open_input_stream(f"{folder}/{name}") as f:
             (local / f"{name}.part").write_bytes(f.read())
         os.replace(local / f"{name}.part", local / name)
-    if not (local / MODEL_FILE).is_file():
-        raise FileNotFoundError(f"--checkpoint {uri}: no {MODEL_FILE} there")
     return local
 
 
