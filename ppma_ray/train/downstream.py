@@ -65,7 +65,7 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
     weights = [resolve_checkpoint(c) for c in checkpoints or []]
     given = [c if "://" in str(c) else str(w) for c, w in zip(checkpoints or [], weights)]
     cfg = config_for_checkpoint(cfg, weights[0] if weights else None)
-    n_models = count_models(checkpoints or [])
+    n_models = count_models([str(w) for w in weights])  # resolved above: a URI is not looked up twice
     if alphas is not None and len(alphas) == 1 and n_models == 2:
         alphas = [alphas[0], 1.0 - alphas[0]]
     if alphas is not None and len(alphas) != n_models:
