@@ -163,10 +163,14 @@ def test_preflight_asks_for_missing_resources_waits_for_a_node_and_times_out_cle
     assert "| autoscaling | FAIL | the cluster did not provide the resources within 3 s" in late.stdout
 
     args = ["--set", f"data.demo_root={demo_root}", *needs_3_cpus, "--set", "scaling.resource_wait_s=240"]
-    env = {**two_node_cluster["env"], "RAY_ADDRESS": two_node_cluster["gcs"]}
+    env = {**two_node_cluster["env"], "RAY_ADDRESS": two_node_cluster["gcs"], "PYTHONUNBUFFERED": "1"}  # each line as said
     waiting = subprocess.Popen([sys.executable, str(ROOT / "jobs/preflight.py"), *args], env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(5)
+    seen = []
+    for line in waiting.stdout:  # the node joins once the preflight waits (a loaded machine may take longer than any sleep)
+        seen.append(line)
+        if "waiting for the cluster to scale up" in line:
+            break
     node = subprocess.Popen([str(BIN / "ray"), "start", f"--address={two_node_cluster['gcs']}", "--num-cpus=1", "--block",
                              *agent_ports()], env=two_node_cluster["env"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -174,6 +178,7 @@ def test_preflight_asks_for_missing_resources_waits_for_a_node_and_times_out_cle
         out, err = waiting.communicate(timeout=280)
     finally:
         stop_sessions([node])
+    out = "".join(seen) + out
     assert waiting.returncode == 0, out + err
     assert "waiting for the cluster to scale up" in out and "| CPUs | PASS |" in out
 
