@@ -24,9 +24,9 @@ os.environ.setdefault("RAY_ACCEPT_CALLBACK_WARNINGS", "1")
 # is most of a tiny fit's wall time (measured: 28-31 s per fit at 2 s, 16-19 s at 0.25 s). Set
 # before any Ray process starts, so the session instance, the clusters and the jobs inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-# Ray Train starts a preemption-watcher actor (a process importing Ray Train) per run; no test drains a
-# node, and the suite is CPU-bound on 2 cores (97% busy, measured), so the tests turn it off with Ray's
-# own switch. The jobs keep it.
+# Ray Train starts a preemption-watcher actor (a process importing Ray Train) per run; only the node
+# drain test (test_cluster.py) needs one and turns it back on for its job, and the suite is CPU-bound
+# on 2 cores (97% busy, measured), so the tests turn it off with Ray's own switch. The jobs keep it.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 

@@ -206,10 +206,13 @@ def test_a_checkpoint_uri_is_evaluated_from_a_local_copy_of_its_weights(s3_bucke
         resolve_checkpoint(f"{s3_bucket}/runs/nope")
 
 
-def test_checkpoints_in_the_bucket_are_averaged_and_probed(s3_bucket, ray_session, tiny_config, tune_task, tmp_path):
+def test_checkpoints_in_the_bucket_are_averaged_and_probed(s3_bucket, ray_session, tiny_config, tune_task, tmp_path,
+                                                          monkeypatch):
     """Two stage-1 checkpoints given by URI, runs stored in the bucket: the fixed-alpha average is
-    made from local copies of their weights, uploaded next to the run for the workers, and probed;
-    the results name the checkpoints by their URIs."""
+    made from local copies of their weights, uploaded next to the run for the workers, and probed
+    (its local copy removed afterwards); the results name the checkpoints by their URIs."""
+    import tempfile
+
     import torch
     from safetensors.torch import load as load_safetensors
 
@@ -228,7 +231,11 @@ def test_checkpoints_in_the_bucket_are_averaged_and_probed(s3_bucket, ray_sessio
         torch.manual_seed(seed)
         local.append(save_checkpoint(tmp_path / f"m{seed}", stage_model(cfg, "mae"), None, {"step": 1}, to_dict(cfg)))
         uris.append(upload(s3_bucket, local[-1], f"runs/{tmp_path.name}/m{seed}/checkpoint_2026-01-01_00-00-00"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     entry = evaluate(cfg, "motion", "lp", "avg", uris, alphas=[0.25], cache_features=True)
+    assert [p.name for p in scratch.glob("ppma_averaged_*")] == []  # the average's local copy is not left behind
     assert entry["checkpoint"] == ",".join(uris) and entry["videos"] == 12 and 0.0 <= entry["top1"] <= 1.0
     averaged = load_safetensors(objectstore.read_bytes(f"{runs}/b-avg-motion-lp/averaged/averaged.safetensors"))
     expected = average_state_dicts(load_trunks([str(d / "model.safetensors") for d in local]), [0.25, 0.75])

@@ -60,6 +60,15 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
     ``checkpoints``: none (random init), one, or K >= 2 to average with fixed ``alphas`` or a
     learned alpha (LP only). ``num_classes`` (default: the largest label + 1) is checked against
     the labels."""
+    # a weight average for runs in object storage is written here, uploaded, and removed at the end
+    with tempfile.TemporaryDirectory(prefix="ppma_averaged_") as scratch:
+        return _evaluate(cfg, task, protocol, model_name, checkpoints, alphas, learned_alpha, per_layer,
+                         cache_features, num_classes, Path(scratch))
+
+
+def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, checkpoints: list[str] | None,
+              alphas: list[float] | None, learned_alpha: bool, per_layer: bool, cache_features: bool,
+              num_classes: int | None, scratch: Path) -> dict:
     # local weights files (a checkpoint in object storage: a local copy) for reading here; the Ray
     # Train workers get URIs as they are, since they may run on other machines
     weights = [resolve_checkpoint(c) for c in checkpoints or []]
@@ -90,7 +99,7 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
             alphas = alphas or [1.0 / n_models] * n_models
             init_state = average_state_dicts(load_trunks([str(w) for w in weights]), alphas)
             remote = "://" in cfg.run.storage_path
-            local_dir = Path(tempfile.mkdtemp(prefix="ppma_averaged_")) if remote else Path(cfg.run.storage_path) / run_name
+            local_dir = scratch if remote else Path(cfg.run.storage_path) / run_name
             local_dir.mkdir(parents=True, exist_ok=True)
             local_init = init_from = str(local_dir / "averaged.safetensors")
             save_file({k: v.contiguous() for k, v in init_state.items()}, local_init)
