@@ -297,6 +297,7 @@ def test_ray_job_submit_runs_pretrain_on_the_cluster_and_checkpoints_when_its_no
     finally:
         job.kill()
         drainer.kill()
+        stop_sessions([spot])  # Ray's state API still lists where the run's tasks and actors ran
     console = log.read_text()
     assert job.returncode == 0 and "succeeded" in console, console[-4000:]
     # the console through `ray job submit`: each progress line once, none of Ray's own lines
@@ -316,7 +317,6 @@ def test_ray_job_submit_runs_pretrain_on_the_cluster_and_checkpoints_when_its_no
     assert checkpoint_problem(steps[int(notice[2])]) is None
 
     placement = _placement(cluster)
-    stop_sessions([spot])
     assert placement["train_workers"] == [spot_id]  # the custom resource kept training on its node
     decode = placement["decode_tasks"]
     # the spot node's CPU is half taken by the worker: whole-CPU decode tasks run on the CPU nodes
