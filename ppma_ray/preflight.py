@@ -105,7 +105,7 @@ def _probe_node(storage_path: str, marker: str, sample_paths: list[str]) -> dict
 
     out = {"node": ray.get_runtime_context().get_node_id()[:8], "write": "", "marker": False, "missing": []}
     try:
-        fs, root = objectstore.filesystem(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(), storage_path)
+        fs, root = objectstore.folder_filesystem(storage_path)
         fs.create_dir(root, recursive=True)
         probe = f"{root.rstrip('/')}/.preflight-{uuid.uuid4().hex}"
         with fs.open_output_stream(probe) as f:
@@ -132,13 +132,11 @@ def _reachable(path: str) -> bool:
 def storage_checks(path: str, samples: list[str] | None = None) -> list[Check]:
     """A probe on every node: ``path`` writable there and shared with the driver (a marker written
     here is visible there); with ``samples``, also whether those data files exist there."""
-    import pyarrow.fs as pafs
-
     out: list[Check] = []
     samples = samples or []
     marker = f".preflight-marker-{uuid.uuid4().hex}"
     try:
-        fs, root = objectstore.filesystem(path) if "://" in path else (pafs.LocalFileSystem(), path)
+        fs, root = objectstore.folder_filesystem(path)
         fs.create_dir(root, recursive=True)
         with fs.open_output_stream(f"{root.rstrip('/')}/{marker}") as f:
             f.write(b"ok")

@@ -56,6 +56,12 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return _filesystem(scheme, bucket), rest
 
 
+def folder_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(the filesystem, the path in it) of a folder that is local or in a bucket, such as
+    ``run.storage_path``; a local path is returned as given."""
+    return filesystem(path) if "://" in path else (pafs.LocalFileSystem(), path)
+
+
 @functools.cache
 def _filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
     if scheme in ("gs", "gcs"):

@@ -137,11 +137,9 @@ def storage(storage_path: str) -> tuple[pafs.FileSystem, str, str]:
     """(filesystem, path in it, path as shown) of ``run.storage_path``: a local folder (made
     absolute) or an object-storage URI, reached as the data is (``data/objectstore.py``: the
     endpoint of ``AWS_ENDPOINT_URL``, which pyarrow's own ``FileSystem.from_uri`` ignores)."""
-    if "://" in storage_path:
-        fs, base = objectstore.filesystem(storage_path)
-        return fs, base.rstrip("/"), storage_path.rstrip("/")
-    path = os.path.abspath(storage_path)
-    return pafs.LocalFileSystem(), path, path
+    shown = storage_path.rstrip("/") if "://" in storage_path else os.path.abspath(storage_path)
+    fs, base = objectstore.folder_filesystem(shown)
+    return fs, base, shown
 
 
 def ray_storage(storage_path: str) -> dict:
