@@ -40,6 +40,11 @@ def init_ray(num_cpus: int | None = None, verbose: bool = True, **kwargs) -> boo
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
+        # Nothing drains a node of a local instance, so Ray Train's preemption watcher (an actor
+        # per run, and on Ray 2.60 a core-worker ERROR line about its arguments on the console at
+        # every run's start) has nothing to watch. Clusters keep it. Ray Train passes the variable
+        # from the driver to its controller.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _system_config=LOCAL_SYSTEM_CONFIG,
                  **kwargs)
     quiet_process()
