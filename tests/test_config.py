@@ -152,6 +152,7 @@ def test_job_specific_bad_input_exits_2_before_ray():
         "range": ("tune_mix", "--set", "tune.search=random", "--set", "tune.extra={align.optim.lr: [0.1, 0.2, 0.3]}"),
         "manifest": ("pretrain", "--set", "data.sources.nohuman.manifest=/nope/train.csv"),
         "ablation": ("pretrain", "--ablation", "--stage", "mae"),
+        "stage1": ("tune_mix", "--stage1", str(ROOT / "jobs" / "configs")),  # neither weights nor checkpoints
     })
     expected = {"search": "--set tune.search: 'bayes' is not one of",
                 "tasks": "eval.tasks: the tuning objective needs at least one downstream task",
@@ -159,7 +160,8 @@ def test_job_specific_bad_input_exits_2_before_ray():
                 "pbt_extra": "tune.extra: PBT mutates p only",
                 "range": "tune.extra.align.optim.lr: tune.search random samples a [low, high] range",
                 "manifest": "data.sources.nohuman.manifest: /nope/train.csv does not exist",
-                "ablation": "--ablation runs both stages from scratch"}
+                "ablation": "--ablation runs both stages from scratch",
+                "stage1": f"{ROOT / 'jobs' / 'configs'}: a folder without model.safetensors or pytorch_model.bin"}
     for key, r in results.items():
         assert r.returncode == 2 and expected[key] in r.stderr and len(r.stderr.strip().splitlines()) == 1, (key, r.stderr)
 

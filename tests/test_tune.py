@@ -4,6 +4,7 @@ beside this one)."""
 
 import csv
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -40,14 +41,16 @@ def _rows(out):
 
 @pytest.mark.integration
 def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_session, stage1, tiny_config, tune_task, tmp_path,
-                                                                       capfd):
+                                                                       capfd, monkeypatch):
     from ppma_ray.tune.search import run_experiment
 
     sets = TUNE + tune_task + ["run.name=t", "align.samples_per_epoch=32"]
     first = tiny_config(*sets, *["tune.p_values=[0.0, 0.5, 1.0]", "tune.fail_p=0.5",
                                                                  "tune.alpha_values=[]", "tune.learned_alpha=false"])
     out = tmp_path / "out"
-    run_experiment(first, out, stage1=stage1)
+    monkeypatch.chdir(Path(stage1).parent)  # stage 1 given relative to here, as on a command line: the
+    run_experiment(first, out, stage1=Path(stage1).name)  # trials, in folders of their own, still find it
+    monkeypatch.undo()
     rows = _rows(out)
     assert sorted((r["phase"], float(r["p"]), r["status"]) for r in rows) == [
         ("mix", 0.0, "done"), ("mix", 0.5, "failed"), ("mix", 1.0, "done")]

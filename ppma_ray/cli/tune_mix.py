@@ -2,7 +2,7 @@
 
     python jobs/tune_mix.py [--config YAML] [--set key=value ...] [--output-dir DIR] [--stage1 CKPT] [--scheduler none|asha|pbt]
 
-Stage 1 runs once (or --stage1 gives its checkpoint); each trial runs stage 2 at its proportion p of
+Stage 1 runs once (or --stage1 gives its checkpoint or run folder); each trial runs stage 2 at its proportion p of
 synthetic data and is scored by linear probes on the group-aware tuning splits of the tasks in
 eval.tasks (never their test lists); then the p = 1 and p = 0 models are averaged at fixed and
 learned alpha. With no arguments: the demo data and a small experiment (about 10 minutes on 2 cores).
@@ -16,16 +16,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ppma_ray.cli import bad_input_exits, check_manifests_exist, check_storage, finish_config, parser, read_config, start_ray
+from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_storage, check_weights, finish_config, parser,
+                           read_config, start_ray)
+from ppma_ray.models.errors import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--output-dir", default=None)
-    ap.add_argument("--stage1", default=None, help="stage-1 checkpoint directory (skips running MAE)")
+    ap.add_argument("--stage1", default=None, help="stage-1 weights (skips running MAE): a checkpoint, or a run "
+                    "folder such as runs/demo-mae (its newest whole checkpoint)")
     ap.add_argument("--scheduler", choices=["none", "asha", "pbt"], default=None, help="sets tune.scheduler")
     args = ap.parse_args(argv)
-    with bad_input_exits():
+    with bad_input_exits(CheckpointError):
         cfg = read_config(args)
         if args.scheduler:
             cfg.tune.scheduler = args.scheduler
@@ -35,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         check(cfg)
         check_manifests_exist(cfg, ("align",) if args.stage1 else ("mae", "align"))
         check_storage(cfg)
-        if args.stage1 and not Path(args.stage1).exists() and "://" not in args.stage1:
-            raise FileNotFoundError(f"--stage1: {args.stage1} does not exist")
+        if args.stage1 and "://" not in args.stage1:
+            args.stage1 = local_stage1(Path(args.stage1))
+        check_weights(cfg, args.stage1)  # the trunk must load whole, as in every trial
 
     from ppma_ray.tune.outputs import summary_table
     from ppma_ray.tune.search import run_experiment
@@ -52,3 +56,20 @@ def main(argv: list[str] | None = None) -> int:
               f"trained by {best['lineage']}")
     print(f"wrote {out / 'trials.csv'}, {out / 'best.yaml'}, {out / 'tune.png'}")
     return 0
+
+
+def local_stage1(path: Path) -> str:
+    """``--stage1`` on this machine: a checkpoint folder or weights file as given, or a stage-1 run
+    folder (``runs/demo-mae``), whose newest whole checkpoint is used and named."""
+    import pyarrow.fs as pafs
+
+    from ppma_ray.train.checkpoint import MODEL_FILE, newest_whole
+
+    if not path.exists():
+        raise FileNotFoundError(f"--stage1: {path} does not exist")
+    if path.is_dir() and not (path / MODEL_FILE).is_file():
+        newest, _ = newest_whole(pafs.LocalFileSystem(), str(path.resolve()))
+        if newest:
+            print(f"--stage1: {newest} (the newest whole checkpoint of {path})")
+            return newest
+    return str(path.resolve())

@@ -15,6 +15,7 @@ against other sections in ``tune/checks.py``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ppma_ray.config import PretrainConfig, to_dict
@@ -36,6 +37,8 @@ def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None 
     out.mkdir(parents=True, exist_ok=True)
     if stage1 is None:  # one MAE for every trial (resumes / returns at once when already done)
         stage1 = run_stage(cfg, RunOptions("mae"))["checkpoint"]
+    elif "://" not in stage1:
+        stage1 = os.path.abspath(stage1)  # as out: a relative path would be read from a trial's folder
     experiment.prepare(cfg)  # e.g. PBT fixes stage 2's length, for the trials and for best.yaml
     common = {"base": to_dict(cfg), "stage1": stage1, "tasks": tuning_tasks(cfg, out)}
     return {"rows": experiment.run(cfg, common, out)}
