@@ -58,22 +58,25 @@ def quiet() -> bool:
 
 
 def quiet_process() -> None:
-    """In a quiet process (the driver after ``init_ray``, a Train worker when its loop starts), the
-    loggers Ray configures for itself, past the job's ``logging_config``, show warnings or errors
-    only; their log files keep everything they kept.
+    """In a quiet process (the driver after ``init_ray``, a Train worker when its loop starts, a Tune
+    trial when it starts), the loggers Ray configures for itself, past the job's ``logging_config``,
+    show warnings or errors only; their log files keep everything they kept.
 
     * Ray Data logs each dataset's start, plan and end on its own console handler (its logger does
       not follow the ``ray`` logger): errors only.
     * Ray Train sets a worker's root logger back to INFO, and logs its line per report through a
       logger named after its source file (so not under ``ray.train``, whose level the run's
       ``LoggingConfig`` sets): the root logger goes to WARNING.
+    * Ray Data draws progress bars for every dataset a process runs (a Tune trial's probes drew
+      hundreds of lines into ``tune_mix``'s console): off.
     """
     if not quiet():
         return
-    importlib.import_module("ray.data")  # configures the ``ray.data`` logger on import
+    data = importlib.import_module("ray.data")  # configures the ``ray.data`` logger on import
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.ERROR)
+    data.DataContext.get_current().enable_progress_bars = False
     root = logging.getLogger()
     root.setLevel(max(root.level, logging.WARNING))
 

@@ -317,31 +317,3 @@ def test_a_preemption_notice_names_the_nodes_ranks_and_time_left(monkeypatch):
     assert line.startswith("node(s) aaaaaaaa, bbbbbbbb (ranks [0, 2, 3]) will be preempted, ") and line.endswith(" s before the deadline")
     assert 85 <= int(line.rsplit(", ", 1)[1].split(" ")[0]) <= 90
 
-
-@pytest.mark.parametrize("joins", [False, True])
-def test_the_preemption_watcher_runs_on_clusters_only(monkeypatch, joins):
-    """A local instance has no node that anything drains: the jobs turn Ray Train's watcher off
-    there (it printed a core-worker ERROR line at every run's start). A cluster keeps it, and a
-    user's own setting wins either way."""
-    import os
-
-    import ray
-
-    from ppma_ray import ray_env
-
-    calls = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append(k))
-    monkeypatch.setattr(ray_env, "quiet_process", lambda: None)
-    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
-    if joins:
-        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    else:
-        monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert ray_env.init_ray() is joins
-    assert (calls[0].get("address") == "local") is not joins
-    assert os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") == (None if joins else "0")
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    ray_env.init_ray()
-    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"

@@ -16,6 +16,7 @@ from ray import tune
 
 from ppma_ray.config import PretrainConfig, SourceConfig
 from ppma_ray.data.manifest import write_ppma_manifest
+from ppma_ray.ray_env import quiet, quiet_process
 from ppma_ray.train.checkpoint import ray_storage
 from ppma_ray.train.data import resolve_sources, task_source
 from ppma_ray.train.downstream import evaluate, task_name
@@ -55,8 +56,10 @@ def tuning_tasks(cfg: PretrainConfig, out_dir: Path) -> dict[str, SourceConfig]:
 
 
 def in_trial(cfg: PretrainConfig, live_trials: int) -> PretrainConfig:
-    """Take the live trial drivers' slivers of CPU from the training worker's share: decode tasks
+    """A trial's start: its process as quiet as the job (the probes it runs use Ray Data here), and
+    the live trial drivers' slivers of CPU taken from the training worker's share: decode tasks
     need whole free CPUs, and a node left with 0.99 CPU would never schedule one (the job would hang)."""
+    quiet_process()
     cfg.scaling.cpus_per_worker = max(TRIAL_CPU, cfg.scaling.cpus_per_worker - live_trials * TRIAL_CPU)
     return cfg
 
@@ -138,7 +141,8 @@ def run_tuner(name: str, trainable, space: dict, cfg: PretrainConfig, search_alg
             # trial's process instead of starting and importing a new one (seconds per trial)
             tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples, scheduler=scheduler,
                                         max_concurrent_trials=max_concurrent, reuse_actors=True),
-            run_config=tune.RunConfig(**ray_storage(cfg.run.storage_path), name=name,
+            # Tune's own tables and trial boxes only with --verbose: TrialProgress prints a line per trial
+            run_config=tune.RunConfig(**ray_storage(cfg.run.storage_path), name=name, verbose=0 if quiet() else None,
                                       failure_config=tune.FailureConfig(fail_fast=False),
                                       callbacks=[TrialProgress(), *tracker_callbacks(cfg, name)]),
         )
