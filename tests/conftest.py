@@ -26,7 +26,8 @@ os.environ.setdefault("RAY_ACCEPT_CALLBACK_WARNINGS", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Ray Train starts a preemption-watcher actor (a process importing Ray Train) per run; only the node
 # drain test (test_cluster.py) needs one and turns it back on for its job, and the suite is CPU-bound
-# on 2 cores (97% busy, measured), so the tests turn it off with Ray's own switch. The jobs keep it.
+# on 2 cores (97% busy, measured), so the tests turn it off with Ray's own switch. The jobs keep it
+# on clusters (``init_ray`` turns it off for the local instances it starts).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
