@@ -316,4 +316,3 @@ def test_a_preemption_notice_names_the_nodes_ranks_and_time_left(monkeypatch):
     line = preemption_notice()
     assert line.startswith("node(s) aaaaaaaa, bbbbbbbb (ranks [0, 2, 3]) will be preempted, ") and line.endswith(" s before the deadline")
     assert 85 <= int(line.rsplit(", ", 1)[1].split(" ")[0]) <= 90
-

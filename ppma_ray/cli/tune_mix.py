@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def local_stage1(path: Path) -> str:
     """``--stage1`` on this machine: a checkpoint folder or weights file as given, or a stage-1 run
-    folder (``runs/demo-mae``), whose newest whole checkpoint is used and named."""
+    folder (``runs/demo-mae``), whose newest whole checkpoint is used and named. ``run_experiment``
+    makes the path absolute for the trials."""
     import pyarrow.fs as pafs
 
     from ppma_ray.train.checkpoint import MODEL_FILE, newest_whole
@@ -72,4 +73,4 @@ def local_stage1(path: Path) -> str:
         if newest:
             print(f"--stage1: {newest} (the newest whole checkpoint of {path})")
             return newest
-    return str(path.resolve())
+    return str(path)
