@@ -26,6 +26,18 @@ def test_every_preset_builds_and_runs_at_a_small_input(name):
     assert clf(x).shape == (1, 11)
 
 
+def test_tubelet_embedding_is_the_conv3d_it_stores():
+    """The embedding runs as a matmul over tubelets but keeps a Conv3d's weights (VideoMAE's layout):
+    its output is that convolution's, token for token in (t, h, w) raster order, on a non-square clip."""
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", "classifier", num_classes=3, img_size=32, num_frames=4, patch_size=8,
+                         tubelet_size=2, depth=1).double()
+    embed = model.patch_embed
+    x = torch.randn(2, 3, 6, 16, 24, dtype=torch.float64)
+    want = torch.nn.functional.conv3d(x, embed.proj.weight, embed.proj.bias, stride=(2, 8, 8))  # (B, D, 3, 2, 3)
+    torch.testing.assert_close(embed(x), want.flatten(2).transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("masking, ratio, expected", [("random", 0.9, 28), ("random", 0.75, 24), ("tube", 0.9, 2 * 14)])
 def test_masking_keeps_the_exact_count_and_only_visible_tokens_reach_the_blocks(masking, ratio, expected):
     m = tiny(masking=masking, mask_ratio=ratio)
