@@ -24,7 +24,10 @@ def random_mask(cfg: ViTConfig, batch: int, device=None, generator: torch.Genera
     n_mask = count_masked(cfg, mask_ratio)
     n = h * w if cfg.masking == "tube" else t * h * w
     per_slice = n_mask // t if cfg.masking == "tube" else n_mask
-    noise = torch.rand(batch, n, generator=generator, device=device)
+    # ``generator=None`` is not passed on: under torch.compile with a batch size that changed (the
+    # epoch's last batch, clips that failed to decode) the batch is symbolic, and ``rand``'s
+    # generator overload accepts only concrete sizes (the recompile failed)
+    noise = torch.rand(batch, n, device=device, **({"generator": generator} if generator is not None else {}))
     ranks = noise.argsort(dim=1).argsort(dim=1)
     mask = ranks < per_slice
     if cfg.masking == "tube":
