@@ -1,7 +1,8 @@
 """The one prepared check for a machine with an NVIDIA GPU: is the training step, the input pipeline
 and the main job ready to spend GPU hours on? Writes one JSON.
 
-    bash benchmarks/gpu_check.sh [--dry-run] --out DIR     (DIR/gpu_check.json)
+    bash benchmarks/gpu_check.sh [--dry-run] [--compile] [--profile] [--more-batches N,..] [--videos DIR] --out DIR
+                                                            (DIR/gpu_check.json)
 
 1. ``step``: clips/s and MFU of ``train_step`` (the function every stage trains with: bf16 autocast,
    clipping, the on-device finite check, fused AdamW) for MAE and for alignment, ViT-B 16x224^2, 16
@@ -10,11 +11,22 @@ and the main job ready to spend GPU hours on? Writes one JSON.
    340x256 H.264 clips, k = 4 repeated augmentations, after a warm-up pass.
 3. ``pretrain``: ``jobs/pretrain.py --stage mae`` with the paper's config (``ppma_vitb.yaml``) on
    one GPU and generated 224^2 footage for ``--pretrain-steps`` steps; its progress lines'
-   ``data_wait_frac`` (the share of step time spent waiting for input) and clips/s.
+   ``data_wait_frac`` (the share of step time spent waiting for input) and clips/s, means and
+   ``by_step`` ([clips/s, data_wait_frac] per step after the first).
 
 It starts a local Ray instance, or joins the one ``RAY_ADDRESS`` names (as under ``ray job submit``).
 ``--dry-run`` does the same with a tiny model, 32^2 crops and few steps on the CPU (CI runs it), so
 the script is known to work before anyone spends GPU time on it.
+
+A part that fails is recorded in the JSON's ``errors`` and the others still run (a GPU machine's
+time is too dear to lose the figures that did work); the script then exits 1.
+
+* ``--profile`` also writes the top kernels of three more steps of each stage
+  (``DIR/profile_mae.txt``, ``profile_align.txt``, and ``profile_mae_compiled.txt``... with ``--compile``).
+* ``--more-batches 64`` also times the step at 64 clips per step (keys ``mae_b64``...): how far the
+  GPU is from full at the paper's 16.
+* ``--videos DIR`` takes the generated clips (and their ``train.csv``) from DIR, writing them there
+  first when DIR has none: a machine without PyAV's encoder runs the check on clips made elsewhere.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +62,9 @@ from ppma_ray.train.step import WorkerContext, train_step  # noqa: E402
 PEAKS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
 FULL = {"model": "vit_base", "img_size": 224, "num_frames": 16, "batch": 16, "steps": 20, "short_side": 256,
-        "videos": 64, "video_size": (256, 340), "video_frames": 75}
+        "videos": 64, "video_size": (256, 340), "video_frames": 75, "feed_passes": 24}
 DRY = {"model": "vit_tiny", "img_size": 32, "num_frames": 8, "batch": 4, "steps": 3, "short_side": 36,
-       "videos": 8, "video_size": (48, 64), "video_frames": 30}
+       "videos": 8, "video_size": (48, 64), "video_frames": 30, "feed_passes": 1}
 DRY_MODEL = ["model.preset=vit_tiny", "model.depth=2", "model.decoder_depth=1", "model.decoder_embed_dim=64",
              "model.decoder_num_heads=2"]
 
@@ -62,13 +75,16 @@ def peak_tflops(name: str, override: float | None) -> float | None:
     return next((v for k, v in PEAKS.items() if k in name), None)
 
 
-def time_step(stage: str, p: dict, device: torch.device, compile_model: bool) -> dict:
-    """Clips/s of ``train_step`` on one in-memory batch, after warm-up steps (compilation included there)."""
+def time_step(stage: str, p: dict, device: torch.device, compile_model: bool, profile_to: Path | None = None,
+              batch_size: int | None = None) -> dict:
+    """Clips/s of ``train_step`` on one in-memory batch, after warm-up steps (compilation included there).
+    ``profile_to``: afterwards, three more steps under ``torch.profiler``, their top operators written there.
+    ``batch_size``: clips per step (default: the config's, the paper's 16 per GPU)."""
     torch.manual_seed(0)
     clip = ClipConfig(num_frames=p["num_frames"], img_size=p["img_size"], short_side=p["short_side"])
     ctx = WorkerContext(0, 1, device, clip, DecodeConfig())
     kw = {"img_size": p["img_size"], "num_frames": p["num_frames"]}
-    b = p["batch"]
+    b = batch_size or p["batch"]
     video = torch.randint(0, 255, (b, p["num_frames"], p["img_size"], p["img_size"], 3), dtype=torch.uint8)
     batch = {"video": video}
     if stage == "mae":
@@ -106,6 +122,16 @@ def time_step(stage: str, p: dict, device: torch.device, compile_model: bool) ->
            "last_step_taken": taken, "compiled": compile_model}
     if device.type == "cuda":
         out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if profile_to is not None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for i in range(warmup + steps, warmup + steps + 3):
+                run(i)
+            bool(result.taken)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        profile_to.write_text(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
     return out
 
 
@@ -127,7 +153,8 @@ def make_videos(folder: Path, n: int, size: tuple[int, int], frames: int) -> Pat
 
 
 def feed_rate(manifest: Path, p: dict, repeats: int = 4) -> dict:
-    """Ray Data pipeline clips/s on all CPUs: a warm-up pass, then a timed pass over every video."""
+    """Ray Data pipeline clips/s on all CPUs: a warm-up pass, then a timed run over every video
+    ``feed_passes`` times (long enough on a many-core machine that start-up is a small share)."""
     import ray
 
     from ppma_ray.data.manifest import read_manifest
@@ -135,7 +162,8 @@ def feed_rate(manifest: Path, p: dict, repeats: int = 4) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = ray.cluster_resources().get("CPU", 1)
     table = read_manifest(manifest, root=manifest.parent)
-    plan = np.stack([np.zeros(table.num_rows, dtype=np.int64), np.arange(table.num_rows)], 1)
+    rows = np.tile(np.arange(table.num_rows), p["feed_passes"])
+    plan = np.stack([np.zeros(len(rows), dtype=np.int64), rows], 1)
     plan_table = plan_to_table([Source("gen", table)], plan)
     clip = ClipConfig(num_frames=p["num_frames"], clip_seconds=2.7 if p is FULL else 1.0, img_size=p["img_size"],
                       short_side=p["short_side"])
@@ -145,7 +173,8 @@ def feed_rate(manifest: Path, p: dict, repeats: int = 4) -> dict:
     t0 = time.perf_counter()
     n = sum(int(b["ok"].sum()) for b in build_dataset(plan_table, clip, decode, 0, repeats).iter_batches(batch_format="numpy"))
     rate = n / (time.perf_counter() - t0)
-    return {"clips_per_s": rate, "cpus": cpus, "repeats": repeats, "clips": n, "img_size": p["img_size"]}
+    return {"clips_per_s": rate, "cpus": cpus, "repeats": repeats, "clips": n, "img_size": p["img_size"],
+            "seconds": n / rate}
 
 
 def pretrain_run(manifest: Path, out: Path, p: dict, steps: int, dry: bool) -> dict:
@@ -179,6 +208,8 @@ def pretrain_run(manifest: Path, out: Path, p: dict, steps: int, dry: bool) -> d
     if steady:
         result["data_wait_frac"] = sum(m["data_wait_frac"] for m in steady) / len(steady)
         result["clips_per_s"] = sum(m["clips_per_s"] for m in steady) / len(steady)
+        # step by step: a slow start, a slow tail and a steady gap to the ``step`` figure look alike in a mean
+        result["by_step"] = [[round(m["clips_per_s"], 1), round(m["data_wait_frac"], 3)] for m in steady]
     if r.returncode:
         result["error_tail"] = (r.stdout + r.stderr)[-2000:]
     return result
@@ -189,6 +220,10 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="directory for gpu_check.json")
     ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script itself")
     ap.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
+    ap.add_argument("--profile", action="store_true", help="write the top operators of a few steps per stage")
+    ap.add_argument("--more-batches", default="", help="also time the step at these clips per step, e.g. 64")
+    ap.add_argument("--videos", type=Path, default=None,
+                    help="the generated clips' folder: used when it holds train.csv, else written there")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="steps of the pretrain run (default 30; dry: 4)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
     args = ap.parse_args()
@@ -207,34 +242,71 @@ def main() -> None:
     def save() -> None:
         (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
 
-    for stage in ("mae", "align"):
-        for compiled in (False, True) if args.compile else (False,):
-            r = time_step(stage, p, device, compiled)
-            if peak:  # forward + backward ~ 3x the forward FLOPs
-                r["mfu"] = 3 * r["gflops_per_clip_fwd"] * 1e9 * r["clips_per_s"] / (peak * 1e12)
-            report.setdefault("step", {})[stage + ("_compiled" if compiled else "")] = r
-            print(f"step {stage}{' compiled' if compiled else ''}: {r['clips_per_s']:.1f} clips/s"
-                  + (f", MFU {r['mfu']:.1%}" if "mfu" in r else ""), flush=True)
+    failed = []
+
+    def part(name: str, fn):
+        """Run one part; a failure is recorded under ``name`` and the next part still runs."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - reported in the JSON and by the exit code
+            failed.append(name)
+            report.setdefault("errors", {})[name] = {"error": f"{type(e).__name__}: {e}",
+                                                     "traceback": traceback.format_exc()[-3000:]}
+            print(f"{name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             save()
+
+    def step(stage: str, compiled: bool, batch: int | None = None) -> None:
+        key = stage + ("_compiled" if compiled else "") + (f"_b{batch}" if batch else "")
+        prof = out / f"profile_{key}.txt" if args.profile and not batch else None
+        r = part(f"step.{key}", lambda: time_step(stage, p, device, compiled, prof, batch))
+        if r is None:
+            return
+        if peak:  # forward + backward ~ 3x the forward FLOPs
+            r["mfu"] = 3 * r["gflops_per_clip_fwd"] * 1e9 * r["clips_per_s"] / (peak * 1e12)
+        report.setdefault("step", {})[key] = r
+        print(f"step {key.replace('_', ' ')}: {r['clips_per_s']:.1f} clips/s"
+              + (f", MFU {r['mfu']:.1%}" if "mfu" in r else ""), flush=True)
+        save()
+
+    more = [int(b) for b in args.more_batches.split(",") if b]
+    # the eager step, the feed and the pretrain run first; compilation (minutes on a GPU) last
+    for batch in [None, *more]:
+        step("mae", False, batch)
+        step("align", False, batch)
+    if cuda:
+        torch.cuda.empty_cache()  # the pretrain run's worker shares the GPU with this process
     import ray
 
     from ppma_ray.ray_env import init_ray
 
     init_ray(log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
-        manifest = make_videos(Path(work) / "videos", p["videos"], p["video_size"], p["video_frames"])
-        report["feed"] = feed_rate(manifest, p)
-        print(f"feed: {report['feed']['clips_per_s']:.1f} clips/s on {report['feed']['cpus']:g} CPUs (k = 4)", flush=True)
-        save()
+        videos = args.videos.resolve() if args.videos else Path(work) / "videos"  # Ray workers run elsewhere
+        manifest = videos / "train.csv"
+        if not manifest.is_file():
+            make_videos(videos, p["videos"], p["video_size"], p["video_frames"])
+        feed = part("feed", lambda: feed_rate(manifest, p))
+        if feed is not None:
+            report["feed"] = feed
+            print(f"feed: {feed['clips_per_s']:.1f} clips/s on {feed['cpus']:g} CPUs (k = 4)", flush=True)
+            save()
         steps = args.pretrain_steps or (4 if args.dry_run else 30)
-        report["pretrain"] = pretrain_run(manifest, Path(work), p, steps, args.dry_run)
-        print(f"pretrain: {json.dumps({k: v for k, v in report['pretrain'].items() if k != 'error_tail'})}", flush=True)
+        pre = part("pretrain", lambda: pretrain_run(manifest, Path(work), p, steps, args.dry_run))
+        if pre is not None:
+            report["pretrain"] = pre
+            print(f"pretrain: {json.dumps({k: v for k, v in pre.items() if k != 'error_tail'})}", flush=True)
+            if pre["returncode"]:
+                failed.append("pretrain")
+                print(pre["error_tail"], file=sys.stderr)
     ray.shutdown()
+    if args.compile:
+        for batch in [None, *more]:
+            step("mae", True, batch)
+            step("align", True, batch)
     save()
     print(f"wrote {out / 'gpu_check.json'}")
-    if report["pretrain"]["returncode"]:
-        print(report["pretrain"]["error_tail"], file=sys.stderr)
-        raise SystemExit(1)
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (their errors are in {out / 'gpu_check.json'})")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,16 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path, ray_session):
     # it joins the session's Ray instance, as it would join a cluster's (starting one locally is
     # what the session fixture itself does, through the same ``init_ray``)
     env = {**os.environ, "PYTHON": sys.executable, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    r = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
-                       capture_output=True, text=True, env=env, timeout=300)
+    out, videos = tmp_path / "out", tmp_path / "videos"
+    r = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run", "--profile", "--more-batches", "2",
+                        "--videos", str(videos), "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["dry_run"] and set(report["step"]) == {"mae", "align"}
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["dry_run"] and set(report["step"]) == {"mae", "align", "mae_b2", "align_b2"} and "errors" not in report
     assert all(s["clips_per_s"] > 0 and s["last_step_taken"] for s in report["step"].values())
+    assert report["step"]["mae_b2"]["batch"] == 2
+    assert "aten::" in (out / "profile_mae.txt").read_text() and "aten::" in (out / "profile_align.txt").read_text()
     assert report["feed"]["clips_per_s"] > 0 and report["feed"]["clips"] == 8 * 4  # every video, k = 4
     assert report["pretrain"]["returncode"] == 0 and report["pretrain"]["steps"] == 4
-    assert 0.0 <= report["pretrain"]["data_wait_frac"] <= 1.0
+    assert 0.0 <= report["pretrain"]["data_wait_frac"] <= 1.0 and len(report["pretrain"]["by_step"]) == 3
+    assert (videos / "train.csv").is_file()  # written on the first run, read by the next (--videos)
