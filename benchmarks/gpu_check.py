@@ -77,7 +77,8 @@ def peak_tflops(name: str, override: float | None) -> float | None:
 
 def time_step(stage: str, p: dict, device: torch.device, compile_model: bool, profile_to: Path | None = None,
               batch_size: int | None = None) -> dict:
-    """Clips/s of ``train_step`` on one in-memory batch, after warm-up steps (compilation included there).
+    """Clips/s of ``train_step`` on one in-memory batch already on the device, after warm-up steps
+    (compilation included there).
     ``profile_to``: afterwards, three more steps under ``torch.profiler``, their top operators written there.
     ``batch_size``: clips per step (default: the config's, the paper's 16 per GPU)."""
     torch.manual_seed(0)
@@ -96,6 +97,9 @@ def time_step(stage: str, p: dict, device: torch.device, compile_model: bool, pr
         loss_fn = AlignLoss(list(classes), classes, 0.1, 0.8, 1.0, 0.25, device=device)
         batch.update(label=torch.randint(0, 150, (b,)), source=torch.arange(b) % 2)
         optim = OptimConfig(lr=2e-3, weight_decay=1e-4, betas=(0.9, 0.999), layer_decay=0.75, clip_grad=None)
+    # on the device before the clock starts, as the training loop has it: there the next batch arrives
+    # pinned and is copied on a side stream while the current step runs (``prefetch_to_device``)
+    batch = ctx.to_device(batch)
     model.to(device).train()
     if compile_model:
         model.compile()
