@@ -45,9 +45,9 @@ class PatchEmbed3d(nn.Module):
         self.proj = nn.Conv3d(cfg.in_chans, embed_dim, kernel_size=k, stride=k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, time, h, w = x.shape
+        b, c, frames, h, w = x.shape
         t, p = self.t, self.p
-        x = x.reshape(b, c, time // t, t, h // p, p, w // p, p)
+        x = x.reshape(b, c, frames // t, t, h // p, p, w // p, p)
         x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # B, T', H', W', C, t, p, p: the weight's (C, t, p, p) order
         x = x.reshape(b, -1, c * t * p * p)
         return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
