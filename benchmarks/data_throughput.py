@@ -219,7 +219,7 @@ def main() -> None:
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2))
             return
-        init_ray(num_cpus=args.cores, log_to_driver=False)
+        init_ray(num_cpus=args.cores, verbose=False, log_to_driver=False)  # the console is for the figures
         ray.data.DataContext.get_current().enable_progress_bars = False  # the console is not the benchmark
         print(f"clips/s per core ({args.cores} cores; raw uses 1)")
         print(f"{'footage':9} {'k':>2} {'raw':>8} {'ray':>8} {'loader':>8} {'ray/raw':>8} {'ray/loader':>10}")

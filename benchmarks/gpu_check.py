@@ -283,7 +283,7 @@ def main() -> None:
 
     from ppma_ray.ray_env import init_ray
 
-    init_ray(log_to_driver=False)
+    init_ray(verbose=False, log_to_driver=False)  # the console is for the figures
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
         videos = args.videos.resolve() if args.videos else Path(work) / "videos"  # Ray workers run elsewhere
         manifest = videos / "train.csv"

@@ -105,7 +105,7 @@ def main() -> None:
 
     from ppma_ray.ray_env import init_ray
 
-    init_ray(log_to_driver=False)
+    init_ray(verbose=False, log_to_driver=False)  # the console is for the figures
     gpu = torch.cuda.is_available()
     trainer = TorchTrainer(_ray_worker, train_loop_config=args,
                            scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker={"CPU": 1}),
