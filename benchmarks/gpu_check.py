@@ -6,7 +6,8 @@ and the main job ready to spend GPU hours on? Writes one JSON.
 
 1. ``step``: clips/s and MFU of ``train_step`` (the function every stage trains with: bf16 autocast,
    clipping, the on-device finite check, fused AdamW) for MAE and for alignment, ViT-B 16x224^2, 16
-   clips per step, in-memory uint8 batches; eager and (``--compile``) torch.compile.
+   clips per step, in-memory uint8 batches; eager and (``--compile``) torch.compile; and how many
+   calls in one step made the host wait for the GPU (``host_syncs_per_step``, CUDA sync debug mode).
 2. ``feed``: clips/s of the Ray Data pipeline on this machine's CPUs, 224^2 crops of generated
    340x256 H.264 clips, k = 4 repeated augmentations, after a warm-up pass.
 3. ``pretrain``: ``jobs/pretrain.py --stage mae`` with the paper's config (``ppma_vitb.yaml``) on
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +128,10 @@ def time_step(stage: str, p: dict, device: torch.device, compile_model: bool, pr
            "last_step_taken": taken, "compiled": compile_model}
     if device.type == "cuda":
         out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        try:  # a figure the first GPU runs did not have: its failure must not cost the step's
+            out["host_syncs_per_step"] = count_syncs(lambda: run(warmup + steps))
+        except Exception as e:  # noqa: BLE001 - written into the figure
+            out["host_syncs_per_step"] = f"not counted: {type(e).__name__}: {e}"
     if profile_to is not None:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
@@ -137,6 +143,20 @@ def time_step(stage: str, p: dict, device: torch.device, compile_model: bool, pr
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         profile_to.write_text(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
     return out
+
+
+def count_syncs(fn) -> int:
+    """Calls in ``fn`` that make the host wait for the GPU (torch's CUDA sync debug mode, as warnings):
+    the steady-state step should have none."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def make_videos(folder: Path, n: int, size: tuple[int, int], frames: int) -> Path:

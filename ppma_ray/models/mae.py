@@ -13,6 +13,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def imagenet_stats(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std, each ``(1, 3, 1, 1, 1)`` on ``device``. Made on the host and copied
+    without blocking: ``torch.tensor(..., device="cuda")`` copies with a stream synchronize, which,
+    done in every step, makes the host wait for the GPU to drain its queue."""
+    stats = torch.tensor([IMAGENET_MEAN, IMAGENET_STD], dtype=dtype).view(2, 1, 3, 1, 1, 1)
+    stats = stats.to(device, non_blocking=True)
+    return stats[0], stats[1]
+
+
 def random_mask(cfg: ViTConfig, batch: int, device=None, generator: torch.Generator | None = None,
                 mask_ratio: float | None = None) -> torch.Tensor:
     """(B, N) bool, True = masked; exactly ``count_masked`` per clip.
@@ -53,8 +62,7 @@ def normalized_pixel_target(video: torch.Tensor, cfg: ViTConfig) -> torch.Tensor
     std + 1e-6 with ``decoder_style="videomae"`` (VideoMAE and transformers, so a VideoMAE-style
     run has transformers' loss). The two differ only on near-flat patches.
     """
-    mean = video.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
-    std = video.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
+    mean, std = imagenet_stats(video.device, video.dtype)
     patches = patchify(video * std + mean, cfg)  # B, N, P, C
     mu = patches.mean(dim=-2, keepdim=True)
     var = patches.var(dim=-2, unbiased=True, keepdim=True)

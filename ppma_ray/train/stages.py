@@ -14,14 +14,13 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ppma_ray.models.mae import IMAGENET_MEAN, IMAGENET_STD
+from ppma_ray.models.mae import imagenet_stats
 
 
 def to_model_input(video: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """video: (B, T, H, W, C) uint8 -> (B, C, T, H, W) normalized float."""
     x = video.permute(0, 4, 1, 2, 3).to(dtype).div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=dtype).view(1, 3, 1, 1, 1)
+    mean, std = imagenet_stats(x.device, dtype)
     return (x - mean) / std
 
 
