@@ -30,7 +30,7 @@ def flops(model_or_config: nn.Module | ViTConfig, mask_ratio: float | None = Non
     if not num_classes and hasattr(model_or_config, "num_classes"):
         num_classes = sum(model_or_config.num_classes.values())
     n, d = cfg.num_patches, cfg.embed_dim
-    total = 2 * n * cfg.patch_dim * d  # Conv3d tubelet embedding, every token
+    total = 2 * n * cfg.patch_dim * d  # tubelet embedding, every token
     if mask_ratio is None:
         total += cfg.depth * block_flops(n, d, cfg.mlp_ratio) + 2 * d * num_classes
         return int(total)
