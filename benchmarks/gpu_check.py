@@ -10,10 +10,14 @@ and the main job ready to spend GPU hours on? Writes one JSON.
    calls in one step made the host wait for the GPU (``host_syncs_per_step``, CUDA sync debug mode).
 2. ``feed``: clips/s of the Ray Data pipeline on this machine's CPUs, 224^2 crops of generated
    340x256 H.264 clips, k = 4 repeated augmentations, after a warm-up pass.
-3. ``pretrain``: ``jobs/pretrain.py --stage mae`` with the paper's config (``ppma_vitb.yaml``) on
-   one GPU and generated 224^2 footage for ``--pretrain-steps`` steps; its progress lines'
-   ``data_wait_frac`` (the share of step time spent waiting for input) and clips/s, means and
-   ``by_step`` ([clips/s, data_wait_frac] per step after the first).
+3. ``step_under_feed``: the eager MAE step of 1. again, while another process keeps the feed of 2.
+   running at full rate on the CPUs a training run leaves to decoding (``over_alone``: its clips/s
+   over the step alone): what the decode load on the same machine takes from the step.
+4. ``pretrain``: ``jobs/pretrain.py --stage mae`` with the paper's config (``ppma_vitb.yaml``) on
+   one GPU and generated 224^2 footage for ``--pretrain-steps`` steps (100); its progress lines'
+   ``data_wait_frac`` (the share of step time spent waiting for input) and clips/s, means from
+   step ``mean_from_step`` on (start-up left out), and ``by_step`` ([clips/s, data_wait_frac] per
+   step after the first). Set beside 1. and 3., the run's loop itself is what is left.
 
 It starts a local Ray instance, or joins the one ``RAY_ADDRESS`` names (as under ``ray job submit``).
 ``--dry-run`` does the same with a tiny model, 32^2 crops and few steps on the CPU (CI runs it), so
@@ -176,21 +180,32 @@ def make_videos(folder: Path, n: int, size: tuple[int, int], frames: int) -> Pat
     return folder / "train.csv"
 
 
+def trainer_cpus() -> float:
+    """CPUs the pretrain run's training worker reserves (``scaling.cpus_per_worker``); Ray Data
+    decodes on the rest."""
+    return min(2, max(0.25, (os.cpu_count() or 2) / 4))
+
+
+def feed_plan(manifest: Path, p: dict) -> tuple[pa.Table, ClipConfig]:
+    """The feed's decode plan (every video ``feed_passes`` times) and its clip settings."""
+    from ppma_ray.data.manifest import read_manifest
+
+    table = read_manifest(manifest, root=manifest.parent)
+    rows = np.tile(np.arange(table.num_rows), p["feed_passes"])
+    plan = np.stack([np.zeros(len(rows), dtype=np.int64), rows], 1)
+    clip = ClipConfig(num_frames=p["num_frames"], clip_seconds=2.7 if p is FULL else 1.0, img_size=p["img_size"],
+                      short_side=p["short_side"])
+    return plan_to_table([Source("gen", table)], plan), clip
+
+
 def feed_rate(manifest: Path, p: dict, repeats: int = 4) -> dict:
     """Ray Data pipeline clips/s on all CPUs: a warm-up pass, then a timed run over every video
     ``feed_passes`` times (long enough on a many-core machine that start-up is a small share)."""
     import ray
 
-    from ppma_ray.data.manifest import read_manifest
-
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = ray.cluster_resources().get("CPU", 1)
-    table = read_manifest(manifest, root=manifest.parent)
-    rows = np.tile(np.arange(table.num_rows), p["feed_passes"])
-    plan = np.stack([np.zeros(len(rows), dtype=np.int64), rows], 1)
-    plan_table = plan_to_table([Source("gen", table)], plan)
-    clip = ClipConfig(num_frames=p["num_frames"], clip_seconds=2.7 if p is FULL else 1.0, img_size=p["img_size"],
-                      short_side=p["short_side"])
+    plan_table, clip = feed_plan(manifest, p)
     decode = DecodeConfig(rows_per_task=2)
     for _ in build_dataset(plan_table.slice(0, min(plan_table.num_rows, 2 * int(cpus))), clip, decode, 1, repeats).iter_batches():
         pass
@@ -201,6 +216,68 @@ def feed_rate(manifest: Path, p: dict, repeats: int = 4) -> dict:
             "seconds": n / rate}
 
 
+class FeedLoad:
+    """A Ray actor that drives the feed from its own process until told to stop: the decode load
+    that a training process shares its machine with, without the training process consuming it."""
+
+    def __init__(self, plan_table: pa.Table, clip: ClipConfig, decode: DecodeConfig, repeats: int):
+        import threading
+
+        self.args = (plan_table, clip, decode, 0, repeats)
+        self.warm, self.stopped = threading.Event(), threading.Event()
+
+    def run(self) -> dict:
+        """Clips/s from the first batch (decode processes busy) until ``stop``."""
+        import ray
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        n, t0 = 0, None
+        while not self.stopped.is_set():  # pass after pass over the plan
+            for b in build_dataset(*self.args).iter_batches(batch_format="numpy"):
+                if t0 is None:
+                    t0 = time.perf_counter()
+                    self.warm.set()
+                else:
+                    n += int(b["ok"].sum())
+                if self.stopped.is_set():
+                    break
+        return {"clips_per_s": n / (time.perf_counter() - t0), "cpus": self.args[2].cpu_limit}
+
+    def is_warm(self) -> bool:
+        return self.warm.is_set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def step_under_feed(manifest: Path, p: dict, device: torch.device) -> dict:
+    """The eager MAE step timed as in ``time_step`` while another process keeps the Ray Data feed
+    running on the CPUs a training run leaves to decoding (all but ``trainer_cpus``), at full rate.
+    Set beside the step alone, it says how much of a run's speed the decode load takes from a
+    host-bound step (shared cores, memory bandwidth, clock), apart from anything in the run's loop."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    decode = DecodeConfig(rows_per_task=2, cpu_limit=max(1.0, cpus - trainer_cpus()))
+    load = ray.remote(num_cpus=0, max_concurrency=2)(FeedLoad).remote(*feed_plan(manifest, p), decode, 4)
+    running = load.run.remote()
+    deadline = time.perf_counter() + 300
+    while not ray.get(load.is_warm.remote()):
+        if ray.wait([running], timeout=0)[0]:
+            ray.get(running)  # it ended before its first batch: raises its error
+            raise RuntimeError("the feed ended before its first batch")
+        if time.perf_counter() > deadline:
+            raise TimeoutError("the feed gave no batch in 300 s")
+        time.sleep(0.2)
+    try:
+        out = time_step("mae", p, device, False)
+    finally:
+        ray.get(load.stop.remote())
+        feed = ray.get(running, timeout=300)  # the pass in flight ends at its next batch
+        ray.kill(load)
+    return {**out, "feed": feed}
+
+
 def pretrain_run(manifest: Path, out: Path, p: dict, steps: int, dry: bool) -> dict:
     """``jobs/pretrain.py --stage mae`` on the paper's config (one GPU), the progress lines read back."""
     sets = [f"data.sources.nohuman.manifest={manifest}", f"data.sources.nohuman.root={manifest.parent}",
@@ -209,7 +286,7 @@ def pretrain_run(manifest: Path, out: Path, p: dict, steps: int, dry: bool) -> d
             "data.sources.synthetic.val_manifest=null",
             f"run.storage_path={out / 'runs'}", "run.name=gpu_check", f"run.max_steps={steps}", "run.log_every=1",
             "run.checkpoint_every=0", "run.max_failures=0", "scaling.num_workers=1",
-            f"scaling.cpus_per_worker={min(2, max(0.25, (os.cpu_count() or 2) / 4))}"]
+            f"scaling.cpus_per_worker={trainer_cpus()}"]
     sets.append(f"mae.batch_size={p['batch']}")  # the paper's 16 clips per GPU (dry: 4)
     if dry:
         sets += DRY_MODEL + ["scaling.use_gpu=false", "scaling.torch_threads=1",
@@ -227,13 +304,18 @@ def pretrain_run(manifest: Path, out: Path, p: dict, steps: int, dry: bool) -> d
     wall = time.perf_counter() - t0
     lines = [json.loads(x) for x in (out / "runs/gpu_check-mae/mae_metrics.jsonl").read_text().splitlines()] \
         if (out / "runs/gpu_check-mae/mae_metrics.jsonl").is_file() else []
-    steady = [m for m in lines if "loss" in m][1:]  # the first step includes start-up
-    result = {"returncode": r.returncode, "wall_s": wall, "steps": len(lines)}
+    progress = [m for m in lines if "loss" in m]
+    # the first steps include start-up (decode processes importing, the allocator growing): the
+    # means leave out the first tenth (at least the first step, at most ten)
+    skip = min(10, max(1, len(progress) // 10))
+    steady = progress[skip:]
+    result = {"returncode": r.returncode, "wall_s": wall, "steps": len(lines), "mean_from_step": skip + 1}
     if steady:
         result["data_wait_frac"] = sum(m["data_wait_frac"] for m in steady) / len(steady)
         result["clips_per_s"] = sum(m["clips_per_s"] for m in steady) / len(steady)
-        # step by step: a slow start, a slow tail and a steady gap to the ``step`` figure look alike in a mean
-        result["by_step"] = [[round(m["clips_per_s"], 1), round(m["data_wait_frac"], 3)] for m in steady]
+        # step by step (all but the first): a slow start, a slow tail and a steady gap to the
+        # ``step`` figure look alike in a mean
+        result["by_step"] = [[round(m["clips_per_s"], 1), round(m["data_wait_frac"], 3)] for m in progress[1:]]
     if r.returncode:
         result["error_tail"] = (r.stdout + r.stderr)[-2000:]
     return result
@@ -248,7 +330,7 @@ def main() -> None:
     ap.add_argument("--more-batches", default="", help="also time the step at these clips per step, e.g. 64")
     ap.add_argument("--videos", type=Path, default=None,
                     help="the generated clips' folder: used when it holds train.csv, else written there")
-    ap.add_argument("--pretrain-steps", type=int, default=None, help="steps of the pretrain run (default 30; dry: 4)")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="steps of the pretrain run (default 100; dry: 4)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -314,7 +396,16 @@ def main() -> None:
             report["feed"] = feed
             print(f"feed: {feed['clips_per_s']:.1f} clips/s on {feed['cpus']:g} CPUs (k = 4)", flush=True)
             save()
-        steps = args.pretrain_steps or (4 if args.dry_run else 30)
+        under = part("step_under_feed", lambda: step_under_feed(manifest, p, device))
+        if under is not None:
+            alone = report.get("step", {}).get("mae", {}).get("clips_per_s")
+            under["over_alone"] = under["clips_per_s"] / alone if alone else None
+            report["step_under_feed"] = under
+            print(f"step mae under feed: {under['clips_per_s']:.1f} clips/s"
+                  + (f" ({under['over_alone']:.2f}x the step alone)" if alone else "")
+                  + f", the feed {under['feed']['clips_per_s']:.1f} clips/s on {under['feed']['cpus']:g} CPUs", flush=True)
+            save()
+        steps = args.pretrain_steps or (4 if args.dry_run else 100)
         pre = part("pretrain", lambda: pretrain_run(manifest, Path(work), p, steps, args.dry_run))
         if pre is not None:
             report["pretrain"] = pre

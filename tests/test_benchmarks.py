@@ -27,6 +27,10 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path, ray_session):
     assert report["step"]["mae_b2"]["batch"] == 2
     assert "aten::" in (out / "profile_mae.txt").read_text() and "aten::" in (out / "profile_align.txt").read_text()
     assert report["feed"]["clips_per_s"] > 0 and report["feed"]["clips"] == 8 * 4  # every video, k = 4
+    under = report["step_under_feed"]  # the step while another process keeps the feed busy
+    assert under["clips_per_s"] > 0 and under["last_step_taken"] and under["over_alone"] > 0
+    assert under["feed"]["clips_per_s"] > 0 and under["feed"]["cpus"] >= 1
     assert report["pretrain"]["returncode"] == 0 and report["pretrain"]["steps"] == 4
     assert 0.0 <= report["pretrain"]["data_wait_frac"] <= 1.0 and len(report["pretrain"]["by_step"]) == 3
+    assert report["pretrain"]["mean_from_step"] == 2
     assert (videos / "train.csv").is_file()  # written on the first run, read by the next (--videos)
