@@ -192,6 +192,32 @@ def test_stage_2_alone_starts_from_the_newest_whole_stage_1_checkpoint(tmp_path)
     assert stage1_checkpoint(str(tmp_path), "run")[0] == str(older)
 
 
+def test_a_run_folder_given_as_a_checkpoint_resolves_to_its_newest_whole_one(tmp_path, capsys):
+    """``--checkpoint`` (evaluate, averaging), ``--stage1`` (tune) and export_hf take a run folder:
+    a newest checkpoint that a crash left torn is passed over and named; none whole is an error
+    naming each."""
+    from ppma_ray.cli.export_hf import find_checkpoint
+    from ppma_ray.cli.tune_mix import local_stage1
+    from ppma_ray.config import ConfigError
+    from ppma_ray.models.errors import CheckpointError
+    from ppma_ray.train.checkpoint import resolve_checkpoint, run_checkpoint
+
+    run = tmp_path / "demo-align"
+    older, newest = _checkpoints(run, 2)
+    assert resolve_checkpoint(run) == newest / MODEL_FILE and local_stage1(run) == str(newest)
+    (newest / MODEL_FILE).write_bytes((newest / MODEL_FILE).read_bytes()[:-10])  # a save cut short
+    capsys.readouterr()
+    assert resolve_checkpoint(run) == older / MODEL_FILE
+    assert f"WARNING: {newest} is not whole (model.safetensors has" in capsys.readouterr().err
+    assert local_stage1(run) == str(older) and find_checkpoint(run, None) == (older, None)
+    (older / STATE_FILE).write_bytes(b"")
+    for resolve, error in ((resolve_checkpoint, CheckpointError), (lambda r: find_checkpoint(r, None), ConfigError)):
+        with pytest.raises(error, match="no checkpoint in it is whole") as e:
+            resolve(run)
+        assert f"{older.name}: {STATE_FILE} has 0 bytes" in str(e.value) and newest.name in str(e.value)
+    assert run_checkpoint(tmp_path / "empty") is None  # no checkpoint_* folders: not a run folder
+
+
 def test_a_run_folder_of_another_config_is_named_before_ray_starts(tmp_path):
     """Re-running into a folder continues its run: a changed model or stage setting is refused
     with the keys that differ; bookkeeping keys (run.*) may change."""

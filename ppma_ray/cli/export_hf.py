@@ -35,9 +35,8 @@ HUMANS = {
 
 def find_checkpoint(source: Path, stage: str | None) -> tuple[Path, dict | None]:
     """(the checkpoint folder to export, the run's results.json or None)."""
-    import pyarrow.fs as pafs
-
-    from ppma_ray.train.checkpoint import MODEL_FILE, newest_whole
+    from ppma_ray.models.errors import CheckpointError
+    from ppma_ray.train.checkpoint import MODEL_FILE, run_checkpoint
 
     if (source / "results.json").is_file():
         results = json.loads((source / "results.json").read_text())
@@ -48,11 +47,14 @@ def find_checkpoint(source: Path, stage: str | None) -> tuple[Path, dict | None]
         return Path(stages[name]["checkpoint"]), results
     if (source / MODEL_FILE).is_file():
         return source, None
-    newest, problems = newest_whole(pafs.LocalFileSystem(), str(source.resolve()))
+    try:
+        newest = run_checkpoint(source)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     if newest is None:
-        why = "; ".join(f"{Path(p).name}: {e}" for p, e in problems.items()) or "no checkpoint_* folders"
-        raise ConfigError(f"{source}: not a run output folder (results.json), a run folder or a checkpoint ({why})")
-    return Path(newest), None
+        raise ConfigError(f"{source}: not a run output folder (results.json), a run folder or a checkpoint "
+                          "(no checkpoint_* folders)")
+    return newest, None
 
 
 def build(checkpoint: Path, head: str | None):

@@ -62,15 +62,11 @@ def local_stage1(path: Path) -> str:
     """``--stage1`` on this machine: a checkpoint folder or weights file as given, or a stage-1 run
     folder (``runs/demo-mae``), whose newest whole checkpoint is used and named. ``run_experiment``
     makes the path absolute for the trials."""
-    import pyarrow.fs as pafs
-
-    from ppma_ray.train.checkpoint import MODEL_FILE, newest_whole
+    from ppma_ray.train.checkpoint import MODEL_FILE, run_checkpoint
 
     if not path.exists():
         raise FileNotFoundError(f"--stage1: {path} does not exist")
-    if path.is_dir() and not (path / MODEL_FILE).is_file():
-        newest, _ = newest_whole(pafs.LocalFileSystem(), str(path.resolve()))
-        if newest:
-            print(f"--stage1: {newest} (the newest whole checkpoint of {path})")
-            return newest
+    if path.is_dir() and not (path / MODEL_FILE).is_file() and (newest := run_checkpoint(path)) is not None:
+        print(f"--stage1: {newest} (the newest whole checkpoint of {path})")
+        return str(newest)
     return str(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -178,9 +179,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path).resolve()
     if p.is_file():
         return p
-    ckpts = sorted(c for c in p.glob("checkpoint_*") if (c / MODEL_FILE).is_file())
-    if ckpts and not (p / MODEL_FILE).is_file():
-        return ckpts[-1] / MODEL_FILE
+    if p.is_dir() and not (p / MODEL_FILE).is_file() and (newest := run_checkpoint(p)) is not None:
+        return newest / MODEL_FILE
     try:  # a checkpoint folder or a Hugging Face folder (model.safetensors or pytorch_model.bin)
         return weights_file(p)
     except CheckpointError:
@@ -233,6 +233,19 @@ def newest_whole(fs: pafs.FileSystem, folder: str) -> tuple[str | None, dict[str
             return path, problems
         problems[path] = problem
     return None, problems
+
+
+def run_checkpoint(run: str | Path) -> Path | None:
+    """The newest whole checkpoint of the local run folder ``run`` (None: it has no
+    ``checkpoint_*`` folder). Each newer one passed over is named on stderr; when none is whole, a
+    ``CheckpointError`` says why each is not (a save cut short by a crash or a full disk)."""
+    newest, problems = newest_whole(pafs.LocalFileSystem(), str(Path(run).resolve()))
+    if newest is None and problems:
+        raise CheckpointError(f"{run}: no checkpoint in it is whole: "
+                              + "; ".join(f"{Path(c).name}: {why}" for c, why in problems.items()))
+    for c, why in problems.items():
+        print(f"WARNING: {c} is not whole ({why}); using {Path(newest).name}", file=sys.stderr, flush=True)
+    return Path(newest) if newest else None
 
 
 def stage1_checkpoint(storage_path: str, run_name: str) -> tuple[str | None, str]:
