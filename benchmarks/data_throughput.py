@@ -21,7 +21,8 @@ a timed pass decodes every video once (``--videos``, 32 by default: 3-15 s per p
 and includes filling and draining the pipeline once (about one task, under 0.5 s here).
 
 Rounds: raw, Ray and the DataLoader take turns, ``--rounds`` timed passes each (3), and each figure
-is the median of its passes. A 2-core machine shared with others changes speed by 10-20% from one
+is the median of its passes; at k = 4 the rounds also time raw at k = 1, the rate that Ray at k = 4
+is compared with. A 2-core machine shared with others changes speed by 10-20% from one
 minute to the next; measured once each, one after the other, the ratios moved by as much as the
 targets ask for.
 
@@ -150,19 +151,22 @@ def run_ray(table: pa.Table, clip: ClipConfig, k: int, decode: DecodeConfig) -> 
 def side_by_side(table: pa.Table, clip: ClipConfig, k: int, cores: int, rounds: int, scaling: bool = False) -> dict:
     """raw, Ray and DataLoader rates (clips/s per core), each warmed once, then timed ``rounds``
     times in turn (raw, Ray, loader, raw, ...), so that they share each stretch of the machine's
-    speed; each figure is the median of its rounds. ``scaling``: also the Ray pipeline with one
-    decode task at a time (``ray_1cpu_total``, clips/s), in the same rounds."""
+    speed; each figure is the median of its rounds. With k > 1 the rounds also time raw at k = 1
+    (``raw_k1``: what Ray at k is compared with). ``scaling``: also the Ray pipeline with one decode
+    task at a time (``ray_1cpu_total``, clips/s), in the same rounds."""
     loader = warm_loader(table, clip, k, cores)
     decode = warm_ray(table, clip, k, cores)
     one = warm_ray(table, clip, k, cores, one_task=True) if scaling else None
+    names = ["raw", "ray", "loader"] + (["raw_k1"] if k > 1 else []) + (["ray_1cpu_total"] if scaling else [])
     per_round = []
     for _ in range(rounds):
         r = [run_raw(table, clip, k), run_ray(table, clip, k, decode) / cores, run_loader(loader) / cores]
-        per_round.append(r + [run_ray(table, clip, k, one)] if scaling else r)
+        r += [run_raw(table, clip, 1)] if k > 1 else []
+        r += [run_ray(table, clip, k, one)] if scaling else []
+        per_round.append(dict(zip(names, r)))
     del loader  # its workers exit
-    medians = np.median(np.asarray(per_round), axis=0).tolist()
-    names = ["raw", "ray", "loader", "ray_1cpu_total"]
-    return {**dict(zip(names, medians)), "rounds": per_round}
+    medians = {n: float(np.median([r[n] for r in per_round])) for n in names}
+    return {**medians, "raw_k1": medians.get("raw_k1", medians["raw"]), "rounds": per_round}
 
 
 def _rss_mb() -> float:
@@ -261,24 +265,22 @@ def main() -> None:
         for name, (table, clip) in inputs.items():
             plan = np.stack([np.zeros(table.num_rows, dtype=np.int64), np.arange(table.num_rows)], 1)
             plan_table = plan_to_table([Source(name, table)], plan)
-            raw_k1 = None
             for k in (1, 4):
                 scaling = name == "bikes" and k == 1  # ray_scaling_1_to_all
                 r = results[f"{name}_k{k}"] = side_by_side(plan_table, clip, k, args.cores, args.rounds, scaling)
-                raw_k1 = r["raw"] if k == 1 else raw_k1
-                print(f"{name:9} {k:>2} {r['raw']:8.2f} {r['ray']:8.2f} {r['loader']:8.2f} {r['ray'] / raw_k1:8.2f} "
+                print(f"{name:9} {k:>2} {r['raw']:8.2f} {r['ray']:8.2f} {r['loader']:8.2f} {r['ray'] / r['raw_k1']:8.2f} "
                       f"{r['ray'] / r['loader']:10.2f}", flush=True)
         bikes_k1 = results["bikes_k1"]
         rounds = bikes_k1["rounds"]
-        print("bikes, k = 1, round by round: Ray / raw " + ", ".join(f"{r[1] / r[0]:.2f}" for r in rounds)
-              + "; Ray / DataLoader " + ", ".join(f"{r[1] / r[2]:.2f}" for r in rounds)
-              + "; all CPUs / one " + ", ".join(f"{r[1] * args.cores / r[3]:.2f}" for r in rounds))
+        print("bikes, k = 1, round by round: Ray / raw " + ", ".join(f"{r['ray'] / r['raw']:.2f}" for r in rounds)
+              + "; Ray / DataLoader " + ", ".join(f"{r['ray'] / r['loader']:.2f}" for r in rounds)
+              + "; all CPUs / one " + ", ".join(f"{r['ray'] * args.cores / r['ray_1cpu_total']:.2f}" for r in rounds))
         one, every = bikes_k1["ray_1cpu_total"], bikes_k1["ray"] * args.cores
         print(f"scaling: Ray pipeline on bikes, k = 1: {one:.2f} clips/s on 1 CPU, {every:.2f} on {args.cores} "
               f"({every / one:.2f}x)")
         b = results
         results["ray_over_raw_k1"] = b["bikes_k1"]["ray"] / b["bikes_k1"]["raw"]
-        results["ray_over_raw_k4"] = b["bikes_k4"]["ray"] / b["bikes_k1"]["raw"]
+        results["ray_over_raw_k4"] = b["bikes_k4"]["ray"] / b["bikes_k4"]["raw_k1"]  # raw k = 1 in the same rounds
         results["ray_over_loader_k1"] = b["bikes_k1"]["ray"] / b["bikes_k1"]["loader"]
         results["ray_over_loader_k4"] = b["bikes_k4"]["ray"] / b["bikes_k4"]["loader"]
         results["ray_scaling_1_to_all"] = every / one
