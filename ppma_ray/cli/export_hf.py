@@ -35,7 +35,6 @@ HUMANS = {
 
 def find_checkpoint(source: Path, stage: str | None) -> tuple[Path, dict | None]:
     """(the checkpoint folder to export, the run's results.json or None)."""
-    from ppma_ray.models.errors import CheckpointError
     from ppma_ray.train.checkpoint import MODEL_FILE, run_checkpoint
 
     if (source / "results.json").is_file():
@@ -47,10 +46,7 @@ def find_checkpoint(source: Path, stage: str | None) -> tuple[Path, dict | None]
         return Path(stages[name]["checkpoint"]), results
     if (source / MODEL_FILE).is_file():
         return source, None
-    try:
-        newest = run_checkpoint(source)
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
+    newest = run_checkpoint(source)  # none whole: a CheckpointError naming why each is not
     if newest is None:
         raise ConfigError(f"{source}: not a run output folder (results.json), a run folder or a checkpoint "
                           "(no checkpoint_* folders)")
