@@ -217,6 +217,31 @@ def test_a_run_folder_given_as_a_checkpoint_resolves_to_its_newest_whole_one(tmp
     assert run_checkpoint(tmp_path / "empty") is None  # no checkpoint_* folders: not a run folder
 
 
+def test_evaluate_resolves_a_run_folder_once_and_runs_the_checkpoint_it_checked(tmp_path, demo_root, capsys,
+                                                                                 monkeypatch):
+    """``jobs/evaluate.py --checkpoint RUN`` resolves the run folder once, before Ray starts: a torn
+    newest checkpoint is named once (the run does not check the sums again) and the run starts from
+    the weights that were checked."""
+    from conftest import TINY
+
+    import ppma_ray.train.downstream as downstream
+    from ppma_ray.cli import evaluate as job
+
+    run = tmp_path / "demo-align"
+    older, newest = _checkpoints(run, 2)
+    (newest / MODEL_FILE).write_bytes((newest / MODEL_FILE).read_bytes()[:-10])
+    started = []
+    monkeypatch.setattr(job, "start_ray", lambda cfg, verbose: cfg)
+    monkeypatch.setattr(downstream, "run_stage", lambda cfg, options: started.append(options) or
+                        {"test_top1": 0.5, "test_top5": 1.0, "test_videos": 2, "test_failed": 0})
+    sets = [*TINY, f"data.demo_root={demo_root}", f"run.storage_path={tmp_path / 'runs'}"]
+    assert job.main(["--checkpoint", str(run), "--task", "demo:motion", "--output-dir", str(tmp_path / "out"),
+                     *[a for s in sets for a in ("--set", s)]]) == 0
+    assert capsys.readouterr().err.count(f"WARNING: {newest} is not whole") == 1
+    (options,) = started
+    assert options.init_from == str(older / MODEL_FILE) and options.run_name.endswith("-demo-align-motion-lp")
+
+
 def test_a_run_folder_of_another_config_is_named_before_ray_starts(tmp_path):
     """Re-running into a folder continues its run: a changed model or stage setting is refused
     with the keys that differ; bookkeeping keys (run.*) may change."""

@@ -50,11 +50,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.learned_alpha and args.protocol != "lp":
             raise ConfigError("--learned-alpha: the averaging coefficients are learned with the linear probe (--protocol lp)")
 
+    from ppma_ray.train.checkpoint import resolve_checkpoint
     from ppma_ray.train.downstream import count_models, evaluate, write_results
     from ppma_ray.train.report import print_results
 
     with bad_input_exits(CheckpointError):  # unreadable files, and --alpha against the models they hold
-        n_models = count_models(args.checkpoint)
+        # Resolved once, here: a run folder's newest whole checkpoint is checked against its sums
+        # (seconds for ViT-B with its optimizer state) and a torn newer one named, and the run gets
+        # the weights file that was checked. A URI stays a URI: the workers read it where they run.
+        checkpoints = [c if "://" in c else str(resolve_checkpoint(c)) for c in args.checkpoint]
+        n_models = count_models(checkpoints)
         alphas = args.alpha
         if alphas is not None and not (len(alphas) == n_models or (len(alphas) == 1 and n_models == 2)):
             raise ConfigError(f"--alpha: {len(alphas)} coefficients for {n_models} models")
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model_name or ("random_init" if not args.checkpoint else
                                "avg" if n_models > 1 else Path(args.checkpoint[0]).name)
     with bad_input_exits(KeyError, ValueError), stage_failure_exits():
-        entry = evaluate(cfg, args.task, args.protocol, name, args.checkpoint, alphas, args.learned_alpha,
+        entry = evaluate(cfg, args.task, args.protocol, name, checkpoints, alphas, args.learned_alpha,
                          args.per_layer, args.cache_features, args.num_classes)
     out = Path(args.output_dir) if args.output_dir else Path(cfg.run.storage_path) / f"{cfg.run.name}-eval"
     write_results(out, [entry])
