@@ -181,19 +181,26 @@ def test_with_object_storage_the_metrics_are_uploaded_next_to_the_checkpoints(s3
     assert len(events) == 2 and all("tfevents" in e for e in events)  # one file per writer, both kept
 
 
-def test_a_checkpoint_uri_is_evaluated_from_a_local_copy_of_its_weights(s3_bucket, tmp_path):
+def test_a_checkpoint_uri_is_evaluated_from_a_local_copy_of_its_weights(s3_bucket, tmp_path, monkeypatch, capsys):
     """``results.json`` names checkpoints in object storage by URI; the probes and averages read
     the weights and config from a local copy (not the optimizer state), and a URI with no weights
-    is named."""
+    is named. A copy no job has used for a week is deleted, and named."""
+    import os
+    import tempfile
+    import time
+
     import torch
 
     from ppma_ray.train.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, resolve_checkpoint, save_checkpoint
 
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # not this machine's own copies
     model = torch.nn.Linear(4, 2)
     local = save_checkpoint(tmp_path / "checkpoint_2026-01-01_00-00-00", model, torch.optim.AdamW(model.parameters()),
                             {"step": 3}, {"model": {"depth": 2}})
     uri = upload(s3_bucket, local, f"runs/{tmp_path.name}/r-align/{local.name}")
     weights = resolve_checkpoint(uri)
+    assert weights.parents[1] == tmp_path / "tmp/ppma_ray_downloads"
     assert weights.name == MODEL_FILE and weights.read_bytes() == (local / MODEL_FILE).read_bytes()
     assert (weights.parent / CONFIG_FILE).read_bytes() == (local / CONFIG_FILE).read_bytes()
     assert not (weights.parent / STATE_FILE).exists()
@@ -202,6 +209,15 @@ def test_a_checkpoint_uri_is_evaluated_from_a_local_copy_of_its_weights(s3_bucke
     upload(s3_bucket, save_checkpoint(tmp_path / "again", torch.nn.Linear(4, 3), None, {"step": 4}, {}), uri.split("/", 3)[3])
     again = resolve_checkpoint(uri)
     assert again != weights and again.read_bytes() == (tmp_path / "again" / MODEL_FILE).read_bytes()
+    # the first copy, unused for 8 days, goes at the next use of any copy; one used 6 days ago stays
+    recent = weights.parents[1] / "recent"
+    recent.mkdir()
+    for copy, days in ((weights.parent, 8), (recent, 6)):
+        os.utime(copy, (time.time() - days * 86400,) * 2)
+    capsys.readouterr()
+    assert resolve_checkpoint(uri) == again and again.is_file() and recent.is_dir()
+    assert not weights.parent.exists()
+    assert capsys.readouterr().err == f"removed the local copy of {uri} ({weights.parent}): unused for 8 days\n"
     with pytest.raises(FileNotFoundError, match=f"--checkpoint {s3_bucket}/runs/nope: no model.safetensors there"):
         resolve_checkpoint(f"{s3_bucket}/runs/nope")
 

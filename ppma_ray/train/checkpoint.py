@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -32,6 +34,9 @@ MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "train_state.pt", "co
 # written beside them by the training loop: the videos rejected so far, and counts per source
 REJECTS_FILE, FAILURES_FILE = "rejects.csv", "data_failures.json"
 MANIFEST_FILE = "manifest.json"
+# a local copy of a checkpoint in object storage (``downloaded``) names its URI in this file, and is
+# deleted once no job has used it for this long
+SOURCE_FILE, DOWNLOAD_KEEP_S = "source.txt", 7 * 86400
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -198,7 +203,8 @@ def downloaded(uri: str) -> Path:
     if infos[MODEL_FILE].type != pafs.FileType.File:
         raise FileNotFoundError(f"--checkpoint {uri}: no {MODEL_FILE} there")
     version = json.dumps([uri, *[(i.size, i.mtime_ns) for i in infos.values()]])
-    local = Path(tempfile.gettempdir()) / "ppma_ray_downloads" / hashlib.sha1(version.encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / "ppma_ray_downloads"
+    local = cache / hashlib.sha1(version.encode()).hexdigest()[:16]
     local.mkdir(parents=True, exist_ok=True)
     for name, info in infos.items():
         if info.type != pafs.FileType.File or (local / name).is_file():
@@ -206,7 +212,31 @@ def downloaded(uri: str) -> Path:
         with fs.open_input_stream(f"{folder}/{name}") as f:
             (local / f"{name}.part").write_bytes(f.read())
         os.replace(local / f"{name}.part", local / name)
+    if not (local / SOURCE_FILE).is_file():
+        (local / SOURCE_FILE).write_text(uri + "\n")
+    os.utime(local)  # used now: the copy's folder time is its last use
+    prune_downloads(cache, keep=local)
     return local
+
+
+def prune_downloads(cache: Path, keep: Path, unused_s: float = DOWNLOAD_KEEP_S) -> None:
+    """Delete the local copies in ``cache`` that no job has used for ``unused_s`` (a week), each
+    named on stderr: a ViT-B copy is about 350 MB, and a tuning campaign over checkpoints in a bucket
+    makes one per checkpoint it probes. A copy in use is safe: every use marks it (``downloaded``),
+    and its reader has loaded the weights long before a week is over."""
+    now = time.time()
+    for copy in cache.iterdir():
+        try:
+            unused = now - copy.stat().st_mtime
+        except FileNotFoundError:  # another process pruned it first
+            continue
+        if copy == keep or not copy.is_dir() or unused < unused_s:
+            continue
+        source = copy / SOURCE_FILE
+        named = source.read_text().strip() if source.is_file() else copy.name
+        shutil.rmtree(copy, ignore_errors=True)
+        print(f"removed the local copy of {named} ({copy}): unused for {unused / 86400:.0f} days", file=sys.stderr,
+              flush=True)
 
 
 def upload_folder(local: Path, uri: str) -> str:
