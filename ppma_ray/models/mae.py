@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from ppma_ray.models.config import ViTConfig
 from ppma_ray.models.vit import (Block, VisionTransformer, count_masked, init_weights, run_blocks, sinusoid_table,
                                  visible_index)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def imagenet_stats(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """ImageNet mean and std, each ``(1, 3, 1, 1, 1)`` on ``device``. Made on the host and copied
     without blocking: ``torch.tensor(..., device="cuda")`` copies with a stream synchronize, which,
     done in every step, makes the host wait for the GPU to drain its queue."""
-    stats = torch.tensor([IMAGENET_MEAN, IMAGENET_STD], dtype=dtype).view(2, 1, 3, 1, 1, 1)
+    stats = torch.tensor([IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD], dtype=dtype).view(2, 1, 3, 1, 1, 1)
     stats = stats.to(device, non_blocking=True)
     return stats[0], stats[1]
 

@@ -40,6 +40,7 @@ class TorchvisionSegmenter:
     def __init__(self, arch: str = "deeplabv3_mobilenet_v3_large", weights: str | None = "DEFAULT",
                  weights_path: str | None = None, device: str | None = None, batch_size: int = 8,
                  short_side: int = 520):
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         from torchvision.models import get_model, get_model_weights
 
         if arch not in ARCHS:
@@ -51,8 +52,8 @@ class TorchvisionSegmenter:
         self.device = torch.device(device) if device else reserved_device()  # never a GPU Ray did not assign
         self.model.to(self.device).eval()
         self.batch_size, self.short_side = batch_size, short_side
-        self.mean = torch.tensor([0.485, 0.456, 0.406], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor([0.229, 0.224, 0.225], device=self.device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=self.device).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def __call__(self, frames: np.ndarray) -> np.ndarray:
