@@ -16,6 +16,21 @@ import ray
 # (a few hundred MB each). Local instances only: a cluster node has as many CPUs as it runs workers.
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000}
 
+# Ray Train settings for a local instance (a user's own setting wins; clusters keep Ray's defaults).
+# Ray Train passes them from the driver to its controller.
+LOCAL_TRAIN_ENV = {
+    # Nothing drains a node of a local instance, so the preemption watcher (an actor per run, and on
+    # Ray 2.60 a core-worker ERROR line about its arguments on the console at every run's start) has
+    # nothing to watch.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # The controller polls its workers every 2 s, and a worker's ``ray.train.report`` waits until the
+    # previous report was polled (a one-slot queue): a run that reports more often than every 2 s (a
+    # PBT round, a demo epoch, a test) waits up to 2 s per report, and every run's end is seen up to
+    # 2 s late. A poll is one small call per worker; a worker that misses one is only failed after
+    # RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 minutes), so polling more often fails nothing sooner.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+}
+
 
 def init_ray(num_cpus: int | None = None, verbose: bool = True, **kwargs) -> bool:
     """Join the cluster when there is one to join, otherwise start a local instance. Returns True
@@ -40,11 +55,8 @@ def init_ray(num_cpus: int | None = None, verbose: bool = True, **kwargs) -> boo
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
-        # Nothing drains a node of a local instance, so Ray Train's preemption watcher (an actor
-        # per run, and on Ray 2.60 a core-worker ERROR line about its arguments on the console at
-        # every run's start) has nothing to watch. Clusters keep it. Ray Train passes the variable
-        # from the driver to its controller.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        for name, value in LOCAL_TRAIN_ENV.items():
+            os.environ.setdefault(name, value)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _system_config=LOCAL_SYSTEM_CONFIG,
                  **kwargs)
     quiet_process()

@@ -21,8 +21,9 @@ import pytest
 os.environ.setdefault("RAY_ACCEPT_CALLBACK_WARNINGS", "1")
 # Ray Train's controller polls its workers every 2 s, and a worker's next ``ray.train.report``
 # waits until the previous one was collected: with the tests' checkpoints every few 0.1-s steps that
-# is most of a tiny fit's wall time (measured: 28-31 s per fit at 2 s, 16-19 s at 0.25 s). Set
-# before any Ray process starts, so the session instance, the clusters and the jobs inherit it.
+# is most of a tiny fit's wall time (measured: 28-31 s per fit at 2 s, 16-19 s at 0.25 s). The jobs
+# set it for the local instances they start (``ray_env.LOCAL_TRAIN_ENV``); set here before any Ray
+# process starts, it also reaches the tests' ``ray start`` clusters.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Ray Train starts a preemption-watcher actor (a process importing Ray Train) per run; only the node
 # drain test (test_cluster.py) needs one and turns it back on for its job, and the suite is CPU-bound

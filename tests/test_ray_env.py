@@ -10,26 +10,39 @@ from ppma_ray import ray_env
 
 
 @pytest.mark.parametrize("joins", [False, True])
-def test_the_preemption_watcher_runs_on_clusters_only(monkeypatch, joins):
-    """A local instance has no node that anything drains: the jobs turn Ray Train's watcher off
-    there (it printed a core-worker ERROR line at every run's start). A cluster keeps it, and a
-    user's own setting wins either way."""
+@pytest.mark.parametrize("name", sorted(ray_env.LOCAL_TRAIN_ENV))
+def test_ray_train_settings_for_a_local_instance_leave_clusters_alone(monkeypatch, joins, name):
+    """A local instance: no preemption watcher (nothing drains its node; it printed a core-worker
+    ERROR line at every run's start) and the controller polls its workers every 0.25 s, not every
+    2 s (each report waited for the poll). A cluster keeps Ray's defaults, and a user's own setting
+    wins either way."""
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append(k))
     monkeypatch.setattr(ray_env, "quiet_process", lambda: None)
-    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    monkeypatch.delenv(name, raising=False)
     if joins:
         monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     else:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert ray_env.init_ray() is joins
     assert (calls[0].get("address") == "local") is not joins
-    assert os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") == (None if joins else "0")
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    assert os.environ.get(name) == (None if joins else ray_env.LOCAL_TRAIN_ENV[name])
+    monkeypatch.setenv(name, "7")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray_env.init_ray()
-    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+    assert os.environ[name] == "7"
+
+
+def test_ray_train_controllers_of_a_local_instance_see_its_settings(ray_session):
+    """Started after ``init_ray`` set them, the instance's worker processes (Ray Train's controller
+    among them) have the driver's settings in their environment."""
+
+    @ray_session.remote(num_cpus=0)
+    def env() -> dict:
+        return {name: os.environ.get(name) for name in ray_env.LOCAL_TRAIN_ENV}
+
+    assert ray_session.get(env.remote()) == {name: os.environ[name] for name in ray_env.LOCAL_TRAIN_ENV}
 
 
 def test_a_quiet_process_draws_no_ray_data_progress_bars(monkeypatch):
