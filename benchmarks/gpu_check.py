@@ -1,13 +1,16 @@
 """The one prepared check for a machine with an NVIDIA GPU: is the training step, the input pipeline
 and the main job ready to spend GPU hours on? Writes one JSON.
 
-    bash benchmarks/gpu_check.sh [--dry-run] [--compile] [--profile] [--more-batches N,..] [--videos DIR] --out DIR
+    bash benchmarks/gpu_check.sh [--dry-run] [--compile] [--cudagraphs] [--profile] [--more-batches N,..]
+                                 [--videos DIR] --out DIR
                                                             (DIR/gpu_check.json)
 
 1. ``step``: clips/s and MFU of ``train_step`` (the function every stage trains with: bf16 autocast,
    clipping, the on-device finite check, fused AdamW) for MAE and for alignment, ViT-B 16x224^2, 16
-   clips per step, in-memory uint8 batches; eager and (``--compile``) torch.compile; and how many
-   calls in one step made the host wait for the GPU (``host_syncs_per_step``, CUDA sync debug mode).
+   clips per step, in-memory uint8 batches; eager, (``--compile``) torch.compile, and
+   (``--cudagraphs``, MAE) torch.compile with CUDA graphs (``mode="reduce-overhead"``: a step's kernels
+   replayed from one graph, without the host issuing each); and how many calls in one step made the
+   host wait for the GPU (``host_syncs_per_step``, CUDA sync debug mode).
 2. ``feed``: clips/s of the Ray Data pipeline on this machine's CPUs, 224^2 crops of generated
    340x256 H.264 clips, k = 4 repeated augmentations, after a warm-up pass.
 3. ``step_under_feed``: the eager MAE step of 1. again, while another process keeps the feed of 2.
@@ -27,7 +30,8 @@ A part that fails is recorded in the JSON's ``errors`` and the others still run 
 time is too dear to lose the figures that did work); the script then exits 1.
 
 * ``--profile`` also writes the top kernels of three more steps of each stage
-  (``DIR/profile_mae.txt``, ``profile_align.txt``, and ``profile_mae_compiled.txt``... with ``--compile``).
+  (``DIR/profile_mae.txt``, ``profile_align.txt``, and ``profile_mae_compiled.txt``... with ``--compile``,
+  ``profile_mae_cudagraphs.txt`` with ``--cudagraphs``).
 * ``--more-batches 64`` also times the step at 64 clips per step (keys ``mae_b64``...): how far the
   GPU is from full at the paper's 16.
 * ``--videos DIR`` takes the generated clips (and their ``train.csv``) from DIR, writing them there
@@ -81,10 +85,14 @@ def peak_tflops(name: str, override: float | None) -> float | None:
     return next((v for k, v in PEAKS.items() if k in name), None)
 
 
-def time_step(stage: str, p: dict, device: torch.device, compile_model: bool, profile_to: Path | None = None,
+# how the step is run -> its keys' suffix in ``step`` (None: eager)
+COMPILE_MODES = {None: "", "default": "_compiled", "reduce-overhead": "_cudagraphs"}
+
+
+def time_step(stage: str, p: dict, device: torch.device, compile_mode: str | None, profile_to: Path | None = None,
               batch_size: int | None = None) -> dict:
     """Clips/s of ``train_step`` on one in-memory batch already on the device, after warm-up steps
-    (compilation included there).
+    (compilation included there). ``compile_mode``: None (eager) or torch.compile's mode.
     ``profile_to``: afterwards, three more steps under ``torch.profiler``, their top operators written there.
     ``batch_size``: clips per step (default: the config's, the paper's 16 per GPU)."""
     torch.manual_seed(0)
@@ -107,13 +115,15 @@ def time_step(stage: str, p: dict, device: torch.device, compile_model: bool, pr
     # pinned and is copied on a side stream while the current step runs (``prefetch_to_device``)
     batch = ctx.to_device(batch)
     model.to(device).train()
-    if compile_model:
-        model.compile()
+    if compile_mode:
+        model.compile(mode=compile_mode)
     opt = build_optimizer(model, optim)
     params = [q for q in model.parameters() if q.requires_grad]
     warmup, steps = 3, p["steps"]
 
     def run(i: int):
+        if compile_mode == "reduce-overhead":  # a new step: the graphs' output buffers may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         torch.manual_seed(step_seed(0, 0, i))
         return train_step(ctx, model, loss_fn, opt, params, batch, lr_at(i, warmup + steps, optim), optim.clip_grad)
 
@@ -129,7 +139,7 @@ def time_step(stage: str, p: dict, device: torch.device, compile_model: bool, pr
     elapsed = time.perf_counter() - t0
     f = flops(model) if stage == "mae" else flops(model, num_classes=150)
     out = {"clips_per_s": steps * b / elapsed, "gflops_per_clip_fwd": f / 1e9, "steps": steps, "batch": b,
-           "last_step_taken": taken, "compiled": compile_model}
+           "last_step_taken": taken, "compiled": compile_mode is not None, "compile_mode": compile_mode}
     if device.type == "cuda":
         out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         try:  # a figure the first GPU runs did not have: its failure must not cost the step's
@@ -270,7 +280,7 @@ def step_under_feed(manifest: Path, p: dict, device: torch.device) -> dict:
             raise TimeoutError("the feed gave no batch in 300 s")
         time.sleep(0.2)
     try:
-        out = time_step("mae", p, device, False)
+        out = time_step("mae", p, device, None)
     finally:
         ray.get(load.stop.remote())
         feed = ray.get(running, timeout=300)  # the pass in flight ends at its next batch
@@ -326,6 +336,8 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="directory for gpu_check.json")
     ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script itself")
     ap.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
+    ap.add_argument("--cudagraphs", action="store_true",
+                    help='also time the MAE step under torch.compile(mode="reduce-overhead") (CUDA graphs)')
     ap.add_argument("--profile", action="store_true", help="write the top operators of a few steps per stage")
     ap.add_argument("--more-batches", default="", help="also time the step at these clips per step, e.g. 64")
     ap.add_argument("--videos", type=Path, default=None,
@@ -361,10 +373,10 @@ def main() -> None:
             print(f"{name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             save()
 
-    def step(stage: str, compiled: bool, batch: int | None = None) -> None:
-        key = stage + ("_compiled" if compiled else "") + (f"_b{batch}" if batch else "")
+    def step(stage: str, mode: str | None, batch: int | None = None) -> None:
+        key = stage + COMPILE_MODES[mode] + (f"_b{batch}" if batch else "")
         prof = out / f"profile_{key}.txt" if args.profile and not batch else None
-        r = part(f"step.{key}", lambda: time_step(stage, p, device, compiled, prof, batch))
+        r = part(f"step.{key}", lambda: time_step(stage, p, device, mode, prof, batch))
         if r is None:
             return
         if peak:  # forward + backward ~ 3x the forward FLOPs
@@ -377,8 +389,8 @@ def main() -> None:
     more = [int(b) for b in args.more_batches.split(",") if b]
     # the eager step, the feed and the pretrain run first; compilation (minutes on a GPU) last
     for batch in [None, *more]:
-        step("mae", False, batch)
-        step("align", False, batch)
+        step("mae", None, batch)
+        step("align", None, batch)
     if cuda:
         torch.cuda.empty_cache()  # the pretrain run's worker shares the GPU with this process
     import ray
@@ -416,8 +428,11 @@ def main() -> None:
     ray.shutdown()
     if args.compile:
         for batch in [None, *more]:
-            step("mae", True, batch)
-            step("align", True, batch)
+            step("mae", "default", batch)
+            step("align", "default", batch)
+    if args.cudagraphs:  # MAE only: the host-bound step, the one CUDA graphs are for
+        for batch in [None, *more]:
+            step("mae", "reduce-overhead", batch)
     save()
     print(f"wrote {out / 'gpu_check.json'}")
     if failed:
