@@ -17,10 +17,15 @@ and the main job ready to spend GPU hours on? Writes one JSON.
    running at full rate on the CPUs a training run leaves to decoding (``over_alone``: its clips/s
    over the step alone): what the decode load on the same machine takes from the step.
 4. ``pretrain``: ``jobs/pretrain.py --stage mae`` with the paper's config (``ppma_vitb.yaml``) on
-   one GPU and generated 224^2 footage for ``--pretrain-steps`` steps (100); its progress lines'
-   ``data_wait_frac`` (the share of step time spent waiting for input) and clips/s, means from
-   step ``mean_from_step`` on (start-up left out), and ``by_step`` ([clips/s, data_wait_frac] per
-   step after the first). Set beside 1. and 3., the run's loop itself is what is left.
+   one GPU and generated 224^2 footage for ``--pretrain-steps`` steps (100), as one epoch, a
+   progress line every ``--pretrain-log-every`` steps (10); its lines' ``data_wait_frac`` (the share
+   of step time spent waiting for input) and clips/s, means from step ``mean_from_step`` on
+   (start-up left out), and ``by_line`` ([step, clips/s, data_wait_frac] per line). Set beside 1.
+   and 3., the run's loop itself is what is left. Like a real run between two checkpoints (the
+   paper config's come every 1,000 steps, its lines every 50), it saves one checkpoint, at its end
+   (``checkpoints``): the 64 generated videos with the paper's 4 repeats made epochs of 4 steps, each
+   ending in a checkpoint (1 GB with the optimizer state) that the next step's rate paid for, and a
+   line per step read the GPU's values at every step.
 
 It starts a local Ray instance, or joins the one ``RAY_ADDRESS`` names (as under ``ray job submit``).
 ``--dry-run`` does the same with a tiny model, 32^2 crops and few steps on the CPU (CI runs it), so
@@ -288,16 +293,18 @@ def step_under_feed(manifest: Path, p: dict, device: torch.device) -> dict:
     return {**out, "feed": feed}
 
 
-def pretrain_run(manifest: Path, out: Path, p: dict, steps: int, dry: bool) -> dict:
-    """``jobs/pretrain.py --stage mae`` on the paper's config (one GPU), the progress lines read back."""
+def pretrain_run(manifest: Path, out: Path, p: dict, steps: int, log_every: int, dry: bool) -> dict:
+    """``jobs/pretrain.py --stage mae`` on the paper's config (one GPU), one epoch of ``steps`` steps,
+    the progress lines read back."""
     sets = [f"data.sources.nohuman.manifest={manifest}", f"data.sources.nohuman.root={manifest.parent}",
             "data.sources.nohuman.val_manifest=null", "data.sources.nohuman.fps=null",
             f"data.sources.synthetic.manifest={manifest}", f"data.sources.synthetic.root={manifest.parent}",
             "data.sources.synthetic.val_manifest=null",
-            f"run.storage_path={out / 'runs'}", "run.name=gpu_check", f"run.max_steps={steps}", "run.log_every=1",
+            f"run.storage_path={out / 'runs'}", "run.name=gpu_check", f"run.max_steps={steps}", f"run.log_every={log_every}",
             "run.checkpoint_every=0", "run.max_failures=0", "scaling.num_workers=1",
             f"scaling.cpus_per_worker={trainer_cpus()}"]
-    sets.append(f"mae.batch_size={p['batch']}")  # the paper's 16 clips per GPU (dry: 4)
+    # the paper's 16 clips per GPU (dry: 4); the run one epoch long, so that its one checkpoint is at its end
+    sets += [f"mae.batch_size={p['batch']}", f"mae.samples_per_epoch={steps * p['batch']}"]
     if dry:
         sets += DRY_MODEL + ["scaling.use_gpu=false", "scaling.torch_threads=1",
                              f"data.clip.img_size={p['img_size']}", f"data.clip.short_side={p['short_side']}",
@@ -312,20 +319,22 @@ def pretrain_run(manifest: Path, out: Path, p: dict, steps: int, dry: bool) -> d
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     wall = time.perf_counter() - t0
-    lines = [json.loads(x) for x in (out / "runs/gpu_check-mae/mae_metrics.jsonl").read_text().splitlines()] \
-        if (out / "runs/gpu_check-mae/mae_metrics.jsonl").is_file() else []
+    run = out / "runs/gpu_check-mae"
+    lines = [json.loads(x) for x in (run / "mae_metrics.jsonl").read_text().splitlines()] \
+        if (run / "mae_metrics.jsonl").is_file() else []
     progress = [m for m in lines if "loss" in m]
     # the first steps include start-up (decode processes importing, the allocator growing): the
-    # means leave out the first tenth (at least the first step, at most ten)
-    skip = min(10, max(1, len(progress) // 10))
-    steady = progress[skip:]
-    result = {"returncode": r.returncode, "wall_s": wall, "steps": len(lines), "mean_from_step": skip + 1}
+    # means leave out the lines of the first tenth of the steps (at least one line, at most ten steps)
+    skip = -(-min(10, max(1, steps // 10)) // log_every) * log_every
+    steady = [m for m in progress if m["step"] > skip]
+    result = {"returncode": r.returncode, "wall_s": wall, "steps": progress[-1]["step"] if progress else 0,
+              "log_every": log_every, "mean_from_step": skip + 1,
+              "checkpoints": len([c for c in run.glob("checkpoint_*") if c.is_dir()])}
     if steady:
         result["data_wait_frac"] = sum(m["data_wait_frac"] for m in steady) / len(steady)
         result["clips_per_s"] = sum(m["clips_per_s"] for m in steady) / len(steady)
-        # step by step (all but the first): a slow start, a slow tail and a steady gap to the
-        # ``step`` figure look alike in a mean
-        result["by_step"] = [[round(m["clips_per_s"], 1), round(m["data_wait_frac"], 3)] for m in progress[1:]]
+    # line by line: a slow start, a slow tail and a steady gap to the ``step`` figure look alike in a mean
+    result["by_line"] = [[m["step"], round(m["clips_per_s"], 1), round(m["data_wait_frac"], 3)] for m in progress]
     if r.returncode:
         result["error_tail"] = (r.stdout + r.stderr)[-2000:]
     return result
@@ -343,6 +352,8 @@ def main() -> None:
     ap.add_argument("--videos", type=Path, default=None,
                     help="the generated clips' folder: used when it holds train.csv, else written there")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="steps of the pretrain run (default 100; dry: 4)")
+    ap.add_argument("--pretrain-log-every", type=int, default=None,
+                    help="steps per progress line in the pretrain run (default 10; dry: 1)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -418,7 +429,8 @@ def main() -> None:
                   + f", the feed {under['feed']['clips_per_s']:.1f} clips/s on {under['feed']['cpus']:g} CPUs", flush=True)
             save()
         steps = args.pretrain_steps or (4 if args.dry_run else 100)
-        pre = part("pretrain", lambda: pretrain_run(manifest, Path(work), p, steps, args.dry_run))
+        log_every = args.pretrain_log_every or (1 if args.dry_run else 10)
+        pre = part("pretrain", lambda: pretrain_run(manifest, Path(work), p, steps, log_every, args.dry_run))
         if pre is not None:
             report["pretrain"] = pre
             print(f"pretrain: {json.dumps({k: v for k, v in pre.items() if k != 'error_tail'})}", flush=True)

@@ -30,7 +30,9 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path, ray_session):
     under = report["step_under_feed"]  # the step while another process keeps the feed busy
     assert under["clips_per_s"] > 0 and under["last_step_taken"] and under["over_alone"] > 0
     assert under["feed"]["clips_per_s"] > 0 and under["feed"]["cpus"] >= 1
-    assert report["pretrain"]["returncode"] == 0 and report["pretrain"]["steps"] == 4
-    assert 0.0 <= report["pretrain"]["data_wait_frac"] <= 1.0 and len(report["pretrain"]["by_step"]) == 3
-    assert report["pretrain"]["mean_from_step"] == 2
+    pre = report["pretrain"]
+    assert pre["returncode"] == 0 and pre["steps"] == 4 and pre["log_every"] == 1
+    assert 0.0 <= pre["data_wait_frac"] <= 1.0 and [line[0] for line in pre["by_line"]] == [1, 2, 3, 4]
+    assert pre["mean_from_step"] == 2
+    assert pre["checkpoints"] == 1  # one epoch: its checkpoint at the end, none every two steps
     assert (videos / "train.csv").is_file()  # written on the first run, read by the next (--videos)
