@@ -1,6 +1,6 @@
 """Input pipeline throughput, side by side on the same files and cores, in one run.
 
-    python benchmarks/data_throughput.py [--videos 32] [--cores N] [--rounds 3] [--json OUT]
+    python benchmarks/data_throughput.py [--videos 32] [--cores N] [--rounds 3] [--pass-seconds 5] [--json OUT]
 
 (a) raw: ``decode_batch`` (decode + augment, exactly what the pipeline runs) in a loop, one
     process, one core;
@@ -16,9 +16,13 @@ core, counting augmented clips; ``ray_over_raw_k4`` compares the pipeline at k =
 decode rate at k = 1, which is what repeated augmentation buys.
 
 Steady state: Ray's decode processes and the loader's (persistent) workers are started and warm
-(imports done, a first pass run) before the timed passes, so process start-up is not in the rate;
-a timed pass decodes every video once (``--videos``, 32 by default: 3-15 s per pass on 2 cores),
-and includes filling and draining the pipeline once (about one task, under 0.5 s here).
+(imports done, a first pass run) before the timed passes, so process start-up is not in the rate.
+A timed pass of Ray or the DataLoader decodes the footage's videos (``--videos``, 32) over and over,
+as many times as make it last about ``--pass-seconds`` (5) at the raw rate on all cores, so that
+filling and draining the pipeline once (0.1-0.2 s here) is a small share of it: passes over the 32
+videos once lasted 0.75 s for the 340x256 footage, and Ray read 0.65-0.72 of raw there, against
+0.87-0.98 in passes of 5 s (the same files, the same minutes). The raw loop has nothing to fill: it
+decodes each video once.
 
 Rounds: raw, Ray and the DataLoader take turns, ``--rounds`` timed passes each (3), and each figure
 is the median of its passes; at k = 4 the rounds also time raw at k = 1, the rate that Ray at k = 4
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -122,11 +127,12 @@ class _Rows(torch.utils.data.Dataset):
 
 def warm_loader(table: pa.Table, clip: ClipConfig, k: int, workers: int):
     """A DataLoader running the same function, one worker per core, its (persistent) workers
-    started and through a first pass."""
+    started and through their first batches (imports, first-call costs)."""
     loader = torch.utils.data.DataLoader(_Rows(table, clip, k), batch_size=2, num_workers=workers, collate_fn=lambda b: b,
                                          persistent_workers=True, prefetch_factor=2)
-    for _ in loader:
-        pass
+    for i, _ in enumerate(loader):
+        if i == 2 * workers:
+            break
     return loader
 
 
@@ -148,25 +154,32 @@ def run_ray(table: pa.Table, clip: ClipConfig, k: int, decode: DecodeConfig) -> 
     return _timed(int(b["ok"].sum()) for b in ds.iter_batches(batch_size=8, batch_format="numpy"))
 
 
-def side_by_side(table: pa.Table, clip: ClipConfig, k: int, cores: int, rounds: int, scaling: bool = False) -> dict:
+def side_by_side(table: pa.Table, clip: ClipConfig, k: int, cores: int, rounds: int, pass_seconds: float,
+                 scaling: bool = False) -> dict:
     """raw, Ray and DataLoader rates (clips/s per core), each warmed once, then timed ``rounds``
     times in turn (raw, Ray, loader, raw, ...), so that they share each stretch of the machine's
-    speed; each figure is the median of its rounds. With k > 1 the rounds also time raw at k = 1
-    (``raw_k1``: what Ray at k is compared with). ``scaling``: also the Ray pipeline with one decode
-    task at a time (``ray_1cpu_total``, clips/s), in the same rounds."""
-    loader = warm_loader(table, clip, k, cores)
-    decode = warm_ray(table, clip, k, cores)
-    one = warm_ray(table, clip, k, cores, one_task=True) if scaling else None
+    speed; each figure is the median of its rounds. Ray and the loader decode the videos ``reps``
+    times a pass, as many as make a pass last ``pass_seconds`` at the raw rate on ``cores`` cores.
+    With k > 1 the rounds also time raw at k = 1 (``raw_k1``: what Ray at k is compared with).
+    ``scaling``: also the Ray pipeline with one decode task at a time (``ray_1cpu_total``, clips/s),
+    in the same rounds."""
+    raw_rate = run_raw(table, clip, k)  # untimed: it sizes the passes
+    reps = max(1, math.ceil(pass_seconds * raw_rate * cores / (table.num_rows * k)))
+    passes = pa.concat_tables([table] * reps)
+    loader = warm_loader(passes, clip, k, cores)
+    decode = warm_ray(passes, clip, k, cores)
+    one = warm_ray(passes, clip, k, cores, one_task=True) if scaling else None
     names = ["raw", "ray", "loader"] + (["raw_k1"] if k > 1 else []) + (["ray_1cpu_total"] if scaling else [])
     per_round = []
     for _ in range(rounds):
-        r = [run_raw(table, clip, k), run_ray(table, clip, k, decode) / cores, run_loader(loader) / cores]
+        r = [run_raw(table, clip, k), run_ray(passes, clip, k, decode) / cores, run_loader(loader) / cores]
         r += [run_raw(table, clip, 1)] if k > 1 else []
-        r += [run_ray(table, clip, k, one)] if scaling else []
+        r += [run_ray(passes, clip, k, one)] if scaling else []
         per_round.append(dict(zip(names, r)))
     del loader  # its workers exit
     medians = {n: float(np.median([r[n] for r in per_round])) for n in names}
-    return {**medians, "raw_k1": medians.get("raw_k1", medians["raw"]), "rounds": per_round}
+    return {**medians, "raw_k1": medians.get("raw_k1", medians["raw"]), "videos_per_pass": passes.num_rows,
+            "ray_pass_s": passes.num_rows * k / (medians["ray"] * cores), "rounds": per_round}
 
 
 def _rss_mb() -> float:
@@ -237,6 +250,8 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=3,
                     help="timed passes of each variant, in turn; figures are the medians")
+    ap.add_argument("--pass-seconds", type=float, default=5.0,
+                    help="length of a timed Ray or DataLoader pass (the videos decoded over and over)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--rss-clips", type=int, default=2000, help="clips decoded per backend for the memory figure")
     ap.add_argument("--decoders-only", action="store_true", help="only section (d), no Ray")
@@ -261,15 +276,16 @@ def main() -> None:
         init_ray(num_cpus=args.cores, verbose=False, log_to_driver=False)  # the console is for the figures
         ray.data.DataContext.get_current().enable_progress_bars = False  # the console is not the benchmark
         print(f"clips/s per core ({args.cores} cores; raw uses 1)")
-        print(f"{'footage':9} {'k':>2} {'raw':>8} {'ray':>8} {'loader':>8} {'ray/raw':>8} {'ray/loader':>10}")
+        print(f"{'footage':9} {'k':>2} {'raw':>8} {'ray':>8} {'loader':>8} {'ray/raw':>8} {'ray/loader':>10} {'Ray pass':>9}")
         for name, (table, clip) in inputs.items():
             plan = np.stack([np.zeros(table.num_rows, dtype=np.int64), np.arange(table.num_rows)], 1)
             plan_table = plan_to_table([Source(name, table)], plan)
             for k in (1, 4):
                 scaling = name == "bikes" and k == 1  # ray_scaling_1_to_all
-                r = results[f"{name}_k{k}"] = side_by_side(plan_table, clip, k, args.cores, args.rounds, scaling)
+                r = results[f"{name}_k{k}"] = side_by_side(plan_table, clip, k, args.cores, args.rounds,
+                                                           args.pass_seconds, scaling)
                 print(f"{name:9} {k:>2} {r['raw']:8.2f} {r['ray']:8.2f} {r['loader']:8.2f} {r['ray'] / r['raw_k1']:8.2f} "
-                      f"{r['ray'] / r['loader']:10.2f}", flush=True)
+                      f"{r['ray'] / r['loader']:10.2f} {r['ray_pass_s']:8.1f}s", flush=True)
         bikes_k1 = results["bikes_k1"]
         rounds = bikes_k1["rounds"]
         print("bikes, k = 1, round by round: Ray / raw " + ", ".join(f"{r['ray'] / r['raw']:.2f}" for r in rounds)
