@@ -16,17 +16,17 @@ import ray
 # (a few hundred MB each). Local instances only: a cluster node has as many CPUs as it runs workers.
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000}
 
-# Ray Train settings for a local instance (a user's own setting wins; clusters keep Ray's defaults).
-# Ray Train passes them from the driver to its controller.
+# Ray Train settings for a local instance (a user's own setting wins; clusters keep Ray's defaults),
+# set before it starts, so that its processes (Ray Train's controllers among them) inherit them.
 LOCAL_TRAIN_ENV = {
     # Nothing drains a node of a local instance, so the preemption watcher (an actor per run, and on
     # Ray 2.60 a core-worker ERROR line about its arguments on the console at every run's start) has
     # nothing to watch.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     # The controller polls its workers every 2 s, and a worker's ``ray.train.report`` waits until the
-    # previous report was polled (a one-slot queue): a run that reports more often than every 2 s (a
-    # PBT round, a demo epoch, a test) waits up to 2 s per report, and every run's end is seen up to
-    # 2 s late. A poll is one small call per worker; a worker that misses one is only failed after
+    # previous report was polled (a one-slot queue): a run that reports more often than every 2 s
+    # (short PBT rounds, the tests' tiny runs) waits up to 2 s per report, and every run's end is
+    # seen up to 2 s late. A poll is one small call per worker; a worker that misses one is only failed after
     # RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 minutes), so polling more often fails nothing sooner.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
 }

@@ -232,8 +232,10 @@ def prune_downloads(cache: Path, keep: Path, unused_s: float = DOWNLOAD_KEEP_S) 
             continue
         if copy == keep or not copy.is_dir() or unused < unused_s:
             continue
-        source = copy / SOURCE_FILE
-        named = source.read_text().strip() if source.is_file() else copy.name
+        try:
+            named = (copy / SOURCE_FILE).read_text().strip()
+        except OSError:  # a copy made before copies named their source
+            named = copy.name
         shutil.rmtree(copy, ignore_errors=True)
         print(f"removed the local copy of {named} ({copy}): unused for {unused / 86400:.0f} days", file=sys.stderr,
               flush=True)
