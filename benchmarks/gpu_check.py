@@ -155,6 +155,10 @@ def time_step(stage: str, p: dict, device: torch.device, compile_mode: str | Non
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
+        else:
+            # a CUDA build of torch without a driver: Kineto prints an ERROR line for the GPU count it
+            # cannot read, on every profile; the CPU profile is whole
+            os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         with torch.profiler.profile(activities=activities) as prof:
             for i in range(warmup + steps, warmup + steps + 3):
                 last = run(i)
