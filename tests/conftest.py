@@ -9,6 +9,7 @@ the local S3 server; every other test is marked ``unit`` here and runs in well u
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -38,9 +39,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def unclaimed_port() -> int:
+    """A port free now that no process takes by itself later: between Ray's worker ports
+    (10002-19999) and the kernel's ephemeral range (from 32768), where ``bind(0)``, and so every Ray
+    process, takes its ports. A port from ``free_port`` is only free at the moment it is chosen: the
+    S3 server binds its port when a test first needs it, minutes after Ray started, and in one CI run
+    a Ray process had taken it meanwhile (nine tests failed at setup: "Received HTTP/0.9")."""
+    rng = random.Random(os.getpid())  # the test workers choose apart
+    while True:
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
 # Object storage in the tests is a local S3 server on this port (``s3_bucket``), never AWS: set
 # before any Ray process starts, so the session instance's workers (which decode) read from it too.
-S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+S3_ENDPOINT = f"http://127.0.0.1:{unclaimed_port()}"
 os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                   AWS_DEFAULT_REGION="us-east-1")
 os.environ.pop("AWS_ENDPOINT_URL_S3", None)
@@ -166,6 +184,11 @@ def s3_bucket():
     import pyarrow.fs as pafs
 
     port = int(S3_ENDPOINT.rsplit(":", 1)[1])
+    with socket.socket() as s:  # still free: nothing else answers the readiness check below
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            pytest.fail(f"the S3 server's port {port} is taken by another process: {e}")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 30
