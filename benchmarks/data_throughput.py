@@ -16,7 +16,7 @@ core, counting augmented clips; ``ray_over_raw_k4`` compares the pipeline at k =
 decode rate at k = 1, which is what repeated augmentation buys.
 
 Steady state: Ray's decode processes and the loader's (persistent) workers are started and warm
-(imports done, a first pass run) before the timed passes, so process start-up is not in the rate.
+(imports done, first batches decoded) before the timed passes, so process start-up is not in the rate.
 A timed pass of Ray or the DataLoader decodes the footage's videos (``--videos``, 32) over and over,
 as many times as make it last about ``--pass-seconds`` (5) at the raw rate on all cores, so that
 filling and draining the pipeline once (0.1-0.2 s here) is a small share of it: passes over the 32

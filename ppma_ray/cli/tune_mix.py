@@ -62,11 +62,11 @@ def local_stage1(path: Path) -> str:
     """``--stage1`` on this machine: a checkpoint folder or weights file as given, or a stage-1 run
     folder (``runs/demo-mae``), whose newest whole checkpoint is used and named. ``run_experiment``
     makes the path absolute for the trials."""
-    from ppma_ray.train.checkpoint import MODEL_FILE, run_checkpoint
+    from ppma_ray.train.checkpoint import run_checkpoint
 
     if not path.exists():
         raise FileNotFoundError(f"--stage1: {path} does not exist")
-    if path.is_dir() and not (path / MODEL_FILE).is_file() and (newest := run_checkpoint(path)) is not None:
+    if (newest := run_checkpoint(path)) is not None:
         print(f"--stage1: {newest} (the newest whole checkpoint of {path})")
         return str(newest)
     return str(path)

@@ -184,7 +184,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path).resolve()
     if p.is_file():
         return p
-    if p.is_dir() and not (p / MODEL_FILE).is_file() and (newest := run_checkpoint(p)) is not None:
+    if (newest := run_checkpoint(p)) is not None:
         return newest / MODEL_FILE
     try:  # a checkpoint folder or a Hugging Face folder (model.safetensors or pytorch_model.bin)
         return weights_file(p)
@@ -268,9 +268,12 @@ def newest_whole(fs: pafs.FileSystem, folder: str) -> tuple[str | None, dict[str
 
 
 def run_checkpoint(run: str | Path) -> Path | None:
-    """The newest whole checkpoint of the local run folder ``run`` (None: it has no
-    ``checkpoint_*`` folder). Each newer one passed over is named on stderr; when none is whole, a
-    ``CheckpointError`` says why each is not (a save cut short by a crash or a full disk)."""
+    """The newest whole checkpoint of the local run folder ``run`` (None: ``run`` is not a run
+    folder: a file, a checkpoint itself, or a folder with no ``checkpoint_*`` folder). Each newer one
+    passed over is named on stderr; when none is whole, a ``CheckpointError`` says why each is not
+    (a save cut short by a crash or a full disk)."""
+    if not Path(run).is_dir() or (Path(run) / MODEL_FILE).is_file():
+        return None
     newest, problems = newest_whole(pafs.LocalFileSystem(), str(Path(run).resolve()))
     if newest is None and problems:
         raise CheckpointError(f"{run}: no checkpoint in it is whole: "
