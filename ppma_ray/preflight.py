@@ -91,7 +91,7 @@ def cheap_checks(cfg: PretrainConfig, wait_s: float = 0.0) -> list[Check]:
         out.append(Check("autoscaling", False, f"the cluster did not provide the resources within {wait_s:g} s "
                                                "(scaling.resource_wait_s; check the node types' max_workers and quotas)"))
     nodes = _alive_nodes()
-    if len(nodes) > 1 and "://" not in cfg.run.storage_path:
+    if len(nodes) > 1 and not objectstore.is_uri(cfg.run.storage_path):
         # several nodes write checkpoints: a local path must be one shared filesystem (NFS, ...)
         out += storage_checks(cfg.run.storage_path)
     return out

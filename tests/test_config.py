@@ -153,6 +153,8 @@ def test_job_specific_bad_input_exits_2_before_ray():
         "manifest": ("pretrain", "--set", "data.sources.nohuman.manifest=/nope/train.csv"),
         "ablation": ("pretrain", "--ablation", "--stage", "mae"),
         "stage1": ("tune_mix", "--stage1", str(ROOT / "jobs" / "configs")),  # neither weights nor checkpoints
+        "init_from": ("pretrain", "--stage", "align", "--init-from", "nope/checkpoint"),
+        "storage": ("evaluate", "--set", "run.storage_path=hdfs://namenode/runs"),  # Ray would take it; we could not
     })
     expected = {"search": "--set tune.search: 'bayes' is not one of",
                 "tasks": "eval.tasks: the tuning objective needs at least one downstream task",
@@ -161,7 +163,9 @@ def test_job_specific_bad_input_exits_2_before_ray():
                 "range": "tune.extra.align.optim.lr: tune.search random samples a [low, high] range",
                 "manifest": "data.sources.nohuman.manifest: /nope/train.csv does not exist",
                 "ablation": "--ablation runs both stages from scratch",
-                "stage1": f"{ROOT / 'jobs' / 'configs'}: a folder without model.safetensors or pytorch_model.bin"}
+                "stage1": f"{ROOT / 'jobs' / 'configs'}: no weights file, checkpoint, run or Hugging Face folder there",
+                "init_from": "--init-from nope/checkpoint: does not exist",
+                "storage": "run.storage_path: hdfs://namenode/runs: a local path, or a bucket URI (s3://, gs://, gcs://)"}
     for key, r in results.items():
         assert r.returncode == 2 and expected[key] in r.stderr and len(r.stderr.strip().splitlines()) == 1, (key, r.stderr)
 

@@ -103,6 +103,46 @@ def test_init_from_a_hub_id_reads_the_hub_cache_and_is_checked_before_ray(tmp_pa
         read_state_dict("hf://just-a-name")
 
 
+def test_a_hub_id_reaches_the_workers_as_it_is_and_they_load_it(tmp_path, demo_root, monkeypatch):
+    """``evaluate --checkpoint hf://...`` and ``pretrain --init-from hf://...``: the jobs read the
+    Hub's cache for their checks and hand the Ray workers the id, which each node fetches for itself;
+    the worker's start (``_load_init``) and the averages' (``resolve_checkpoint``) load it. Before, a
+    worker took ``hf://ORG/NAME`` for an object in a bucket named ORG, and evaluate did too."""
+    import contextlib
+
+    from conftest import DEMO_CONFIG, TINY
+
+    import ppma_ray.train.downstream as downstream
+    import ppma_ray.train.runner as runner
+    import ppma_ray.train.stop as stop
+    from ppma_ray.cli import evaluate, pretrain
+    from ppma_ray.config import load_config
+    from ppma_ray.train.checkpoint import resolve_checkpoint
+    from ppma_ray.train.loop import _load_init, stage_model
+
+    hf_cfg = transformers.VideoMAEConfig(image_size=32, num_frames=8, patch_size=16, tubelet_size=2, hidden_size=192,
+                                         num_hidden_layers=2, num_attention_heads=3, intermediate_size=768)
+    _hub_cache(tmp_path, monkeypatch, transformers.VideoMAEForPreTraining(hf_cfg))
+    sets = [*TINY, f"data.demo_root={demo_root}", f"run.storage_path={tmp_path / 'runs'}", "eval.tasks=[]"]
+    started = []
+    for job in (evaluate, pretrain):
+        monkeypatch.setattr(job, "start_ray", lambda cfg, verbose: cfg)
+    monkeypatch.setattr(downstream, "run_stage", lambda cfg, options: started.append(options.init_from) or
+                        {"test_top1": 0.5, "test_top5": 1.0, "test_videos": 2, "test_failed": 0})
+    monkeypatch.setattr(stop, "graceful_stop", lambda name: contextlib.nullcontext())
+    monkeypatch.setattr(runner, "pretrain", lambda cfg, stages, init_from, **kw: started.append(init_from) or {})
+    flags = [a for s in sets for a in ("--set", s)]
+    assert evaluate.main(["--checkpoint", "hf://org/tiny", "--task", "demo:motion", "--output-dir", str(tmp_path / "out"),
+                          *flags]) == 0
+    assert pretrain.main(["--stage", "align", "--init-from", "hf://org/tiny", *flags]) == 0
+    assert started == ["hf://org/tiny"] * 2
+
+    model = stage_model(load_config(DEMO_CONFIG, TINY), "align", {"nohuman": 6})
+    report = _load_init(model, "hf://org/tiny", strict=True)  # what a Train worker runs with that id
+    assert report.layout == "hf" and not report.missing and not report.unexpected
+    assert resolve_checkpoint("hf://org/tiny") == tmp_path / "hub/models--org--tiny/snapshots" / ("a" * 40) / "model.safetensors"
+
+
 @pytest.fixture
 def pretrain_output(tmp_path):
     """A ``jobs/pretrain.py`` output folder as the job writes it: results.json naming each stage's

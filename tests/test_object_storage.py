@@ -218,7 +218,7 @@ def test_a_checkpoint_uri_is_evaluated_from_a_local_copy_of_its_weights(s3_bucke
     assert resolve_checkpoint(uri) == again and again.is_file() and recent.is_dir()
     assert not weights.parent.exists()
     assert capsys.readouterr().err == f"removed the local copy of {uri} ({weights.parent}): unused for 8 days\n"
-    with pytest.raises(FileNotFoundError, match=f"--checkpoint {s3_bucket}/runs/nope: no model.safetensors there"):
+    with pytest.raises(FileNotFoundError, match=f"^{s3_bucket}/runs/nope: no model.safetensors there"):
         resolve_checkpoint(f"{s3_bucket}/runs/nope")
 
 

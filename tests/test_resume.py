@@ -193,24 +193,24 @@ def test_stage_2_alone_starts_from_the_newest_whole_stage_1_checkpoint(tmp_path)
 
 
 def test_a_run_folder_given_as_a_checkpoint_resolves_to_its_newest_whole_one(tmp_path, capsys):
-    """``--checkpoint`` (evaluate, averaging), ``--stage1`` (tune) and export_hf take a run folder:
-    a newest checkpoint that a crash left torn is passed over and named; none whole is an error
-    naming each."""
+    """``--checkpoint`` (evaluate, averaging), ``--init-from`` (pretrain), ``--stage1`` (tune) and
+    export_hf take a run folder: a newest checkpoint that a crash left torn is passed over and named;
+    none whole is an error naming each."""
+    from ppma_ray.cli import weights_source
     from ppma_ray.cli.export_hf import find_checkpoint
-    from ppma_ray.cli.tune_mix import local_stage1
     from ppma_ray.models.errors import CheckpointError
     from ppma_ray.train.checkpoint import resolve_checkpoint, run_checkpoint
 
     run = tmp_path / "demo-align"
     older, newest = _checkpoints(run, 2)
-    assert resolve_checkpoint(run) == newest / MODEL_FILE and local_stage1(run) == str(newest)
+    assert resolve_checkpoint(run) == newest / MODEL_FILE and weights_source("--stage1", str(run)) == str(newest / MODEL_FILE)
+    assert f"--stage1: {newest} (the newest whole checkpoint of {run})" in capsys.readouterr().err
     (newest / MODEL_FILE).write_bytes((newest / MODEL_FILE).read_bytes()[:-10])  # a save cut short
-    capsys.readouterr()
     assert resolve_checkpoint(run) == older / MODEL_FILE
     assert f"WARNING: {newest} is not whole (model.safetensors has" in capsys.readouterr().err
-    assert local_stage1(run) == str(older) and find_checkpoint(run, None) == (older, None)
+    assert weights_source("--init-from", str(run)) == str(older / MODEL_FILE) and find_checkpoint(run, None) == (older, None)
     (older / STATE_FILE).write_bytes(b"")
-    for resolve in (resolve_checkpoint, lambda r: find_checkpoint(r, None), local_stage1):
+    for resolve in (resolve_checkpoint, lambda r: find_checkpoint(r, None), lambda r: weights_source("--stage1", str(r))):
         with pytest.raises(CheckpointError, match="no checkpoint in it is whole") as e:
             resolve(run)
         assert f"{older.name}: {STATE_FILE} has 0 bytes" in str(e.value) and newest.name in str(e.value)
@@ -240,6 +240,37 @@ def test_evaluate_resolves_a_run_folder_once_and_runs_the_checkpoint_it_checked(
     assert capsys.readouterr().err.count(f"WARNING: {newest} is not whole") == 1
     (options,) = started
     assert options.init_from == str(older / MODEL_FILE) and options.run_name.endswith("-demo-align-motion-lp")
+
+
+def test_init_from_reaches_the_workers_as_an_absolute_weights_file(tmp_path, demo_root, capsys, monkeypatch):
+    """``jobs/pretrain.py --init-from`` with a relative path, to a run folder: the workers get the
+    newest whole checkpoint's weights file, absolute. A Ray Train worker runs in a folder of its own,
+    where a relative path names nothing (the stage failed at its first line); a run folder, which the
+    flag's help offers, was refused as a folder without weights."""
+    import contextlib
+
+    from conftest import DEMO_CONFIG, TINY
+
+    import ppma_ray.train.runner as runner
+    import ppma_ray.train.stop as stop
+    from ppma_ray.cli import pretrain as job
+    from ppma_ray.config import load_config, to_dict
+    from ppma_ray.train.loop import stage_model
+
+    sets = [*TINY, f"data.demo_root={demo_root}", f"run.storage_path={tmp_path / 'runs'}", "eval.tasks=[]"]
+    cfg = load_config(DEMO_CONFIG, sets)
+    older, newest = [save_checkpoint(tmp_path / f"stage1/checkpoint_2026-01-01_00-00-0{i}", stage_model(cfg, "mae"), None,
+                                     {"step": i + 1}, to_dict(cfg)) for i in range(2)]
+    (newest / MODEL_FILE).write_bytes((newest / MODEL_FILE).read_bytes()[:-10])
+    started = []
+    monkeypatch.setattr(job, "start_ray", lambda cfg, verbose: cfg)
+    monkeypatch.setattr(stop, "graceful_stop", lambda name: contextlib.nullcontext())
+    monkeypatch.setattr(runner, "pretrain", lambda cfg, stages, init_from, **kw: started.append(init_from) or {})
+    monkeypatch.chdir(tmp_path)
+    assert job.main(["--stage", "align", "--init-from", "stage1", *[a for s in sets for a in ("--set", s)]]) == 0
+    assert started == [str(older / MODEL_FILE)]
+    err = capsys.readouterr().err
+    assert f"--init-from: {older} (the newest whole checkpoint of stage1)" in err and f"WARNING: {newest} is not whole" in err
 
 
 def test_a_run_folder_of_another_config_is_named_before_ray_starts(tmp_path):

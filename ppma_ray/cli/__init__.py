@@ -18,6 +18,7 @@ from pathlib import Path
 
 import ppma_ray
 from ppma_ray.config import ConfigError, PretrainConfig, dump_yaml, load_config
+from ppma_ray.data import objectstore
 from ppma_ray.data.manifest import ManifestError, label_map_of, read_manifest
 from ppma_ray.schema import check_all, flatten
 
@@ -81,6 +82,10 @@ def finish_config(args: argparse.Namespace, cfg: PretrainConfig) -> PretrainConf
     problem = backend_problem(cfg.data.decode.backend)
     if problem:  # this machine; decode nodes of a cluster are checked by their first task
         raise ConfigError.at("data.decode.backend", problem)
+    storage_path = cfg.run.storage_path
+    if "://" in storage_path and not objectstore.is_uri(storage_path):  # Ray would take it; our readers would not
+        raise ConfigError.at("run.storage_path", f"{storage_path}: a local path, or a bucket URI "
+                                                 f"({', '.join(s + '://' for s in objectstore.SCHEMES)})")
     for tracker, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
         if tracker in cfg.run.loggers and importlib.util.find_spec(module) is None:
             raise ConfigError.at("run.loggers", f"{tracker} is not installed here (pip install -e '.[tracking]')")
@@ -123,7 +128,7 @@ def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> dict[
             continue
         for key in ("manifest", "val_manifest"):
             path = getattr(src, key)
-            if not path or "://" in path:
+            if not path or objectstore.is_uri(path):
                 continue
             if not Path(path).is_file():
                 raise FileNotFoundError(f"data.sources.{name}.{key}: {path} does not exist")
@@ -131,7 +136,8 @@ def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> dict[
             if key == "manifest" and (labels := label_map_of(table)) is not None:
                 label_maps[name] = labels
             if src.root is None:
-                relative = next((p for p in table.column("path").to_pylist() if not os.path.isabs(p) and "://" not in p), None)
+                relative = next((p for p in table.column("path").to_pylist()
+                                 if not os.path.isabs(p) and not objectstore.is_uri(p)), None)
                 if relative is not None:
                     raise ManifestError(path, None, f"video path {relative!r} is relative and data.sources.{name}.root is "
                                                     f"not set: set it to the folder the paths are relative to")
@@ -184,7 +190,7 @@ def check_storage(cfg: PretrainConfig, checkpoints: int | None = None) -> None:
     """A local ``run.storage_path`` can hold the run: not under a file, writable, and with room for
     ``checkpoints`` (default ``run.keep`` + 1, the one being written) checkpoints of this model
     with AdamW's state (4 + 8 bytes per parameter). Object storage is checked by the preflight."""
-    if "://" in cfg.run.storage_path:
+    if objectstore.is_uri(cfg.run.storage_path):
         return
     import shutil
 
@@ -207,12 +213,30 @@ def check_storage(cfg: PretrainConfig, checkpoints: int | None = None) -> None:
                                                  f"checkpoints of this model with optimizer state need {need / 2**30:.1f} GiB")
 
 
+def weights_source(flag: str, source: str) -> str:
+    """A weights flag's value (``--init-from``, ``--stage1``, ``--checkpoint``) as the Ray workers get
+    it: a bucket URI or Hub id as given (each node reads it for itself); on this machine the weights
+    file, absolute (a Ray Train worker runs in a folder of its own), of a file, a checkpoint or Hugging
+    Face folder, or a run folder's newest whole checkpoint (named, and a torn newer one too)."""
+    from ppma_ray.train.checkpoint import is_remote, resolve_checkpoint, run_checkpoint
+
+    if is_remote(source):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {source}: does not exist")
+    if (newest := run_checkpoint(path)) is not None:
+        print(f"{flag}: {newest} (the newest whole checkpoint of {source})", file=sys.stderr)
+        path = newest
+    return str(resolve_checkpoint(path))
+
+
 def check_weights(cfg: PretrainConfig, source: str | None, partial: bool = False) -> None:
     """Match a local weights source (any layout ``load_trunk`` reads) against the run's model, built
     on the meta device: a file that would load partially or not at all fails here, in a second,
     instead of inside a training worker. A Hugging Face Hub id (``hf://``) is fetched here first (the
-    workers then read the Hub cache on this node); other URIs are checked where they are read."""
-    if not source or ("://" in source and not source.startswith("hf://")):
+    workers then read the Hub cache on this node); a bucket URI is checked where it is read."""
+    if not source or objectstore.is_uri(source):
         return
     import torch
 

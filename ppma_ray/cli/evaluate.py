@@ -5,8 +5,8 @@
     python jobs/evaluate.py --checkpoint A B --learned-alpha --task demo:motion --protocol lp
     python jobs/evaluate.py --task mydata --train-manifest train.csv --val-manifest test.csv --root /videos
 
---checkpoint: a run directory (its newest checkpoint), a checkpoint or Hugging Face VideoMAE folder, or
-a weights file (.safetensors, .bin, a VideoMAE .pth, a released PPMA .pt); none = random init; several,
+--checkpoint: a run directory (its newest checkpoint), a checkpoint or Hugging Face VideoMAE folder, a
+Hub id hf://ORG/NAME[@REVISION], a checkpoint in a bucket (s3://...), or a weights file (.safetensors, .bin, a VideoMAE .pth, a released PPMA .pt); none = random init; several,
 or the released ensemble file = weight averaging (fixed --alpha, one per model or one for the first of
 two; or --learned-alpha with the linear probe). A checkpoint that lacks a tensor the model needs is an
 error naming it.
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ppma_ray.cli import bad_input_exits, finish_config, parser, read_config, stage_failure_exits, start_ray
+from ppma_ray.cli import (bad_input_exits, finish_config, parser, read_config, stage_failure_exits, start_ray,
+                          weights_source)
 from ppma_ray.config import ConfigError, SourceConfig
 from ppma_ray.models.errors import CheckpointError
 
@@ -50,15 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.learned_alpha and args.protocol != "lp":
             raise ConfigError("--learned-alpha: the averaging coefficients are learned with the linear probe (--protocol lp)")
 
-    from ppma_ray.train.checkpoint import resolve_checkpoint
     from ppma_ray.train.downstream import count_models, evaluate, write_results
     from ppma_ray.train.report import print_results
 
     with bad_input_exits(CheckpointError):  # unreadable files, and --alpha against the models they hold
         # Resolved once, here: a run folder's newest whole checkpoint is checked against its sums
         # (seconds for ViT-B with its optimizer state) and a torn newer one named, and the run gets
-        # the weights file that was checked. A URI stays a URI: the workers read it where they run.
-        checkpoints = [c if "://" in c else str(resolve_checkpoint(c)) for c in args.checkpoint]
+        # the weights file that was checked. A URI or Hub id stays one: the workers read it where they run.
+        checkpoints = [weights_source("--checkpoint", c) for c in args.checkpoint]
         n_models = count_models(checkpoints)
         alphas = args.alpha
         if alphas is not None and not (len(alphas) == n_models or (len(alphas) == 1 and n_models == 2)):

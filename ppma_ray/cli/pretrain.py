@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_storage, check_weights,
-                          config_diff, finish_config, parser, read_config, stage_failure_exits, start_ray)
+                          config_diff, finish_config, parser, read_config, stage_failure_exits, start_ray,
+                          weights_source)
 from ppma_ray.config import ConfigError, PretrainConfig, to_dict
 from ppma_ray.models.errors import CheckpointError
 
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         label_maps = check_manifests_exist(cfg, stages)
         check_resume_config(cfg, stages)
         check_storage(cfg)
+        if args.init_from:
+            args.init_from = weights_source("--init-from", args.init_from)
         check_weights(cfg, args.init_from, args.init_from_partial)
 
     from ppma_ray.train.report import print_results
@@ -111,7 +114,7 @@ def resume_stage(cfg: PretrainConfig, args) -> str:
     from ppma_ray.train.checkpoint import CONFIG_FILE, checkpoint_dirs, checkpoint_problem, checkpoint_stage, storage
 
     path = Path(args.resume_from)
-    if "://" in args.resume_from or not path.is_dir():
+    if not path.is_dir():
         raise ConfigError(f"--resume-from {args.resume_from}: not a checkpoint folder on this machine")
     problem = checkpoint_problem(path)
     if problem:

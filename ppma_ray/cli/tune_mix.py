@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_storage, check_weights, finish_config, parser,
-                           read_config, start_ray)
+                           read_config, start_ray, weights_source)
 from ppma_ray.models.errors import CheckpointError
 
 
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         check(cfg)
         check_manifests_exist(cfg, ("align",) if args.stage1 else ("mae", "align"))
         check_storage(cfg)
-        if args.stage1 and "://" not in args.stage1:
-            args.stage1 = local_stage1(Path(args.stage1))
+        if args.stage1:
+            args.stage1 = weights_source("--stage1", args.stage1)
         check_weights(cfg, args.stage1)  # the trunk must load whole, as in every trial
 
     from ppma_ray.tune.outputs import summary_table
@@ -57,16 +57,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out / 'trials.csv'}, {out / 'best.yaml'}, {out / 'tune.png'}")
     return 0
 
-
-def local_stage1(path: Path) -> str:
-    """``--stage1`` on this machine: a checkpoint folder or weights file as given, or a stage-1 run
-    folder (``runs/demo-mae``), whose newest whole checkpoint is used and named. ``run_experiment``
-    makes the path absolute for the trials."""
-    from ppma_ray.train.checkpoint import run_checkpoint
-
-    if not path.exists():
-        raise FileNotFoundError(f"--stage1: {path} does not exist")
-    if (newest := run_checkpoint(path)) is not None:
-        print(f"--stage1: {newest} (the newest whole checkpoint of {path})")
-        return str(newest)
-    return str(path)

@@ -59,7 +59,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 def folder_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """(the filesystem, the path in it) of a folder that is local or in a bucket, such as
     ``run.storage_path``; a local path is returned as given."""
-    return filesystem(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    return filesystem(path) if is_uri(path) else (pafs.LocalFileSystem(), path)
 
 
 @functools.cache

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ppma_ray.data import objectstore
+from ppma_ray.models import hub
 from ppma_ray.models.checkpoint import weights_file
 from ppma_ray.models.errors import CheckpointError
 
@@ -143,7 +144,7 @@ def storage(storage_path: str) -> tuple[pafs.FileSystem, str, str]:
     """(filesystem, path in it, path as shown) of ``run.storage_path``: a local folder (made
     absolute) or an object-storage URI, reached as the data is (``data/objectstore.py``: the
     endpoint of ``AWS_ENDPOINT_URL``, which pyarrow's own ``FileSystem.from_uri`` ignores)."""
-    shown = storage_path.rstrip("/") if "://" in storage_path else os.path.abspath(storage_path)
+    shown = storage_path.rstrip("/") if objectstore.is_uri(storage_path) else os.path.abspath(storage_path)
     fs, base = objectstore.folder_filesystem(shown)
     return fs, base, shown
 
@@ -151,7 +152,7 @@ def storage(storage_path: str) -> tuple[pafs.FileSystem, str, str]:
 def ray_storage(storage_path: str) -> dict:
     """Ray Train's / Tune's ``RunConfig`` storage arguments for ``run.storage_path``: on object
     storage the filesystem is ours (above), so checkpoints go where the data comes from."""
-    if "://" not in storage_path:
+    if not objectstore.is_uri(storage_path):
         return {"storage_path": storage_path}
     fs, base, _ = storage(storage_path)
     return {"storage_path": base, "storage_filesystem": fs}
@@ -160,7 +161,7 @@ def ray_storage(storage_path: str) -> dict:
 def location(checkpoint, storage_path: str) -> str:
     """A Ray checkpoint as the jobs print it and take it back (``--init-from``, ``--resume-from``,
     stage 2's start): its local path, or on object storage its URI (Ray's ``path`` has no scheme)."""
-    if "://" in storage_path:
+    if objectstore.is_uri(storage_path):
         return f"{storage_path.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
     return checkpoint.path
 
@@ -169,18 +170,28 @@ def open_checkpoint(where: str):
     """A ``ray.train.Checkpoint`` of a local path or an object-storage URI (through our filesystem)."""
     import ray.train
 
-    if "://" in where:
+    if objectstore.is_uri(where):
         fs, path = objectstore.filesystem(where)
         return ray.train.Checkpoint(path, filesystem=fs)
     return ray.train.Checkpoint(where)
 
 
+def is_remote(source: str | Path | None) -> bool:
+    """Whether a checkpoint is named by a bucket URI or a Hugging Face Hub id (``hf://``): handed to
+    the workers as it is, since each node reads or fetches it for itself (a local copy's path would
+    exist on this node only), and never made an absolute path."""
+    return objectstore.is_uri(source) or hub.is_hub(source)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A weights file, a checkpoint directory, or a Ray run directory (its newest checkpoint);
     absolute, since workers do not share the driver's working directory. A checkpoint in object
-    storage (its URI, as ``results.json`` names it) is downloaded first (``downloaded``)."""
-    if "://" in str(path):
-        path = downloaded(str(path))
+    storage (its URI, as ``results.json`` names it) is downloaded first (``downloaded``); a Hub id
+    is fetched into the Hub's cache."""
+    if hub.is_hub(path):
+        return weights_file(path)
+    if objectstore.is_uri(path):
+        path = downloaded(path)
     p = Path(path).resolve()
     if p.is_file():
         return p
@@ -189,7 +200,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     try:  # a checkpoint folder or a Hugging Face folder (model.safetensors or pytorch_model.bin)
         return weights_file(p)
     except CheckpointError:
-        raise FileNotFoundError(f"--checkpoint {path}: no weights file, checkpoint, run or Hugging Face folder there") from None
+        raise FileNotFoundError(f"{path}: no weights file, checkpoint, run or Hugging Face folder there") from None
 
 
 def downloaded(uri: str) -> Path:
@@ -201,7 +212,7 @@ def downloaded(uri: str) -> Path:
     fs, folder = objectstore.filesystem(uri.rstrip("/"))
     infos = {name: fs.get_file_info(f"{folder}/{name}") for name in (MODEL_FILE, CONFIG_FILE)}
     if infos[MODEL_FILE].type != pafs.FileType.File:
-        raise FileNotFoundError(f"--checkpoint {uri}: no {MODEL_FILE} there")
+        raise FileNotFoundError(f"{uri}: no {MODEL_FILE} there")
     version = json.dumps([uri, *[(i.size, i.mtime_ns) for i in infos.values()]])
     cache = Path(tempfile.gettempdir()) / "ppma_ray_downloads"
     local = cache / hashlib.sha1(version.encode()).hexdigest()[:16]

@@ -16,7 +16,8 @@ from ppma_ray.config import ClipConfig, ConfigError, ModelConfig, PretrainConfig
 from ppma_ray.models import vit_config
 from ppma_ray.models.averaging import average_state_dicts
 from ppma_ray.models.checkpoint import load_trunks, read_checkpoint, read_state_dict
-from ppma_ray.train.checkpoint import CONFIG_FILE, resolve_checkpoint, upload_folder
+from ppma_ray.data import objectstore
+from ppma_ray.train.checkpoint import CONFIG_FILE, is_remote, resolve_checkpoint, upload_folder
 from ppma_ray.train.data import resolve_sources, task_source
 from ppma_ray.train.linear_probe import linear_probe_cached
 from ppma_ray.train.config import AverageSpec, RunOptions
@@ -69,10 +70,10 @@ def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, che
 def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, checkpoints: list[str] | None,
               alphas: list[float] | None, learned_alpha: bool, per_layer: bool, cache_features: bool,
               num_classes: int | None, scratch: Path) -> dict:
-    # local weights files (a checkpoint in object storage: a local copy) for reading here; the Ray
-    # Train workers get URIs as they are, since they may run on other machines
+    # local weights files (a checkpoint in object storage: a local copy; a Hub id: the Hub's cache)
+    # for reading here; the Ray Train workers get those as they are, since they may run on other machines
     weights = [resolve_checkpoint(c) for c in checkpoints or []]
-    given = [c if "://" in str(c) else str(w) for c, w in zip(checkpoints or [], weights)]
+    given = [c if is_remote(c) else str(w) for c, w in zip(checkpoints or [], weights)]
     cfg = config_for_checkpoint(cfg, weights[0] if weights else None)
     n_models = count_models([str(w) for w in weights])  # resolved above: a URI is not looked up twice
     if alphas is not None and len(alphas) == 1 and n_models == 2:
@@ -98,7 +99,7 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
         else:
             alphas = alphas or [1.0 / n_models] * n_models
             init_state = average_state_dicts(load_trunks([str(w) for w in weights]), alphas)
-            remote = "://" in cfg.run.storage_path
+            remote = objectstore.is_uri(cfg.run.storage_path)
             local_dir = scratch if remote else Path(cfg.run.storage_path) / run_name
             local_dir.mkdir(parents=True, exist_ok=True)
             local_init = init_from = str(local_dir / "averaged.safetensors")

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ppma_ray.config import PretrainConfig, ScalingSettings, StageConfig, StageKind, to_dict
 from ppma_ray.train.config import RunOptions
+from ppma_ray.data import objectstore
 from ppma_ray.data.pipeline import FailureTracker
 from ppma_ray.models import build_model
 from ppma_ray.models.averaging import LearnedAverage
@@ -376,15 +377,15 @@ def _log_dirs(cfg: PretrainConfig, run_name: str) -> tuple[Path, tuple | None]:
     """(where this stage's logger files are written, the run folder they are uploaded to or None):
     the run folder itself on local or shared storage; with object storage a node-local folder,
     uploaded next to the checkpoints."""
-    if "://" in cfg.run.storage_path:
+    if objectstore.is_uri(cfg.run.storage_path):
         fs, base, _ = storage(cfg.run.storage_path)
         return Path(tempfile.gettempdir()) / "ppma_ray_logs" / run_name, (fs, f"{base.rstrip('/')}/{run_name}")
     return Path(cfg.run.storage_path).resolve() / run_name, None
 
 
 def _load_init(model, init_from: str, strict: bool):
-    """Trunk from a weights file, a checkpoint or Hugging Face folder, or a checkpoint URI."""
-    if "://" in init_from:
+    """Trunk from a weights file, a checkpoint or Hugging Face folder, a Hub id, or a checkpoint URI."""
+    if objectstore.is_uri(init_from):
         with open_checkpoint(init_from).as_directory() as d:
             return load_trunk(model, d, strict)
     return load_trunk(model, init_from, strict)

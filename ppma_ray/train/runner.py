@@ -16,6 +16,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchTrainer
 
 from ppma_ray.config import PretrainConfig
+from ppma_ray.data import objectstore
 from ppma_ray.data.demo import make_demo
 from ppma_ray.train.checkpoint import (FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, location, newest_whole,
                                       ray_storage, read_train_state, storage)
@@ -29,7 +30,7 @@ def resolve_paths(cfg: PretrainConfig) -> PretrainConfig:
     """Absolute local paths (workers do not share the driver's working directory), and the demo
     data generated once, here, before any worker needs it."""
     cfg = copy.deepcopy(cfg)
-    absolute = lambda p: p if p is None or "://" in p else os.path.abspath(p)  # noqa: E731
+    absolute = lambda p: p if p is None or objectstore.is_uri(p) else os.path.abspath(p)  # noqa: E731
     cfg.run.storage_path = absolute(cfg.run.storage_path)
     cfg.data.demo_root = absolute(cfg.data.demo_root)
     for src in cfg.data.sources.values():

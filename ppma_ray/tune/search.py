@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from ppma_ray.config import PretrainConfig, to_dict
+from ppma_ray.train.checkpoint import is_remote
 from ppma_ray.train.config import RunOptions
 from ppma_ray.train.runner import resolve_paths, run_stage
 from ppma_ray.tune import grid, pbt
@@ -37,7 +38,7 @@ def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None 
     out.mkdir(parents=True, exist_ok=True)
     if stage1 is None:  # one MAE for every trial (resumes / returns at once when already done)
         stage1 = run_stage(cfg, RunOptions("mae"))["checkpoint"]
-    elif "://" not in stage1:
+    elif not is_remote(stage1):
         stage1 = os.path.abspath(stage1)  # as out: a relative path would be read from a trial's folder
     experiment.prepare(cfg)  # e.g. PBT fixes stage 2's length, for the trials and for best.yaml
     common = {"base": to_dict(cfg), "stage1": stage1, "tasks": tuning_tasks(cfg, out)}

@@ -15,6 +15,7 @@ from typing import Callable
 from ray import tune
 
 from ppma_ray.config import PretrainConfig, SourceConfig
+from ppma_ray.data import objectstore
 from ppma_ray.data.manifest import write_ppma_manifest
 from ppma_ray.ray_env import quiet, quiet_process
 from ppma_ray.train.checkpoint import ray_storage
@@ -121,7 +122,7 @@ def tracker_callbacks(cfg: PretrainConfig, name: str) -> list:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
         # without a tracking server: next to the runs (object storage: in the working directory)
-        where = Path(cfg.run.storage_path) if "://" not in cfg.run.storage_path else Path.cwd()
+        where = Path.cwd() if objectstore.is_uri(cfg.run.storage_path) else Path(cfg.run.storage_path)
         callbacks.append(MLflowLoggerCallback(tracking_uri=mlflow_tracking_uri(where), experiment_name=name))
     return callbacks
 
