@@ -157,8 +157,9 @@ def time_step(stage: str, p: dict, device: torch.device, compile_mode: str | Non
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         else:
             # a CUDA build of torch without a driver: Kineto prints an ERROR line for the GPU count it
-            # cannot read, on every profile; the CPU profile is whole
-            os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+            # cannot read, and its start and stop markers (level USDT, 5, its highest), on every
+            # profile; the CPU profile is whole. 6 is above every level Kineto prints at.
+            os.environ.setdefault("KINETO_LOG_LEVEL", "6")
         with torch.profiler.profile(activities=activities) as prof:
             for i in range(warmup + steps, warmup + steps + 3):
                 last = run(i)

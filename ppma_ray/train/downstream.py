@@ -13,10 +13,10 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ppma_ray.config import ClipConfig, ConfigError, ModelConfig, PretrainConfig, from_dict
+from ppma_ray.data import objectstore
 from ppma_ray.models import vit_config
 from ppma_ray.models.averaging import average_state_dicts
 from ppma_ray.models.checkpoint import load_trunks, read_checkpoint, read_state_dict
-from ppma_ray.data import objectstore
 from ppma_ray.train.checkpoint import CONFIG_FILE, is_remote, resolve_checkpoint, upload_folder
 from ppma_ray.train.data import resolve_sources, task_source
 from ppma_ray.train.linear_probe import linear_probe_cached
