@@ -242,11 +242,13 @@ def test_evaluate_resolves_a_run_folder_once_and_runs_the_checkpoint_it_checked(
     assert options.init_from == str(older / MODEL_FILE) and options.run_name.endswith("-demo-align-motion-lp")
 
 
-def test_init_from_reaches_the_workers_as_an_absolute_weights_file(tmp_path, demo_root, capsys, monkeypatch):
+def test_init_from_and_resume_from_reach_the_workers_as_absolute_paths(tmp_path, demo_root, capsys, monkeypatch):
     """``jobs/pretrain.py --init-from`` with a relative path, to a run folder: the workers get the
-    newest whole checkpoint's weights file, absolute. A Ray Train worker runs in a folder of its own,
-    where a relative path names nothing (the stage failed at its first line); a run folder, which the
-    flag's help offers, was refused as a folder without weights."""
+    newest whole checkpoint's weights file, absolute; ``--resume-from`` with a relative path: the
+    checkpoint, absolute. A Ray Train worker runs in a folder of its own, where a relative path names
+    nothing (the stage failed at its start); a run folder, which ``--init-from``'s help offers, was
+    refused as a folder without weights. A stage-1 checkpoint that finished its epochs is stage 2's
+    start: resumed, its stage ended at once without a checkpoint, and stage 2 started from random init."""
     import contextlib
 
     from conftest import DEMO_CONFIG, TINY
@@ -265,12 +267,36 @@ def test_init_from_reaches_the_workers_as_an_absolute_weights_file(tmp_path, dem
     started = []
     monkeypatch.setattr(job, "start_ray", lambda cfg, verbose: cfg)
     monkeypatch.setattr(stop, "graceful_stop", lambda name: contextlib.nullcontext())
-    monkeypatch.setattr(runner, "pretrain", lambda cfg, stages, init_from, **kw: started.append(init_from) or {})
+    monkeypatch.setattr(runner, "pretrain", lambda cfg, stages, init_from, resume_from, **kw:
+                        started.append((stages, init_from, resume_from)) or {})
     monkeypatch.chdir(tmp_path)
-    assert job.main(["--stage", "align", "--init-from", "stage1", *[a for s in sets for a in ("--set", s)]]) == 0
-    assert started == [str(older / MODEL_FILE)]
+    flags = [a for s in sets for a in ("--set", s)]
+    assert job.main(["--stage", "align", "--init-from", "stage1", *flags]) == 0
     err = capsys.readouterr().err
     assert f"--init-from: {older} (the newest whole checkpoint of stage1)" in err and f"WARNING: {newest} is not whole" in err
+    assert job.main(["--resume-from", f"stage1/{older.name}", *flags]) == 0
+    finished = save_checkpoint(tmp_path / "done/checkpoint_2026-01-01_00-00-00", stage_model(cfg, "mae"), None,
+                               {"step": 9, "epoch": cfg.mae.epochs}, to_dict(cfg))
+    capsys.readouterr()
+    assert job.main(["--resume-from", str(finished), *flags]) == 0
+    assert f"{finished} has finished stage 1 ({cfg.mae.epochs} of {cfg.mae.epochs} epochs): stage 2 starts from it" in \
+        capsys.readouterr().err
+    assert started == [(("align",), str(older / MODEL_FILE), None), (("mae", "align"), None, str(older)),
+                       (("align",), str(finished / MODEL_FILE), None)]
+    with pytest.raises(SystemExit) as e:
+        job.main(["--stage", "mae", "--resume-from", str(finished), *flags])
+    assert e.value.code == 2 and "its mae training has finished" in capsys.readouterr().err
+
+
+def test_stage_2_never_starts_from_random_init_when_stage_1_left_no_checkpoint(tiny_config, monkeypatch):
+    import ppma_ray.train.runner as runner
+    from ppma_ray.models.errors import CheckpointError
+
+    ran = []
+    monkeypatch.setattr(runner, "run_stage", lambda cfg, options, output_dir: ran.append(options.stage) or {"checkpoint": None})
+    with pytest.raises(CheckpointError, match="mae ended without a checkpoint, so align has nothing to start from"):
+        runner.pretrain(tiny_config())
+    assert ran == ["mae"]
 
 
 def test_a_run_folder_of_another_config_is_named_before_ray_starts(tmp_path):

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ablation and not cfg.eval.tasks:
             raise ConfigError("--ablation: eval.tasks is empty; the ablation probes every task")
         if args.resume_from:  # the checkpoint's stage, then stage 2 after a stage-1 checkpoint (unless --stage)
+            args.resume_from = os.path.abspath(args.resume_from)  # a Ray Train worker runs in a folder of its own
             stage = resume_stage(cfg, args)
             stages = (stage,) if args.stage or stage == "align" else ("mae", "align")
         else:
@@ -107,11 +108,13 @@ def resume_stage(cfg: PretrainConfig, args) -> str:
     """``--resume-from CHECKPOINT``: the stage it continues (from its weights; ``--stage`` must
     agree), checked before Ray starts: the checkpoint is whole, it was trained with this config's
     model, clip and stage settings, and this run's folder for the stage holds no run yet (re-running
-    continues that one)."""
+    continues that one). A stage-1 checkpoint that finished its epochs is stage 2's start
+    (``args.init_from``); any other finished checkpoint has nothing left to continue."""
     if args.init_from or args.random_init or args.ablation:
         raise ConfigError("--resume-from continues a checkpoint's training: leave out --init-from, --random-init "
                           "and --ablation")
-    from ppma_ray.train.checkpoint import CONFIG_FILE, checkpoint_dirs, checkpoint_problem, checkpoint_stage, storage
+    from ppma_ray.train.checkpoint import (CONFIG_FILE, checkpoint_dirs, checkpoint_problem, checkpoint_stage, storage,
+                                          train_progress)
 
     path = Path(args.resume_from)
     if not path.is_dir():
@@ -126,6 +129,14 @@ def resume_stage(cfg: PretrainConfig, args) -> str:
     if diff:
         raise ConfigError(f"--resume-from {path} was trained with another config ({'; '.join(diff[:4])}"
                           f"{'; ...' if len(diff) > 4 else ''}): continue it with its own config")
+    done, epochs = train_progress(path).get("epoch", 0), getattr(cfg, stage).epochs
+    if done >= epochs:  # its stage would end at once, without a checkpoint of this run to start stage 2 from
+        if args.stage or stage == "align":
+            raise ConfigError(f"--resume-from {path}: its {stage} training has finished ({done} of {epochs} epochs), "
+                              "so there is nothing to continue; start the next stage from it with --init-from")
+        print(f"{path} has finished stage 1 ({done} of {epochs} epochs): stage 2 starts from it", file=sys.stderr)
+        args.init_from, args.resume_from = str(path), None
+        return "align"
     fs, base, shown = storage(cfg.run.storage_path)
     if checkpoint_dirs(fs, f"{base.rstrip('/')}/{cfg.run.name}-{stage}"):
         raise ConfigError(f"{shown}/{cfg.run.name}-{stage} already holds a run: re-run without --resume-from to "

@@ -123,6 +123,14 @@ def read_train_state(directory: str | Path) -> dict:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def train_progress(directory: str | Path) -> dict:
+    """``train_state.pt`` without its optimizer state (step, epoch, metrics): the file is mapped, not
+    read, so a ViT-B checkpoint's 1 GB of AdamW moments is never loaded to learn where it stands."""
+    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    state.pop("optimizer", None)
+    return state
+
+
 def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Restore model (and optimizer, whose state follows its parameters' device) in place; returns
     the train state (without the optimizer)."""

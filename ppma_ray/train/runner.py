@@ -19,7 +19,7 @@ from ppma_ray.config import PretrainConfig
 from ppma_ray.data import objectstore
 from ppma_ray.data.demo import make_demo
 from ppma_ray.train.checkpoint import (FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, location, newest_whole,
-                                      ray_storage, read_train_state, storage)
+                                      ray_storage, storage, train_progress)
 from ppma_ray.models.errors import CheckpointError
 from ppma_ray.ray_env import quiet, quiet_process
 from ppma_ray.train.config import RunOptions
@@ -203,7 +203,7 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
     m = result.metrics or {}
     if "step" not in m and result.checkpoint:  # the stage had finished before: its last checkpoint knows
         with result.checkpoint.as_directory() as d:
-            m = read_train_state(d).get("metrics", {})
+            m = train_progress(d).get("metrics", {})
     summary = {
         "steps": int(m.get("step", 0)),
         "final_loss": m.get("loss"),
@@ -260,6 +260,8 @@ def pretrain(cfg: PretrainConfig, stages: tuple[str, ...] = ("mae", "align"), in
     out: dict = {}
     for stage in stages:
         first = stage == stages[0]
+        if not first and out[stages[0]]["checkpoint"] is None:  # never a silent start from random init
+            raise CheckpointError(f"{stages[0]} ended without a checkpoint, so {stage} has nothing to start from")
         start = (None if resume_from else init_from) if first else out[stages[0]]["checkpoint"]
         out[stage] = run_stage(cfg, RunOptions(stage, init_from=start, init_partial=init_partial and first,
                                                resume_from=resume_from if first else None, stop_flag=stop_flag),
