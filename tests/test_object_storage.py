@@ -222,6 +222,43 @@ def test_a_checkpoint_uri_is_evaluated_from_a_local_copy_of_its_weights(s3_bucke
         resolve_checkpoint(f"{s3_bucket}/runs/nope")
 
 
+def test_resume_from_a_checkpoint_in_the_bucket_is_checked_there_and_handed_on_as_a_uri(s3_bucket, tmp_path, demo_root,
+                                                                                        monkeypatch, capsys):
+    """``jobs/pretrain.py --resume-from s3://...`` (results.json names checkpoints so): its stage and
+    config are checked before Ray starts, from a local copy of its weights and config, and the
+    workers get the URI, which they open in the bucket (``open_checkpoint``). Before, the job
+    refused any URI as not a folder on this machine."""
+    import contextlib
+    import tempfile
+
+    from conftest import DEMO_CONFIG, TINY
+
+    import ppma_ray.train.runner as runner
+    import ppma_ray.train.stop as stop
+    from ppma_ray.cli import pretrain as job
+    from ppma_ray.config import load_config, to_dict
+    from ppma_ray.train.checkpoint import save_checkpoint
+    from ppma_ray.train.loop import stage_model
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # not this machine's own copies
+    sets = [*TINY, f"data.demo_root={demo_root}", f"run.storage_path={tmp_path / 'runs'}", "eval.tasks=[]"]
+    cfg = load_config(DEMO_CONFIG, sets)
+    local = save_checkpoint(tmp_path / "checkpoint_2026-01-01_00-00-00", stage_model(cfg, "mae"), None,
+                            {"step": 3, "epoch": 0}, to_dict(cfg))
+    uri = upload(s3_bucket, local, f"runs/{tmp_path.name}/r-mae/{local.name}")
+    started = []
+    monkeypatch.setattr(job, "start_ray", lambda cfg, verbose: cfg)
+    monkeypatch.setattr(stop, "graceful_stop", lambda name: contextlib.nullcontext())
+    monkeypatch.setattr(runner, "pretrain", lambda cfg, stages, resume_from, **kw: started.append((stages, resume_from)) or {})
+    flags = [a for s in sets for a in ("--set", s)]
+    assert job.main(["--resume-from", uri, *flags]) == 0
+    assert started == [(("mae", "align"), uri)] and f"mae continues from {uri}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # checked against the bucket's config.json
+        job.main(["--resume-from", uri, *flags, "--set", "mae.optim.lr=0.1"])
+    assert e.value.code == 2 and f"--resume-from {uri} was trained with another config" in capsys.readouterr().err
+
+
 def test_checkpoints_in_the_bucket_are_averaged_and_probed(s3_bucket, ray_session, tiny_config, tune_task, tmp_path,
                                                           monkeypatch):
     """Two stage-1 checkpoints given by URI, runs stored in the bucket: the fixed-alpha average is

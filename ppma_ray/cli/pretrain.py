@@ -22,6 +22,7 @@ from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_c
                           config_diff, finish_config, parser, read_config, stage_failure_exits, start_ray,
                           weights_source)
 from ppma_ray.config import ConfigError, PretrainConfig, to_dict
+from ppma_ray.data.objectstore import is_uri
 from ppma_ray.models.errors import CheckpointError
 
 
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ablation and not cfg.eval.tasks:
             raise ConfigError("--ablation: eval.tasks is empty; the ablation probes every task")
         if args.resume_from:  # the checkpoint's stage, then stage 2 after a stage-1 checkpoint (unless --stage)
-            args.resume_from = os.path.abspath(args.resume_from)  # a Ray Train worker runs in a folder of its own
+            if not is_uri(args.resume_from):  # a Ray Train worker runs in a folder of its own
+                args.resume_from = os.path.abspath(args.resume_from)
             stage = resume_stage(cfg, args)
             stages = (stage,) if args.stage or stage == "align" else ("mae", "align")
         else:
@@ -113,29 +115,38 @@ def resume_stage(cfg: PretrainConfig, args) -> str:
     if args.init_from or args.random_init or args.ablation:
         raise ConfigError("--resume-from continues a checkpoint's training: leave out --init-from, --random-init "
                           "and --ablation")
-    from ppma_ray.train.checkpoint import (CONFIG_FILE, checkpoint_dirs, checkpoint_problem, checkpoint_stage, storage,
-                                          train_progress)
+    from ppma_ray.train.checkpoint import (CONFIG_FILE, checkpoint_dirs, checkpoint_problem, checkpoint_stage, downloaded,
+                                          storage, train_progress)
 
-    path = Path(args.resume_from)
-    if not path.is_dir():
-        raise ConfigError(f"--resume-from {args.resume_from}: not a checkpoint folder on this machine")
-    problem = checkpoint_problem(path)
-    if problem:
-        raise ConfigError(f"--resume-from {path}: cannot be resumed from: {problem}")
-    stage = checkpoint_stage(path)
+    path = args.resume_from
+    remote = is_uri(path)
+    if remote:
+        # whole by name only, as Ray's own restore on object storage (checking would mean downloading
+        # the optimizer state); its weights and config are read from a local copy, as evaluate's
+        local = downloaded(path)
+    else:
+        local = Path(path)
+        if not local.is_dir():
+            raise ConfigError(f"--resume-from {path}: not a checkpoint folder")
+        problem = checkpoint_problem(local)
+        if problem:
+            raise ConfigError(f"--resume-from {path}: cannot be resumed from: {problem}")
+    stage = checkpoint_stage(local)
     if args.stage and args.stage != stage:
         raise ConfigError(f"--resume-from {path} is a {stage} checkpoint, not {args.stage}")
-    diff = config_diff(json.loads((path / CONFIG_FILE).read_text()), json.loads(json.dumps(to_dict(cfg))), stage)
+    diff = config_diff(json.loads((local / CONFIG_FILE).read_text()), json.loads(json.dumps(to_dict(cfg))), stage)
     if diff:
         raise ConfigError(f"--resume-from {path} was trained with another config ({'; '.join(diff[:4])}"
                           f"{'; ...' if len(diff) > 4 else ''}): continue it with its own config")
-    done, epochs = train_progress(path).get("epoch", 0), getattr(cfg, stage).epochs
+    # a finished checkpoint in a bucket is named after stage 1 instead (``pretrain``): its train state
+    # is the optimizer's, most of the checkpoint
+    done, epochs = (0 if remote else train_progress(local).get("epoch", 0)), getattr(cfg, stage).epochs
     if done >= epochs:  # its stage would end at once, without a checkpoint of this run to start stage 2 from
         if args.stage or stage == "align":
             raise ConfigError(f"--resume-from {path}: its {stage} training has finished ({done} of {epochs} epochs), "
                               "so there is nothing to continue; start the next stage from it with --init-from")
         print(f"{path} has finished stage 1 ({done} of {epochs} epochs): stage 2 starts from it", file=sys.stderr)
-        args.init_from, args.resume_from = str(path), None
+        args.init_from, args.resume_from = path, None
         return "align"
     fs, base, shown = storage(cfg.run.storage_path)
     if checkpoint_dirs(fs, f"{base.rstrip('/')}/{cfg.run.name}-{stage}"):
