@@ -288,6 +288,31 @@ def test_init_from_and_resume_from_reach_the_workers_as_absolute_paths(tmp_path,
     assert e.value.code == 2 and "its mae training has finished" in capsys.readouterr().err
 
 
+def test_a_stage_resumed_from_a_finished_checkpoint_reports_that_checkpoint(tiny_config, tmp_path, monkeypatch):
+    """Resumed from a checkpoint that had finished its epochs (``--resume-from`` in a bucket, or a
+    run's own newest once Ray's record was set aside), a stage trains nothing and Ray reports no
+    checkpoint: the one it resumed from is the stage's last, with its metrics (stage 2 starts from it)."""
+    import types
+
+    import ppma_ray.train.runner as runner
+
+    model = torch.nn.Linear(4, 2)
+    given = save_checkpoint(tmp_path / "given/checkpoint_2026-01-01_00-00-00", model, torch.optim.AdamW(model.parameters()),
+                            {"step": 6, "epoch": 1, "metrics": {"step": 6, "loss": 0.5}}, {})
+
+    class FinishedAlready:  # Ray Train's result when the loop returned before its first report
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            return types.SimpleNamespace(metrics={}, checkpoint=None)
+
+    monkeypatch.setattr(runner, "TorchTrainer", FinishedAlready)
+    monkeypatch.setattr(runner, "decode_cpu_budget", lambda cfg: 1.0)
+    out = runner.run_stage(tiny_config(), RunOptions("mae", resume_from=str(given)))
+    assert (out["checkpoint"], out["steps"], out["final_loss"]) == (str(given), 6, 0.5)
+
+
 def test_stage_2_never_starts_from_random_init_when_stage_1_left_no_checkpoint(tiny_config, monkeypatch):
     import ppma_ray.train.runner as runner
     from ppma_ray.models.errors import CheckpointError

@@ -138,8 +138,8 @@ def resume_stage(cfg: PretrainConfig, args) -> str:
     if diff:
         raise ConfigError(f"--resume-from {path} was trained with another config ({'; '.join(diff[:4])}"
                           f"{'; ...' if len(diff) > 4 else ''}): continue it with its own config")
-    # a finished checkpoint in a bucket is named after stage 1 instead (``pretrain``): its train state
-    # is the optimizer's, most of the checkpoint
+    # a finished checkpoint in a bucket is found by its stage's run instead (``run_stage``: nothing
+    # trains, and it is the stage's last checkpoint): its train state is most of the checkpoint
     done, epochs = (0 if remote else train_progress(local).get("epoch", 0)), getattr(cfg, stage).epochs
     if done >= epochs:  # its stage would end at once, without a checkpoint of this run to start stage 2 from
         if args.stage or stage == "align":

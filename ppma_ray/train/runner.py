@@ -19,7 +19,7 @@ from ppma_ray.config import PretrainConfig
 from ppma_ray.data import objectstore
 from ppma_ray.data.demo import make_demo
 from ppma_ray.train.checkpoint import (FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, location, newest_whole,
-                                      ray_storage, storage, train_progress)
+                                      open_checkpoint, ray_storage, storage, train_progress)
 from ppma_ray.models.errors import CheckpointError
 from ppma_ray.ray_env import quiet, quiet_process
 from ppma_ray.train.config import RunOptions
@@ -201,19 +201,24 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
         raise StageFailed(failure_line(options.run_name, e)) from e
     wall = time.perf_counter() - t0
     m = result.metrics or {}
-    if "step" not in m and result.checkpoint:  # the stage had finished before: its last checkpoint knows
-        with result.checkpoint.as_directory() as d:
+    checkpoint, where = result.checkpoint, None
+    if checkpoint is None and options.resume_from:
+        # the checkpoint it resumed from had finished its epochs (a given one, or its own newest once
+        # Ray's run record was set aside): nothing ran, so that one is the stage's last checkpoint
+        checkpoint, where = open_checkpoint(options.resume_from), options.resume_from
+    if "step" not in m and checkpoint:  # the stage had finished before: its last checkpoint knows
+        with checkpoint.as_directory() as d:
             m = train_progress(d).get("metrics", {})
     summary = {
         "steps": int(m.get("step", 0)),
         "final_loss": m.get("loss"),
         "clips_per_s": m.get("stage_clips_per_s"),
         "wall_s": wall,
-        "checkpoint": location(result.checkpoint, cfg.run.storage_path) if result.checkpoint else None,
+        "checkpoint": where or (location(checkpoint, cfg.run.storage_path) if checkpoint else None),
         "failed_clips": m.get("failed_clips", 0),
     }
-    if result.checkpoint:
-        summary.update(_data_failures(result.checkpoint, m, output_dir and Path(output_dir) / f"rejects_{options.run_name}.csv"))
+    if checkpoint:
+        summary.update(_data_failures(checkpoint, m, output_dir and Path(output_dir) / f"rejects_{options.run_name}.csv"))
     signum = signalled(options.stop_flag)
     if signum is not None:
         raise StoppedBySignal(signum, options.stage, summary)
