@@ -215,9 +215,10 @@ def check_storage(cfg: PretrainConfig, checkpoints: int | None = None) -> None:
 
 def weights_source(flag: str, source: str) -> str:
     """A weights flag's value (``--init-from``, ``--stage1``, ``--checkpoint``) as the Ray workers get
-    it: a bucket URI or Hub id as given (each node reads it for itself); on this machine the weights
-    file, absolute (a Ray Train worker runs in a folder of its own), of a file, a checkpoint or Hugging
-    Face folder, or a run folder's newest whole checkpoint (named, and a torn newer one too)."""
+    it. A bucket URI or Hub id stays as given: each node reads it for itself. Anything on this machine
+    (a weights file, a checkpoint or Hugging Face folder, a run folder) becomes its weights file as an
+    absolute path, since a Ray Train worker runs in a folder of its own; a run folder gives its newest
+    whole checkpoint, named (a torn newer one is named too)."""
     from ppma_ray.train.checkpoint import is_remote, resolve_checkpoint, run_checkpoint
 
     if is_remote(source):

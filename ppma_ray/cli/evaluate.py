@@ -6,10 +6,10 @@
     python jobs/evaluate.py --task mydata --train-manifest train.csv --val-manifest test.csv --root /videos
 
 --checkpoint: a run directory (its newest checkpoint), a checkpoint or Hugging Face VideoMAE folder, a
-Hub id hf://ORG/NAME[@REVISION], a checkpoint in a bucket (s3://...), or a weights file (.safetensors, .bin, a VideoMAE .pth, a released PPMA .pt); none = random init; several,
-or the released ensemble file = weight averaging (fixed --alpha, one per model or one for the first of
-two; or --learned-alpha with the linear probe). A checkpoint that lacks a tensor the model needs is an
-error naming it.
+Hub id hf://ORG/NAME[@REVISION], a checkpoint in a bucket (s3://...), or a weights file (.safetensors,
+.bin, a VideoMAE .pth, a released PPMA .pt); none = random init; several, or the released ensemble
+file = weight averaging (fixed --alpha, one per model or one for the first of two; or --learned-alpha
+with the linear probe). A checkpoint that lacks a tensor the model needs is an error naming it.
 Testing: 2 clips x 3 crops per video, softmax averaged; undecodable test videos are excluded and
 reported, never replaced. Writes DIR/results.json (entries under "eval") and appends DIR/results.csv.
 """
