@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ppma_ray.models import create_model
-from ppma_ray.models.checkpoint import CheckpointError, detect_layout, load_trunk, load_trunks, read_state_dict
+from ppma_ray.models.checkpoint import CheckpointError, detect_layout, load_trunk, load_trunks, models_in, read_state_dict
 
 SMALL = dict(img_size=32, num_frames=4, patch_size=8, tubelet_size=2, depth=2)
 
@@ -149,6 +149,22 @@ def test_the_released_ensemble_file_gives_its_models_for_averaging(tmp_path):
     assert torch.equal(trunks[0]["fc_norm.weight"], a.fc_norm.weight)  # averaged too, as released
     with pytest.raises(CheckpointError, match="an ensemble of 2 models"):
         read_state_dict(path)
+
+
+def test_models_are_counted_in_every_format_and_a_torn_file_is_named(tmp_path):
+    """``models_in`` (what the evaluate job checks ``--alpha`` against, before Ray) reads only the
+    keys: a mapped zip file, the legacy torch format (which cannot be mapped), a safetensors header."""
+    src = _omnivision(_randomize(create_model("vit_tiny", "classifier", num_classes=4, **SMALL)))
+    torch.save({"ensemble_weights": [src, src, src]}, tmp_path / "ensemble.pt")
+    torch.save({"model": src}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    save_file(src, str(tmp_path / "model.safetensors"))
+    assert [models_in(tmp_path / f) for f in ("ensemble.pt", "legacy.pth", "model.safetensors")] == [3, 1, 1]
+    assert models_in(tmp_path) == 1  # a folder: its model.safetensors
+    for name in ("ensemble.pt", "model.safetensors"):
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / f"torn-{name}").write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(CheckpointError, match=f"torn-{name}: cannot be read as weights"):
+            models_in(tmp_path / f"torn-{name}")
 
 
 def test_a_missing_or_extra_tensor_raises_naming_it_unless_partial_on_purpose(tmp_path):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -73,10 +74,12 @@ def weights_file(source: str | os.PathLike) -> Path:
     return path
 
 
-def read_checkpoint(source: str | os.PathLike | dict) -> list[dict[str, torch.Tensor]]:
+def read_checkpoint(source: str | os.PathLike | dict, mmap: bool = False) -> list[dict[str, torch.Tensor]]:
     """Every state dict in ``source``: one, or K for an ensemble file (``ensemble_weights``).
 
     Files are read without executing code (``weights_only``); ``.safetensors`` directly.
+    ``mmap``: the tensors stay on disk until touched (a file in torch's zip format), for a caller
+    that only looks at the keys.
     """
     if isinstance(source, dict):
         return _unwrap_all(source, "the given state dict")
@@ -84,10 +87,30 @@ def read_checkpoint(source: str | os.PathLike | dict) -> list[dict[str, torch.Te
     if path.suffix == ".safetensors":
         return [load_file(str(path))]
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:  # a file in torch's legacy (pre-1.6) format cannot be mapped
+            if not mmap or "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickled object, a truncated file: say which file
         raise CheckpointError(f"{path}: cannot be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     return _unwrap_all(obj, str(path))
+
+
+def models_in(source: str | os.PathLike) -> int:
+    """Models in ``source``: one per file, K for the released ensemble file. Reads the safetensors
+    header or maps the torch file; no tensor is read."""
+    path = weights_file(source)
+    if path.suffix != ".safetensors":
+        return len(read_checkpoint(path, mmap=True))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if not list(f.keys()):
+                raise CheckpointError(f"{path}: no state dict of tensors found")
+    except (OSError, SafetensorError) as e:  # a truncated or foreign file: say which file
+        raise CheckpointError(f"{path}: cannot be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    return 1
 
 
 def read_state_dict(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from ppma_ray.config import ClipConfig, ConfigError, ModelConfig, PretrainConfig
 from ppma_ray.data import objectstore
 from ppma_ray.models import vit_config
 from ppma_ray.models.averaging import average_state_dicts
-from ppma_ray.models.checkpoint import load_trunks, read_checkpoint, read_state_dict
+from ppma_ray.models.checkpoint import load_trunks, models_in, read_state_dict
 from ppma_ray.train.checkpoint import CONFIG_FILE, is_remote, resolve_checkpoint, upload_folder
 from ppma_ray.train.data import resolve_sources, task_source
 from ppma_ray.train.linear_probe import linear_probe_cached
@@ -28,7 +28,7 @@ CSV_FIELDS = ["model", "task", "protocol", "top1", "top5", "videos", "failed", "
 
 def count_models(checkpoints: list[str]) -> int:
     """Models in the checkpoints: one per file, K for the released ensemble file."""
-    return sum(len(read_checkpoint(resolve_checkpoint(c))) for c in checkpoints)
+    return sum(models_in(resolve_checkpoint(c)) for c in checkpoints)
 
 
 def config_for_checkpoint(cfg: PretrainConfig, weights: Path | None) -> PretrainConfig:
