@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import DEMO_CONFIG, ROOT
 
-from ppma_ray.config import ConfigError, PretrainConfig, dump_yaml, from_dict, load_config, to_dict
+from ppma_ray.config import ConfigError, PretrainConfig, SourceConfig, dump_yaml, from_dict, load_config, to_dict
 from ppma_ray.models.config import PRESETS, RUN_FIELDS, ModelConfig, PresetName, ViTConfig
 
 CONFIG_JOBS = ["pretrain", "evaluate", "tune_mix", "preflight"]
@@ -155,6 +155,9 @@ def test_job_specific_bad_input_exits_2_before_ray():
         "stage1": ("tune_mix", "--stage1", str(ROOT / "jobs" / "configs")),  # neither weights nor checkpoints
         "init_from": ("pretrain", "--stage", "align", "--init-from", "nope/checkpoint"),
         "storage": ("evaluate", "--set", "run.storage_path=hdfs://namenode/runs"),  # Ray would take it; we could not
+        "eval_task": ("pretrain", "--set", "eval.tasks=[demo:motion, motion]"),  # probed only after both stages
+        "task_root": ("evaluate", "--task", "ucf101", "--task-root", "/nope/ucf101"),
+        "test_list": ("evaluate", "--task", "mine", "--train-manifest", "/nope/train.csv"),
     })
     expected = {"search": "--set tune.search: 'bayes' is not one of",
                 "tasks": "eval.tasks: the tuning objective needs at least one downstream task",
@@ -165,9 +168,43 @@ def test_job_specific_bad_input_exits_2_before_ray():
                 "ablation": "--ablation runs both stages from scratch",
                 "stage1": f"{ROOT / 'jobs' / 'configs'}: no weights file, checkpoint, run or Hugging Face folder there",
                 "init_from": "--init-from nope/checkpoint: does not exist",
-                "storage": "run.storage_path: hdfs://namenode/runs: a local path, or a bucket URI (s3://, gs://, gcs://)"}
+                "storage": "run.storage_path: hdfs://namenode/runs: a local path, or a bucket URI (s3://, gs://, gcs://)",
+                "eval_task": "eval.tasks[1]: unknown task 'motion' (demo:<name>, a catalog name",
+                "task_root": "eval.task_root: /nope/ucf101: no such folder (the videos of task 'ucf101')",
+                "test_list": "--train-manifest: the task needs its test list too (--val-manifest)"}
     for key, r in results.items():
         assert r.returncode == 2 and expected[key] in r.stderr and len(r.stderr.strip().splitlines()) == 1, (key, r.stderr)
+
+
+def test_downstream_tasks_are_checked_before_the_training_that_precedes_them(tmp_path):
+    """A task the job reaches only after hours of pretraining is checked before Ray starts: known,
+    its lists there, a test list where the protocol scores on one, a folder for a catalog task."""
+    from ppma_ray.cli import check_tasks
+
+    cfg = load_config(DEMO_CONFIG)
+    train = tmp_path / "train.csv"
+    train.write_text("a.mp4 0\nb.mp4 1\n")
+    cfg.data.sources["mine"] = SourceConfig(manifest=str(train), root=str(tmp_path))
+    check_tasks(cfg, ["demo:motion", "nohuman", "mine"], test_lists=False)  # a demo source has its test list
+    cfg.eval.task_root = str(tmp_path)
+    check_tasks(cfg, ["ucf101", "diving48"])
+
+    def problem(tasks, **kw) -> str:
+        with pytest.raises(ConfigError) as e:
+            check_tasks(cfg, tasks, **kw)
+        return str(e.value)
+
+    assert problem(["demo:motion", "mine"]) == "eval.tasks[1]: task 'mine' has no test list: set data.sources.mine.val_manifest"
+    assert problem(["demo:walking"]).startswith("eval.tasks[0]: no demo set 'walking' (have demo:nohuman, ")
+    assert problem(["mini_ssv2"]).startswith("eval.tasks[0]: the mini_ssv2 train list is not part of the PPMA release")
+    assert problem(["ucf"], key="--task").startswith("--task: unknown task 'ucf' (demo:<name>, a catalog name ['diving48'")
+    cfg.eval.task_root = str(tmp_path / "nope")
+    assert problem(["ucf101"]) == f"eval.task_root: {tmp_path / 'nope'}: no such folder (the videos of task 'ucf101')"
+    cfg.eval.task_root = None
+    assert "task 'hmdb51' needs eval.task_root" in problem(["hmdb51"])
+    cfg.data.sources["mine"].val_manifest = str(tmp_path / "test.csv")
+    with pytest.raises(FileNotFoundError, match=r"data.sources.mine.val_manifest: .*test.csv does not exist"):
+        check_tasks(cfg, ["mine"])
 
 
 def test_every_job_answers_help_and_version():

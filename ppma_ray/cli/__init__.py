@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import ppma_ray
-from ppma_ray.config import ConfigError, PretrainConfig, dump_yaml, load_config
+from ppma_ray.config import ConfigError, PretrainConfig, SourceConfig, dump_yaml, load_config
 from ppma_ray.data import objectstore
 from ppma_ray.data.manifest import ManifestError, label_map_of, read_manifest
 from ppma_ray.schema import check_all, flatten
@@ -123,25 +123,61 @@ def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> dict[
     names = {n for stage in stages for n in getattr(cfg, stage).source_names()}
     label_maps: dict[str, dict[str, int]] = {}
     for name in sorted(names):
-        src = cfg.data.sources[name]
-        if src.manifest.startswith("demo:"):
-            continue
-        for key in ("manifest", "val_manifest"):
-            path = getattr(src, key)
-            if not path or objectstore.is_uri(path):
-                continue
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"data.sources.{name}.{key}: {path} does not exist")
-            table = read_manifest(path, root=src.root, label_map=src.label_map or label_maps.get(name))
-            if key == "manifest" and (labels := label_map_of(table)) is not None:
-                label_maps[name] = labels
-            if src.root is None:
-                relative = next((p for p in table.column("path").to_pylist()
-                                 if not os.path.isabs(p) and not objectstore.is_uri(p)), None)
-                if relative is not None:
-                    raise ManifestError(path, None, f"video path {relative!r} is relative and data.sources.{name}.root is "
-                                                    f"not set: set it to the folder the paths are relative to")
+        if (labels := check_source(name, cfg.data.sources[name])) is not None:
+            label_maps[name] = labels
     return label_maps
+
+
+def check_source(name: str, src: SourceConfig) -> dict[str, int] | None:
+    """One source's local manifests (see ``check_manifests_exist``); its label map if its labels are
+    class names."""
+    if src.manifest.startswith("demo:"):
+        return None
+    labels = None
+    for key in ("manifest", "val_manifest"):
+        path = getattr(src, key)
+        if not path or objectstore.is_uri(path):
+            continue
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data.sources.{name}.{key}: {path} does not exist")
+        table = read_manifest(path, root=src.root, label_map=src.label_map or labels)
+        if key == "manifest":
+            labels = label_map_of(table)
+        if src.root is None:
+            relative = next((p for p in table.column("path").to_pylist()
+                             if not os.path.isabs(p) and not objectstore.is_uri(p)), None)
+            if relative is not None:
+                raise ManifestError(path, None, f"video path {relative!r} is relative and data.sources.{name}.root is "
+                                                f"not set: set it to the folder the paths are relative to")
+    return labels
+
+
+def check_tasks(cfg: PretrainConfig, tasks: list[str], key: str = "eval.tasks", test_lists: bool = True) -> None:
+    """The downstream tasks a job probes, checked before it trains for hours and only then gets to
+    them: each task is known (a demo set, a catalog name, a source), its lists exist and parse, and
+    it has a test list (``test_lists``; Tune's objective splits the training list instead). A
+    catalog task's ``eval.task_root`` is a folder here (or a bucket URI)."""
+    from ppma_ray.data.catalog import CATALOG, task_source
+    from ppma_ray.data.demo import LAYOUT
+
+    for i, task in enumerate(tasks):
+        where = f"{key}[{i}]" if key == "eval.tasks" else key
+        try:
+            src = task_source(task, cfg.data.sources, cfg.eval.task_root)
+        except (KeyError, ValueError, FileNotFoundError) as e:
+            raise ConfigError.at(where, e.args[0]) from None
+        if src.manifest.startswith("demo:"):  # a demo set has its test list
+            if (kind := src.manifest.split(":", 1)[1]) not in LAYOUT:
+                raise ConfigError.at(where, f"no demo set {kind!r} (have {', '.join(f'demo:{k}' for k in LAYOUT)})")
+            continue
+        if task in CATALOG:  # the shipped lists: what is left to check is the folder they are relative to
+            root = cfg.eval.task_root
+            if not objectstore.is_uri(root) and not Path(root).is_dir():
+                raise ConfigError.at("eval.task_root", f"{root}: no such folder (the videos of task {task!r})")
+            continue
+        if test_lists and src.val_manifest is None:
+            raise ConfigError.at(where, f"task {task!r} has no test list: set data.sources.{task}.val_manifest")
+        check_source(task, src)
 
 
 def check_resume_config(cfg: PretrainConfig, stages=("mae", "align")) -> None:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ppma_ray.cli import (bad_input_exits, finish_config, parser, read_config, stage_failure_exits, start_ray,
-                          weights_source)
+from ppma_ray.cli import (bad_input_exits, check_tasks, finish_config, parser, read_config, stage_failure_exits,
+                          start_ray, weights_source)
 from ppma_ray.config import ConfigError, SourceConfig
 from ppma_ray.models.errors import CheckpointError
 
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with bad_input_exits():
         cfg = read_config(args)
+        if args.train_manifest and not args.val_manifest:
+            raise ConfigError("--train-manifest: the task needs its test list too (--val-manifest)")
         if args.train_manifest:
             cfg.data.sources[args.task] = SourceConfig(manifest=args.train_manifest, val_manifest=args.val_manifest, root=args.root)
         if args.task_root:
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = finish_config(args, cfg)
         if args.learned_alpha and args.protocol != "lp":
             raise ConfigError("--learned-alpha: the averaging coefficients are learned with the linear probe (--protocol lp)")
+        check_tasks(cfg, [args.task], "--task")
 
     from ppma_ray.train.downstream import count_models, evaluate, write_results
     from ppma_ray.train.report import print_results

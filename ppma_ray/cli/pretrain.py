@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_storage, check_weights,
+from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_storage, check_tasks, check_weights,
                           config_diff, finish_config, parser, read_config, stage_failure_exits, start_ray,
                           weights_source)
 from ppma_ray.config import ConfigError, PretrainConfig, to_dict
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.init_from = stage2_start(cfg, args)
         label_maps = check_manifests_exist(cfg, stages)
+        if "align" in stages:  # probed once stage 2 has ended
+            check_tasks(cfg, cfg.eval.tasks)
         check_resume_config(cfg, stages)
         check_storage(cfg)
         if args.init_from:

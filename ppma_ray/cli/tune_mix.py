@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_storage, check_weights, finish_config, parser,
+from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_storage, check_tasks, check_weights, finish_config, parser,
                            read_config, start_ray, weights_source)
 from ppma_ray.models.errors import CheckpointError
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check(cfg)
         check_manifests_exist(cfg, ("align",) if args.stage1 else ("mae", "align"))
+        check_tasks(cfg, cfg.eval.tasks, test_lists=False)  # the objective splits each task's training list
         check_storage(cfg)
         if args.stage1:
             args.stage1 = weights_source("--stage1", args.stage1)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from ppma_ray.data.config import SourceConfig
 from ppma_ray.data.manifest import read_manifest
 
 SPLITS_DIR = Path(__file__).parent / "splits"
@@ -80,3 +81,23 @@ def split_file(name: str, split: str) -> Path:
 def load_split(name: str, split: str, root: str | None = None) -> pa.Table:
     """Read a shipped split as a canonical manifest table (see ``read_manifest``)."""
     return read_manifest(split_file(name, split), root=root)
+
+
+def task_source(task: str, sources: dict[str, SourceConfig], task_root: str | None) -> SourceConfig:
+    """The source (train list, test list, root, fps) of a downstream task: ``demo:<name>``, a
+    catalog name (its shipped lists, the videos under ``task_root``), or a name in ``sources``."""
+    if task.startswith("demo:"):
+        return SourceConfig(manifest=task)
+    if task in CATALOG:
+        if task_root is None:
+            raise ValueError(f"task {task!r} needs eval.task_root (jobs/evaluate.py: --task-root), the folder its videos are under")
+        return SourceConfig(manifest=str(split_file(task, "train")), val_manifest=str(split_file(task, "val")),
+                            root=task_root, fps=CATALOG[task].fps)
+    if task in sources:
+        return sources[task]
+    raise KeyError(f"unknown task {task!r} (demo:<name>, a catalog name {sorted(CATALOG)}, or a name in data.sources)")
+
+
+def task_name(task: str) -> str:
+    """The source name a task's lists go by: ``demo:motion`` -> ``motion``."""
+    return task.split(":", 1)[1] if task.startswith("demo:") else task

@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ppma_ray.data.catalog import CATALOG, split_file
-from ppma_ray.data.config import ClipConfig, DataConfig, DecodeConfig, SourceConfig
+from ppma_ray.data.config import ClipConfig, DataConfig, DecodeConfig
 from ppma_ray.data.demo import make_demo
 from ppma_ray.data.manifest import label_map_of, read_manifest
 from ppma_ray.data.mixing import plan_epoch
 from ppma_ray.data.pipeline import Source, build_dataset, build_eval_dataset, plan_to_table
-from ppma_ray.train.config import EvalSettings, StageConfig
+from ppma_ray.train.config import StageConfig
 
 
 @dataclass
@@ -52,22 +51,6 @@ def resolve_sources(data: DataConfig, names: list[str]) -> list[ResolvedSource]:
         val = Source(name, read_manifest(val_m, root=root, label_map=labels), fps=sc.fps) if val_m else None
         out.append(ResolvedSource(train, val))
     return out
-
-
-def task_source(task: str, data: DataConfig, ev: EvalSettings) -> SourceConfig:
-    """The ``SourceConfig`` (train list, test list, root, fps) of a downstream task."""
-    if task.startswith("demo:"):
-        return SourceConfig(manifest=task)
-    if task in CATALOG:
-        info = CATALOG[task]
-        if ev.task_root is None:
-            raise ValueError(f"eval.task_root: task {task!r} needs the directory its videos are under")
-        return SourceConfig(manifest=str(split_file(task, "train")), val_manifest=str(split_file(task, "val")),
-                            root=ev.task_root, fps=info.fps)
-    if task in data.sources:
-        return data.sources[task]
-    raise KeyError(f"eval.tasks: unknown task {task!r} (demo:<name>, a catalog name {sorted(CATALOG)}, "
-                   f"or a name in data.sources)")
 
 
 class EpochStream:

@@ -14,11 +14,12 @@ from safetensors.torch import save_file
 
 from ppma_ray.config import ClipConfig, ConfigError, ModelConfig, PretrainConfig, from_dict
 from ppma_ray.data import objectstore
+from ppma_ray.data.catalog import task_name, task_source
 from ppma_ray.models import vit_config
 from ppma_ray.models.averaging import average_state_dicts
 from ppma_ray.models.checkpoint import load_trunks, models_in, read_state_dict
 from ppma_ray.train.checkpoint import CONFIG_FILE, is_remote, resolve_checkpoint, upload_folder
-from ppma_ray.train.data import resolve_sources, task_source
+from ppma_ray.train.data import resolve_sources
 from ppma_ray.train.linear_probe import linear_probe_cached
 from ppma_ray.train.config import AverageSpec, RunOptions
 from ppma_ray.train.runner import decode_cpu_budget, resolve_paths, run_stage
@@ -49,10 +50,6 @@ def config_for_checkpoint(cfg: PretrainConfig, weights: Path | None) -> Pretrain
     return cfg
 
 
-def task_name(task: str) -> str:
-    return task.split(":", 1)[1] if task.startswith("demo:") else task
-
-
 def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, checkpoints: list[str] | None = None,
              alphas: list[float] | None = None, learned_alpha: bool = False, per_layer: bool = False,
              cache_features: bool = False, num_classes: int | None = None) -> dict:
@@ -81,7 +78,7 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
     if alphas is not None and len(alphas) != n_models:
         raise ConfigError(f"--alpha: {len(alphas)} coefficients for {n_models} models")
     name = task_name(task)
-    cfg.data.sources = {**cfg.data.sources, name: task_source(task, cfg.data, cfg.eval)}
+    cfg.data.sources = {**cfg.data.sources, name: task_source(task, cfg.data.sources, cfg.eval.task_root)}
     cfg = resolve_paths(cfg)
     stage = getattr(cfg, protocol)  # the lp: or ft: section, trained on the task alone with one head
     stage.mix, stage.mix_schedule, stage.heads = {name: 1.0}, [], "shared"

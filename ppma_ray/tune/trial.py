@@ -16,11 +16,12 @@ from ray import tune
 
 from ppma_ray.config import PretrainConfig, SourceConfig
 from ppma_ray.data import objectstore
+from ppma_ray.data.catalog import task_name, task_source
 from ppma_ray.data.manifest import write_ppma_manifest
 from ppma_ray.ray_env import quiet, quiet_process
 from ppma_ray.train.checkpoint import ray_storage
-from ppma_ray.train.data import resolve_sources, task_source
-from ppma_ray.train.downstream import evaluate, task_name
+from ppma_ray.train.data import resolve_sources
+from ppma_ray.train.downstream import evaluate
 from ppma_ray.train.runner import resolve_paths
 from ppma_ray.tune.splits import group_split
 
@@ -44,7 +45,7 @@ def tuning_tasks(cfg: PretrainConfig, out_dir: Path) -> dict[str, SourceConfig]:
     tasks = {}
     for task in cfg.eval.tasks:
         name = task_name(task)
-        cfg.data.sources[name] = task_source(task, cfg.data, cfg.eval)
+        cfg.data.sources[name] = task_source(task, cfg.data.sources, cfg.eval.task_root)
         (src,) = resolve_sources(resolve_paths(cfg).data, [name])
         train, val = group_split(src.train.table, cfg.tune.val_fraction, cfg.tune.split_seed, cfg.tune.group_regex)
         d = out_dir / "splits" / name
