@@ -47,6 +47,7 @@ def _jobs(calls: dict, **kw) -> dict:
         (["model.mask_ratio=1.0"], "--set model.mask_ratio: must be >= 0 and < 1, got 1.0"),
         (["data.decode.max_failure_rate=-0.1"], "--set data.decode.max_failure_rate: must be >= 0 and <= 1, got -0.1"),
         (["mae.batch_size=30"], "--set mae.batch_size: 30 is not a multiple of mae.repeats x scaling.num_workers = 4"),
+        (["align.samples_per_epoch=8"], "--set align.samples_per_epoch: 8 clips make no step of batch_size 32"),
         (["scaling.num_workers=3"], "mae.batch_size: 32 is not a multiple of mae.repeats x scaling.num_workers = 12"),
         (["model.num_heads=5"], "--set model.num_heads: embed_dim 192 is not divisible by num_heads 5"),
         (["model.patch_size=7"], "--set model.patch_size: img_size 64 is not a multiple of patch_size 7"),
@@ -205,6 +206,27 @@ def test_downstream_tasks_are_checked_before_the_training_that_precedes_them(tmp
     cfg.data.sources["mine"].val_manifest = str(tmp_path / "test.csv")
     with pytest.raises(FileNotFoundError, match=r"data.sources.mine.val_manifest: .*test.csv does not exist"):
         check_tasks(cfg, ["mine"])
+
+
+def test_a_stage_that_cannot_start_is_refused_before_the_stages_before_it_run(tmp_path):
+    """Stage 2's sources are checked with stage 1's: an unknown demo set, and an epoch (the sources'
+    videos) smaller than one batch, which Ray Train would only meet once stage 1 had ended."""
+    from ppma_ray.cli import check_manifests_exist
+
+    cfg = load_config(DEMO_CONFIG, ["align.samples_per_epoch=null"])
+    assert check_manifests_exist(cfg) == {}
+    listed = tmp_path / "named.csv"
+    listed.write_text("".join(f"v{i}.mp4 {['walk', 'run'][i % 2]}\n" for i in range(20)))
+    cfg.data.sources["synthetic"] = SourceConfig(manifest=str(listed), root=str(tmp_path))
+    assert check_manifests_exist(cfg) == {"synthetic": {"run": 0, "walk": 1}}
+    cfg.align.batch_size = 256  # 192 no-human + 20 synthetic videos
+    with pytest.raises(ConfigError, match=r"^align.batch_size: 256 clips a step, but an epoch is the 212 videos of "
+                                          r"nohuman, synthetic \(align.samples_per_epoch unset\): no step to train$"):
+        check_manifests_exist(cfg)
+    check_manifests_exist(cfg, ("mae",))  # stage 1 alone: its own sources
+    cfg.data.sources["nohuman"].manifest = "demo:walking"
+    with pytest.raises(ConfigError, match=r"^data.sources.nohuman.manifest: no demo set 'walking' \(have demo:nohuman"):
+        check_manifests_exist(cfg, ("mae",))
 
 
 def test_every_job_answers_help_and_version():

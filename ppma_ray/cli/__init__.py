@@ -119,21 +119,37 @@ def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> dict[
     """The manifests the stages read exist and parse (a ``ManifestError`` names file:line), and their
     relative video paths have a root to be relative to: without ``root`` they would resolve in each
     Ray worker's own working directory, and every decode would fail. URIs are checked where they are
-    read. Returns the label map of each source whose labels are class names."""
+    read. A stage whose epoch (its sources' videos, without ``samples_per_epoch``) makes no step is
+    refused here, not when it starts (stage 2: after stage 1). Returns the label map of each source
+    whose labels are class names."""
     names = {n for stage in stages for n in getattr(cfg, stage).source_names()}
     label_maps: dict[str, dict[str, int]] = {}
+    videos: dict[str, int | None] = {}
     for name in sorted(names):
-        if (labels := check_source(name, cfg.data.sources[name])) is not None:
+        labels, videos[name] = check_source(name, cfg.data.sources[name])
+        if labels is not None:
             label_maps[name] = labels
+    for stage in stages:
+        section = getattr(cfg, stage)
+        sizes = [videos[n] for n in section.trained_sources()]
+        if section.samples_per_epoch is None and None not in sizes and sum(sizes) < section.batch_size:
+            raise ConfigError.at(f"{stage}.batch_size", f"{section.batch_size} clips a step, but an epoch is the "
+                                                        f"{sum(sizes)} videos of {', '.join(sorted(section.trained_sources()))} "
+                                                        f"({stage}.samples_per_epoch unset): no step to train")
     return label_maps
 
 
-def check_source(name: str, src: SourceConfig) -> dict[str, int] | None:
-    """One source's local manifests (see ``check_manifests_exist``); its label map if its labels are
-    class names."""
+def check_source(name: str, src: SourceConfig) -> tuple[dict[str, int] | None, int | None]:
+    """One source's local manifests (see ``check_manifests_exist``) -> its label map if its labels
+    are class names, and its training videos (None for a list in object storage)."""
     if src.manifest.startswith("demo:"):
-        return None
-    labels = None
+        from ppma_ray.data.demo import LAYOUT, NUM_CLASSES
+
+        if (kind := src.manifest.split(":", 1)[1]) not in LAYOUT:
+            raise ConfigError.at(f"data.sources.{name}.manifest", f"no demo set {kind!r} "
+                                                                  f"(have {', '.join(f'demo:{k}' for k in LAYOUT)})")
+        return None, LAYOUT[kind][0] * NUM_CLASSES
+    labels, videos = None, None
     for key in ("manifest", "val_manifest"):
         path = getattr(src, key)
         if not path or objectstore.is_uri(path):
@@ -142,14 +158,14 @@ def check_source(name: str, src: SourceConfig) -> dict[str, int] | None:
             raise FileNotFoundError(f"data.sources.{name}.{key}: {path} does not exist")
         table = read_manifest(path, root=src.root, label_map=src.label_map or labels)
         if key == "manifest":
-            labels = label_map_of(table)
+            labels, videos = label_map_of(table), table.num_rows
         if src.root is None:
             relative = next((p for p in table.column("path").to_pylist()
                              if not os.path.isabs(p) and not objectstore.is_uri(p)), None)
             if relative is not None:
                 raise ManifestError(path, None, f"video path {relative!r} is relative and data.sources.{name}.root is "
                                                 f"not set: set it to the folder the paths are relative to")
-    return labels
+    return labels, videos
 
 
 def check_tasks(cfg: PretrainConfig, tasks: list[str], key: str = "eval.tasks", test_lists: bool = True) -> None:
@@ -158,18 +174,16 @@ def check_tasks(cfg: PretrainConfig, tasks: list[str], key: str = "eval.tasks", 
     it has a test list (``test_lists``; Tune's objective splits the training list instead). A
     catalog task's ``eval.task_root`` is a folder here (or a bucket URI)."""
     from ppma_ray.data.catalog import CATALOG, task_source
-    from ppma_ray.data.demo import LAYOUT
 
     for i, task in enumerate(tasks):
         where = f"{key}[{i}]" if key == "eval.tasks" else key
         try:
             src = task_source(task, cfg.data.sources, cfg.eval.task_root)
-        except (KeyError, ValueError, FileNotFoundError) as e:
-            raise ConfigError.at(where, e.args[0]) from None
-        if src.manifest.startswith("demo:"):  # a demo set has its test list
-            if (kind := src.manifest.split(":", 1)[1]) not in LAYOUT:
-                raise ConfigError.at(where, f"no demo set {kind!r} (have {', '.join(f'demo:{k}' for k in LAYOUT)})")
-            continue
+            if task.startswith("demo:"):  # a demo set has its test list
+                check_source(task, src)
+                continue
+        except (ConfigError, KeyError, ValueError, FileNotFoundError) as e:
+            raise ConfigError.at(where, e.problem if isinstance(e, ConfigError) else e.args[0]) from None
         if task in CATALOG:  # the shipped lists: what is left to check is the folder they are relative to
             root = cfg.eval.task_root
             if not objectstore.is_uri(root) and not Path(root).is_dir():

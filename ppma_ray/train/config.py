@@ -77,6 +77,9 @@ class StageConfig:
         starts = [start for start, _ in self.mix_schedule]
         if any(b <= a for a, b in zip(starts, starts[1:])) or any(s < 0 for s in starts):
             raise ConfigError.at("mix_schedule", f"start epochs must be >= 0 and increasing, got {starts}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < self.batch_size:
+            raise ConfigError.at("samples_per_epoch", f"{self.samples_per_epoch} clips make no step of batch_size "
+                                                      f"{self.batch_size}")
 
     def mix_at(self, epoch: int) -> dict[str, float]:
         """The source weights of ``epoch`` (``mix``, or the schedule entry in force)."""
