@@ -182,8 +182,9 @@ def test_named_labels_the_held_out_list_takes_the_training_ids(tmp_path):
 
     (tmp_path / "train.csv").write_text("path,label\na.mp4,walk\nb.mp4,run\nc.mp4,swim\n")
     (tmp_path / "val.csv").write_text("path,label\nd.mp4,swim\n")
-    cfg = load_config(DEMO_CONFIG, [*TINY, f"data.sources.nohuman={{manifest: {tmp_path / 'train.csv'}, "
-                                           f"val_manifest: {tmp_path / 'val.csv'}, root: {tmp_path}}}"])
+    cfg = load_config(DEMO_CONFIG, [*TINY, "mae.samples_per_epoch=32",  # 3 videos: an epoch of one batch
+                                    f"data.sources.nohuman={{manifest: {tmp_path / 'train.csv'}, "
+                                    f"val_manifest: {tmp_path / 'val.csv'}, root: {tmp_path}}}"])
     assert check_manifests_exist(cfg, ("mae",)) == {"nohuman": {"run": 0, "swim": 1, "walk": 2}}
     from ppma_ray.train.data import resolve_sources
 

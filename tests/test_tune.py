@@ -39,6 +39,21 @@ def _rows(out):
         return list(csv.DictReader(f))
 
 
+def test_weight_mixing_averages_the_best_finished_end_trials_or_says_why_it_cannot():
+    from ppma_ray.tune.grid import mixing_ends
+
+    def row(p, status, objective=None, lr=None):
+        return {"phase": "mix", "p": p, "status": status, "objective": objective, "lr": lr, "stage2_checkpoint": f"{p}-{lr}"}
+
+    rows = [row(0.0, "done", 0.5, 0.1), row(0.0, "done", 0.7, 0.2), row(0.5, "failed"), row(1.0, "done", 0.6, 0.1),
+            row(1.0, "failed", None, 0.2)]
+    ends = mixing_ends(rows)  # tune.extra grids: several trials at each end, the best taken
+    assert ends[0.0]["stage2_checkpoint"] == "0.0-0.2" and ends[1.0]["stage2_checkpoint"] == "1.0-0.1"
+    assert mixing_ends([row(0.0, "done", 0.5), row(1.0, "stopped")]) == \
+        "weight mixing skipped: no finished stage-2 model at p = 1 (its trial stopped; see trials.csv)"
+    assert "at p = 0 (its trial failed / stopped;" in mixing_ends([row(0.0, "stopped"), row(0.0, "failed"), row(1.0, "done", 0.1)])
+
+
 @pytest.mark.integration
 def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_session, stage1, tiny_config, tune_task, tmp_path,
                                                                        capfd, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from pathlib import Path
 
 from ray import tune
@@ -96,16 +97,33 @@ def run(cfg: PretrainConfig, common: dict, out: Path) -> list[dict]:
                     scheduler, t.max_concurrent_trials)
     rows = [result_row("mix", r) for r in mix]
 
-    by_p = {r["p"]: r for r in rows if r["status"] == "done"}
-    if 0.0 in by_p and 1.0 in by_p and (t.alpha_values or t.learned_alpha):
+    ends = mixing_ends(rows) if t.alpha_values or t.learned_alpha else None
+    if isinstance(ends, str):
+        print(ends, file=sys.stderr, flush=True)
+    elif ends:
         avg_space = {"alpha": tune.grid_search([*t.alpha_values, *(["learned"] if t.learned_alpha else [])])}
-        avg_common = {"base": common["base"], "tasks": common["tasks"], "synthetic_ckpt": by_p[1.0]["stage2_checkpoint"],
-                      "nohuman_ckpt": by_p[0.0]["stage2_checkpoint"]}
+        avg_common = {"base": common["base"], "tasks": common["tasks"], "synthetic_ckpt": ends[1.0]["stage2_checkpoint"],
+                      "nohuman_ckpt": ends[0.0]["stage2_checkpoint"]}
         avg = run_tuner(f"{cfg.run.name}-tune-avg", tune.with_parameters(avg_trial, **avg_common), avg_space, cfg,
                         max_concurrent=t.max_concurrent_trials)
         rows += [result_row("avg", r) for r in avg]
     write_outputs(cfg, rows, out)
     return rows
+
+
+def mixing_ends(rows: list[dict]) -> dict[float, dict] | str:
+    """The p = 1 and p = 0 trials that weight mixing averages, or the line saying why it is skipped:
+    an end whose trial failed or was stopped early (ASHA) has no whole stage-2 model to average. With
+    ``tune.extra`` grids each end has several trials: the best objective of each is taken."""
+    ends = {}
+    for p in (1.0, 0.0):
+        done = [r for r in rows if r["phase"] == "mix" and r["p"] == p and r["status"] == "done"]
+        if not done:
+            statuses = sorted({r["status"] for r in rows if r["phase"] == "mix" and r["p"] == p})
+            return (f"weight mixing skipped: no finished stage-2 model at p = {p:g} (its trial "
+                    f"{' / '.join(statuses) or 'did not run'}; see trials.csv)")
+        ends[p] = max(done, key=lambda r: r.get("objective") if r.get("objective") is not None else -math.inf)
+    return ends
 
 
 def write_outputs(cfg: PretrainConfig, rows: list[dict], out: Path) -> None:
