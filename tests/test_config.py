@@ -159,6 +159,7 @@ def test_job_specific_bad_input_exits_2_before_ray():
         "eval_task": ("pretrain", "--set", "eval.tasks=[demo:motion, motion]"),  # probed only after both stages
         "task_root": ("evaluate", "--task", "ucf101", "--task-root", "/nope/ucf101"),
         "test_list": ("evaluate", "--task", "mine", "--train-manifest", "/nope/train.csv"),
+        "output_dir": ("evaluate", "--task", "demo:motion", "--output-dir", "/proc/ppma/out"),  # results lost at the end
     })
     expected = {"search": "--set tune.search: 'bayes' is not one of",
                 "tasks": "eval.tasks: the tuning objective needs at least one downstream task",
@@ -172,7 +173,8 @@ def test_job_specific_bad_input_exits_2_before_ray():
                 "storage": "run.storage_path: hdfs://namenode/runs: a local path, or a bucket URI (s3://, gs://, gcs://)",
                 "eval_task": "eval.tasks[1]: unknown task 'motion' (demo:<name>, a catalog name",
                 "task_root": "eval.task_root: /nope/ucf101: no such folder (the videos of task 'ucf101')",
-                "test_list": "--train-manifest: the task needs its test list too (--val-manifest)"}
+                "test_list": "--train-manifest: the task needs its test list too (--val-manifest)",
+                "output_dir": "--output-dir: /proc/ppma/out cannot be written"}
     for key, r in results.items():
         assert r.returncode == 2 and expected[key] in r.stderr and len(r.stderr.strip().splitlines()) == 1, (key, r.stderr)
 
@@ -227,6 +229,19 @@ def test_a_stage_that_cannot_start_is_refused_before_the_stages_before_it_run(tm
     cfg.data.sources["nohuman"].manifest = "demo:walking"
     with pytest.raises(ConfigError, match=r"^data.sources.nohuman.manifest: no demo set 'walking' \(have demo:nohuman"):
         check_manifests_exist(cfg, ("mae",))
+
+
+def test_an_output_folder_is_written_to_before_the_job_relies_on_it(tmp_path):
+    """Tried, not judged by permission bits: /proc passes os.access for root, and refuses every write."""
+    from ppma_ray.cli import check_writable
+
+    assert check_writable("--out", tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+    assert list((tmp_path / "a" / "b").iterdir()) == []  # the probe file is gone
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match=f"^--out: {tmp_path / 'f'} is a file$"):
+        check_writable("--out", tmp_path / "f")
+    with pytest.raises(ConfigError, match="^--output-dir: /proc/ppma cannot be written"):
+        check_writable("--output-dir", "/proc/ppma")
 
 
 def test_every_job_answers_help_and_version():

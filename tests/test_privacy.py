@@ -170,6 +170,38 @@ def test_segmenter_weights_load_whole_or_not_at_all(tmp_path):
         TorchvisionSegmenter(weights_path=str(tmp_path / "broken.pth"), device="cpu")
 
 
+def test_named_segmenter_weights_are_found_or_refused_before_ray(tmp_path, monkeypatch):
+    """The torchvision weights a spec names are looked up in this machine's torch hub cache before Ray
+    starts; missing and not downloadable (offline: the download raises as urllib does), the job stops
+    with a line saying where the file goes, instead of a traceback from every actor. Nothing is
+    downloaded here: the download function is replaced."""
+    import urllib.error
+
+    import torch
+
+    from ppma_ray.config import ConfigError
+    from ppma_ray.privacy.job import fetch_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, **kw):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    assert fetch_weights("torchvision:none") is None and fetch_weights("colorkey:255,0,255") is None
+    file = "deeplabv3_mobilenet_v3_large-fc3c493d.pth"  # torchvision's DEFAULT for the default arch
+    with pytest.raises(ConfigError, match=rf"^--segmenter torchvision: deeplabv3_mobilenet_v3_large's DEFAULT weights are "
+                                          rf"not in the torch hub cache \({tmp_path}/hub/checkpoints/{file}\) and could not be "
+                                          rf"downloaded \(URLError: .*Name or service not known.*\): put {file} there"):
+        fetch_weights("torchvision")
+    with pytest.raises(ConfigError, match=r"'deeplabv3_resnet5' is neither a weights file nor weights of "
+                                          r"deeplabv3_mobilenet_v3_large \(COCO_WITH_VOC_LABELS_V1, DEFAULT\)"):
+        fetch_weights("torchvision:deeplabv3_resnet5")  # a typo in the arch
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / file).write_bytes(b"cached")  # pre-populated, as on a cluster without internet
+    assert fetch_weights("torchvision:deeplabv3_mobilenet_v3_large:DEFAULT") == tmp_path / "hub" / "checkpoints" / file
+
+
 def test_audit_reports_people_before_and_none_after(clips_with_people, tmp_path, ray_session):
     from ppma_ray.data.manifest import read_manifest
     from ppma_ray.privacy.job import audit, remove_humans

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -244,12 +245,7 @@ def check_storage(cfg: PretrainConfig, checkpoints: int | None = None) -> None:
         return
     import shutil
 
-    path = Path(cfg.run.storage_path).resolve()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError.at("run.storage_path", f"{path} is under {existing}, which is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError.at("run.storage_path", f"{existing} is not writable")
+    path = check_writable("run.storage_path", cfg.run.storage_path)
     import torch
 
     from ppma_ray.models import build_model
@@ -257,10 +253,27 @@ def check_storage(cfg: PretrainConfig, checkpoints: int | None = None) -> None:
     with torch.device("meta"):
         model = build_model(cfg.model, "mae", 1, img_size=cfg.data.clip.img_size, num_frames=cfg.data.clip.num_frames)
     need = 12 * sum(p.numel() for p in model.parameters()) * (checkpoints or cfg.run.keep + 1)
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(path).free
     if free < need:
-        raise ConfigError.at("run.storage_path", f"{existing} has {free / 2**30:.1f} GiB free; {checkpoints or cfg.run.keep + 1} "
+        raise ConfigError.at("run.storage_path", f"{path} has {free / 2**30:.1f} GiB free; {checkpoints or cfg.run.keep + 1} "
                                                  f"checkpoints of this model with optimizer state need {need / 2**30:.1f} GiB")
+
+
+def check_writable(key: str, folder: str | os.PathLike) -> Path:
+    """A local folder a job writes its outputs to, checked before the job spends its time on them: it
+    is created (the job would create it anyway) and a file is written and removed there. Permission
+    bits alone would pass a read-only file system, or anything for root. Returns the folder."""
+    path = Path(folder).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError.at(key, f"{path} is a file" if existing == path else f"{path} is under {existing}, which is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".ppma_write_check_"):
+            pass
+    except OSError as e:
+        raise ConfigError.at(key, f"{path} cannot be written ({e.strerror or type(e).__name__})") from None
+    return path
 
 
 def weights_source(flag: str, source: str) -> str:

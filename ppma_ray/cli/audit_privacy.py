@@ -21,7 +21,7 @@ import csv
 import json
 from pathlib import Path
 
-from ppma_ray.cli import bad_input_exits, parser
+from ppma_ray.cli import bad_input_exits, check_writable, parser
 from ppma_ray.cli.remove_humans import REMOVAL_FILE
 from ppma_ray.config import ConfigError
 from ppma_ray.data.manifest import read_manifest
@@ -69,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         record = Path(args.manifest).parent / REMOVAL_FILE
         removed_by = args.removed_by or (json.loads(record.read_text())["segmenter"] if record.is_file() else None)
         auditor, independent = pick_auditor(args.segmenter, removed_by, args.allow_same_family)
-    from ppma_ray.privacy.job import audit, segmenter_family
+        if Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out}: a folder; the audit writes a CSV file (and a JSON next to it)")
+        check_writable("--out", Path(args.out).parent)
+        from ppma_ray.privacy.job import audit, fetch_weights, segmenter_family
+
+        fetch_weights(auditor)
     from ppma_ray.ray_env import init_ray
 
     init_ray(verbose=args.verbose)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ppma_ray.cli import (bad_input_exits, check_tasks, finish_config, parser, read_config, stage_failure_exits,
-                          start_ray, weights_source)
+from ppma_ray.cli import (bad_input_exits, check_storage, check_tasks, check_writable, finish_config, parser,
+                          read_config, stage_failure_exits, start_ray, weights_source)
 from ppma_ray.config import ConfigError, SourceConfig
 from ppma_ray.models.errors import CheckpointError
 
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.learned_alpha and args.protocol != "lp":
             raise ConfigError("--learned-alpha: the averaging coefficients are learned with the linear probe (--protocol lp)")
         check_tasks(cfg, [args.task], "--task")
+        check_storage(cfg)  # the probe's or fine-tuning's run folder, and the results by default
+        if args.output_dir:
+            check_writable("--output-dir", args.output_dir)
 
     from ppma_ray.train.downstream import count_models, evaluate, write_results
     from ppma_ray.train.report import print_results

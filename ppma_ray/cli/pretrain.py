@@ -18,9 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_storage, check_tasks, check_weights,
-                          config_diff, finish_config, parser, read_config, stage_failure_exits, start_ray,
-                          weights_source)
+from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_storage, check_tasks,
+                          check_weights, check_writable, config_diff, finish_config, parser, read_config,
+                          stage_failure_exits, start_ray, weights_source)
 from ppma_ray.config import ConfigError, PretrainConfig, to_dict
 from ppma_ray.data.objectstore import is_uri
 from ppma_ray.models.errors import CheckpointError
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             check_tasks(cfg, cfg.eval.tasks)
         check_resume_config(cfg, stages)
         check_storage(cfg)
+        if args.output_dir:
+            check_writable("--output-dir", args.output_dir)
         if args.init_from:
             args.init_from = weights_source("--init-from", args.init_from)
         check_weights(cfg, args.init_from, args.init_from_partial)

@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from ppma_ray.cli import bad_input_exits, parser
+from ppma_ray.cli import bad_input_exits, check_writable, parser
 from ppma_ray.data.manifest import read_manifest
 
 REMOVAL_FILE = "removal.json"  # next to the No-Human manifest: which model removed the people
@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with bad_input_exits():
         table = read_manifest(args.manifest, root=args.root)
-    from ppma_ray.privacy.job import remove_humans
+        check_writable("--out", args.out)
+        from ppma_ray.privacy.job import fetch_weights, remove_humans
+
+        fetch_weights(args.segmenter)
     from ppma_ray.ray_env import init_ray
 
     init_ray(verbose=args.verbose)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_storage, check_tasks, check_weights, finish_config, parser,
-                           read_config, start_ray, weights_source)
+from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_storage, check_tasks, check_weights, check_writable,
+                          finish_config, parser, read_config, start_ray, weights_source)
 from ppma_ray.models.errors import CheckpointError
 
 
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         check_manifests_exist(cfg, ("align",) if args.stage1 else ("mae", "align"))
         check_tasks(cfg, cfg.eval.tasks, test_lists=False)  # the objective splits each task's training list
         check_storage(cfg)
+        if args.output_dir:
+            check_writable("--output-dir", args.output_dir)
         if args.stage1:
             args.stage1 = weights_source("--stage1", args.stage1)
         check_weights(cfg, args.stage1)  # the trunk must load whole, as in every trial

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ppma_ray.cli import bad_input_exits, parser
+from ppma_ray.cli import bad_input_exits, check_writable, parser
 from ppma_ray.config import ConfigError
 from ppma_ray.data.manifest import read_manifest, relative_path, write_ppma_manifest
 from ppma_ray.data.video import BACKENDS, backend_problem
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         table = read_manifest(args.manifest, root=args.root)
         if problem := backend_problem(args.backend):
             raise ConfigError(f"--backend: {problem}")
+        check_writable("--out", args.out)
     from ppma_ray.data.validate import validate_manifest
     from ppma_ray.ray_env import init_ray
 

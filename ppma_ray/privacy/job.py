@@ -16,27 +16,40 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from ppma_ray.config import ConfigError
 from ppma_ray.data.video import VideoDecodeError, VideoSource, write_video
 from ppma_ray.privacy.inpaint import inpaint_video, person_mask
+
+
+def torchvision_spec(spec: str) -> tuple[str, str, str] | None:
+    """``torchvision[:ARCH][:WEIGHTS]`` or ``maskrcnn[:ARCH][:WEIGHTS]`` -> (kind, arch, weights: a
+    torchvision weights name, ``none`` or a file; DEFAULT when left out); None for any other spec."""
+    kind, _, rest = spec.partition(":")
+    if kind not in ("torchvision", "maskrcnn"):
+        return None
+    from ppma_ray.privacy.segment import ARCHS, DETECTOR_ARCHS
+
+    archs = ARCHS if kind == "torchvision" else DETECTOR_ARCHS
+    parts = [p for p in rest.split(":") if p]
+    arch = parts.pop(0) if parts and parts[0] in archs else archs[0]
+    return kind, arch, parts[0] if parts else "DEFAULT"
 
 
 def make_segmenter(spec: str):
     """``torchvision[:ARCH][:none|PATH]`` (a DeepLabV3 segmenter), ``maskrcnn[:ARCH][:none|PATH]``
     (a Mask R-CNN detector) -- DEFAULT weights unless ``none`` or a weights file --,
     ``colorkey:R,G,B``, or ``package.module:Class`` (constructed without arguments)."""
-    kind, _, rest = spec.partition(":")
-    if kind in ("torchvision", "maskrcnn"):
-        from ppma_ray.privacy.segment import ARCHS, DETECTOR_ARCHS, TorchvisionDetector, TorchvisionSegmenter
+    if parsed := torchvision_spec(spec):
+        from ppma_ray.privacy.segment import TorchvisionDetector, TorchvisionSegmenter
 
-        archs, build = (ARCHS, TorchvisionSegmenter) if kind == "torchvision" else (DETECTOR_ARCHS, TorchvisionDetector)
-        parts = [p for p in rest.split(":") if p]
-        arch = parts.pop(0) if parts and parts[0] in archs else archs[0]
-        weights = parts[0] if parts else "DEFAULT"
+        kind, arch, weights = parsed
+        build = TorchvisionSegmenter if kind == "torchvision" else TorchvisionDetector
         if weights == "none":
             return build(arch, weights=None)
         if os.path.exists(weights):
             return build(arch, weights=None, weights_path=weights)
         return build(arch, weights=weights)
+    kind, _, rest = spec.partition(":")
     if kind == "colorkey":
         from ppma_ray.privacy.segment import ColorKeySegmenter
 
@@ -45,6 +58,35 @@ def make_segmenter(spec: str):
     if not module:
         raise ValueError(f"unknown segmenter {spec!r}")
     return getattr(importlib.import_module(module), cls)()
+
+
+def fetch_weights(spec: str) -> Path | None:
+    """Before Ray starts: the named torchvision weights of a segmenter spec in this machine's torch hub
+    cache (downloaded here once, where each actor would have fetched them), or a ``ConfigError``
+    saying where to put them. Without it, an unknown weights name or a node without internet failed
+    in every actor, a Ray traceback each. Returns the cached file (None: no named weights)."""
+    parsed = torchvision_spec(spec)
+    if parsed is None or parsed[2] == "none" or os.path.exists(parsed[2]):
+        return None
+    import torch
+    from torchvision.models import get_model_weights
+
+    kind, arch, name = parsed
+    enum = get_model_weights(arch)
+    if name not in enum.__members__:
+        raise ConfigError(f"--segmenter {spec}: {name!r} is neither a weights file nor weights of {arch} "
+                          f"({', '.join(enum.__members__)})")
+    url = enum[name].url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if not cached.is_file():
+        try:
+            torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
+        except Exception as e:  # offline, a proxy, a corrupt download
+            raise ConfigError(f"--segmenter {spec}: {arch}'s {name} weights are not in the torch hub cache ({cached}) "
+                              f"and could not be downloaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
+                              f"put {os.path.basename(url)} there (on every node), or pass a weights file "
+                              f"({kind}:{arch}:PATH)") from None
+    return cached
 
 
 def segmenter_family(spec: str) -> str:
