@@ -188,7 +188,8 @@ def test_downstream_tasks_are_checked_before_the_training_that_precedes_them(tmp
     train = tmp_path / "train.csv"
     train.write_text("a.mp4 0\nb.mp4 1\n")
     cfg.data.sources["mine"] = SourceConfig(manifest=str(train), root=str(tmp_path))
-    check_tasks(cfg, ["demo:motion", "nohuman", "mine"], test_lists=False)  # a demo source has its test list
+    check_tasks(cfg, ["demo:motion", "nohuman"])  # a demo set has its test list, as a task or as a source
+    check_tasks(cfg, ["mine"], test_lists=False)
     cfg.eval.task_root = str(tmp_path)
     check_tasks(cfg, ["ucf101", "diving48"])
 

@@ -180,7 +180,7 @@ def check_tasks(cfg: PretrainConfig, tasks: list[str], key: str = "eval.tasks", 
         where = f"{key}[{i}]" if key == "eval.tasks" else key
         try:
             src = task_source(task, cfg.data.sources, cfg.eval.task_root)
-            if task.startswith("demo:"):  # a demo set has its test list
+            if src.manifest.startswith("demo:"):  # a demo set (as a task or a source) has its test list
                 check_source(task, src)
                 continue
         except (ConfigError, KeyError, ValueError, FileNotFoundError) as e:
