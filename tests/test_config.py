@@ -144,7 +144,7 @@ def test_every_config_job_rejects_bad_input_in_one_line_with_exit_2():
     assert time.perf_counter() - t0 < 60  # 12 runs, about a second each; generous for a loaded CI machine
 
 
-def test_job_specific_bad_input_exits_2_before_ray():
+def test_job_specific_bad_input_exits_2_before_ray(tmp_path):
     results = _jobs({
         "search": ("tune_mix", "--set", "tune.search=bayes"),
         "tasks": ("tune_mix", "--set", "eval.tasks=[]"),
@@ -160,7 +160,8 @@ def test_job_specific_bad_input_exits_2_before_ray():
         "task_root": ("evaluate", "--task", "ucf101", "--task-root", "/nope/ucf101"),
         "test_list": ("evaluate", "--task", "mine", "--train-manifest", "/nope/train.csv"),
         "output_dir": ("evaluate", "--task", "demo:motion", "--output-dir", "/proc/ppma/out"),  # results lost at the end
-    })
+        "ft_epoch": ("evaluate", "--task", "demo:motion", "--protocol", "ft", "--set", "ft.batch_size=128"),
+    }, cwd=tmp_path)  # the checks create run.storage_path (./runs) as they write to it
     expected = {"search": "--set tune.search: 'bayes' is not one of",
                 "tasks": "eval.tasks: the tuning objective needs at least one downstream task",
                 "pbt": "tune.pbt_interval: 6 epochs leaves no second round",
@@ -174,7 +175,9 @@ def test_job_specific_bad_input_exits_2_before_ray():
                 "eval_task": "eval.tasks[1]: unknown task 'motion' (demo:<name>, a catalog name",
                 "task_root": "eval.task_root: /nope/ucf101: no such folder (the videos of task 'ucf101')",
                 "test_list": "--train-manifest: the task needs its test list too (--val-manifest)",
-                "output_dir": "--output-dir: /proc/ppma/out cannot be written"}
+                "output_dir": "--output-dir: /proc/ppma/out cannot be written",
+                "ft_epoch": "ft.batch_size: 128 clips a step, but an epoch is the 96 videos of task demo:motion "
+                            "(ft.samples_per_epoch unset): no step to train"}
     for key, r in results.items():
         assert r.returncode == 2 and expected[key] in r.stderr and len(r.stderr.strip().splitlines()) == 1, (key, r.stderr)
 
@@ -191,7 +194,7 @@ def test_downstream_tasks_are_checked_before_the_training_that_precedes_them(tmp
     check_tasks(cfg, ["demo:motion", "nohuman"])  # a demo set has its test list, as a task or as a source
     check_tasks(cfg, ["mine"], test_lists=False)
     cfg.eval.task_root = str(tmp_path)
-    check_tasks(cfg, ["ucf101", "diving48"])
+    assert check_tasks(cfg, ["ucf101", "demo:motion"]) == {"ucf101": 9537, "demo:motion": 96}  # training videos
 
     def problem(tasks, **kw) -> str:
         with pytest.raises(ConfigError) as e:
@@ -230,6 +233,27 @@ def test_a_stage_that_cannot_start_is_refused_before_the_stages_before_it_run(tm
     cfg.data.sources["nohuman"].manifest = "demo:walking"
     with pytest.raises(ConfigError, match=r"^data.sources.nohuman.manifest: no demo set 'walking' \(have demo:nohuman"):
         check_manifests_exist(cfg, ("mae",))
+
+
+def test_only_a_probe_trained_in_batches_needs_a_batch_of_training_videos(tmp_path, monkeypatch, capsys):
+    """demo:motion has 96 training videos: a batch of 128 leaves fine-tuning and the Ray Train probe
+    without a step (refused before Ray), while the cached-feature probe fits one full batch (it runs)."""
+    from ppma_ray.cli import evaluate
+
+    class StartedRay(Exception):
+        pass
+
+    def start_ray(cfg, verbose):
+        raise StartedRay
+
+    monkeypatch.setattr(evaluate, "start_ray", start_ray)
+    args = ["--task", "demo:motion", "--set", f"run.storage_path={tmp_path}", "--set", "lp.batch_size=128"]
+    with pytest.raises(StartedRay):
+        evaluate.main([*args, "--cache-features"])
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(args)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: lp.batch_size: 128 clips a step, but an epoch is the 96 videos")
 
 
 def test_an_output_folder_is_written_to_before_the_job_relies_on_it(tmp_path):

@@ -131,13 +131,19 @@ def check_manifests_exist(cfg: PretrainConfig, stages=("mae", "align")) -> dict[
         if labels is not None:
             label_maps[name] = labels
     for stage in stages:
-        section = getattr(cfg, stage)
-        sizes = [videos[n] for n in section.trained_sources()]
-        if section.samples_per_epoch is None and None not in sizes and sum(sizes) < section.batch_size:
-            raise ConfigError.at(f"{stage}.batch_size", f"{section.batch_size} clips a step, but an epoch is the "
-                                                        f"{sum(sizes)} videos of {', '.join(sorted(section.trained_sources()))} "
-                                                        f"({stage}.samples_per_epoch unset): no step to train")
+        trained = sorted(getattr(cfg, stage).trained_sources())
+        sizes = [videos[n] for n in trained]
+        check_epoch(cfg, stage, None if None in sizes else sum(sizes), ", ".join(trained))
     return label_maps
+
+
+def check_epoch(cfg: PretrainConfig, stage: str, videos: int | None, sources: str) -> None:
+    """Without ``samples_per_epoch`` an epoch is the sources' videos: fewer than one batch make no
+    step, which Ray Train would find only when the stage starts (stage 2: after stage 1)."""
+    section = getattr(cfg, stage)
+    if section.samples_per_epoch is None and videos is not None and videos < section.batch_size:
+        raise ConfigError.at(f"{stage}.batch_size", f"{section.batch_size} clips a step, but an epoch is the {videos} "
+                                                    f"videos of {sources} ({stage}.samples_per_epoch unset): no step to train")
 
 
 def check_source(name: str, src: SourceConfig) -> tuple[dict[str, int] | None, int | None]:
@@ -169,19 +175,22 @@ def check_source(name: str, src: SourceConfig) -> tuple[dict[str, int] | None, i
     return labels, videos
 
 
-def check_tasks(cfg: PretrainConfig, tasks: list[str], key: str = "eval.tasks", test_lists: bool = True) -> None:
+def check_tasks(cfg: PretrainConfig, tasks: list[str], key: str = "eval.tasks",
+                test_lists: bool = True) -> dict[str, int | None]:
     """The downstream tasks a job probes, checked before it trains for hours and only then gets to
     them: each task is known (a demo set, a catalog name, a source), its lists exist and parse, and
     it has a test list (``test_lists``; Tune's objective splits the training list instead). A
-    catalog task's ``eval.task_root`` is a folder here (or a bucket URI)."""
-    from ppma_ray.data.catalog import CATALOG, task_source
+    catalog task's ``eval.task_root`` is a folder here (or a bucket URI). Returns each task's
+    training videos (None: a list in object storage)."""
+    from ppma_ray.data.catalog import CATALOG, load_split, task_source
 
+    videos = {}
     for i, task in enumerate(tasks):
         where = f"{key}[{i}]" if key == "eval.tasks" else key
         try:
             src = task_source(task, cfg.data.sources, cfg.eval.task_root)
             if src.manifest.startswith("demo:"):  # a demo set (as a task or a source) has its test list
-                check_source(task, src)
+                videos[task] = check_source(task, src)[1]
                 continue
         except (ConfigError, KeyError, ValueError, FileNotFoundError) as e:
             raise ConfigError.at(where, e.problem if isinstance(e, ConfigError) else e.args[0]) from None
@@ -189,10 +198,12 @@ def check_tasks(cfg: PretrainConfig, tasks: list[str], key: str = "eval.tasks", 
             root = cfg.eval.task_root
             if not objectstore.is_uri(root) and not Path(root).is_dir():
                 raise ConfigError.at("eval.task_root", f"{root}: no such folder (the videos of task {task!r})")
+            videos[task] = load_split(task, "train").num_rows
             continue
         if test_lists and src.val_manifest is None:
             raise ConfigError.at(where, f"task {task!r} has no test list: set data.sources.{task}.val_manifest")
-        check_source(task, src)
+        videos[task] = check_source(task, src)[1]
+    return videos
 
 
 def check_resume_config(cfg: PretrainConfig, stages=("mae", "align")) -> None:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ppma_ray.cli import (bad_input_exits, check_storage, check_tasks, check_writable, finish_config, parser,
-                          read_config, stage_failure_exits, start_ray, weights_source)
+from ppma_ray.cli import (bad_input_exits, check_epoch, check_storage, check_tasks, check_writable, finish_config,
+                          parser, read_config, stage_failure_exits, start_ray, weights_source)
 from ppma_ray.config import ConfigError, SourceConfig
 from ppma_ray.models.errors import CheckpointError
 
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = finish_config(args, cfg)
         if args.learned_alpha and args.protocol != "lp":
             raise ConfigError("--learned-alpha: the averaging coefficients are learned with the linear probe (--protocol lp)")
-        check_tasks(cfg, [args.task], "--task")
+        (videos,) = check_tasks(cfg, [args.task], "--task").values()
+        if args.protocol == "ft" or args.learned_alpha or not args.cache_features:  # trained on Ray Train in batches
+            check_epoch(cfg, args.protocol, videos, f"task {args.task}")
         check_storage(cfg)  # the probe's or fine-tuning's run folder, and the results by default
         if args.output_dir:
             check_writable("--output-dir", args.output_dir)
