@@ -173,6 +173,7 @@ def test_export_job_writes_a_transformers_classifier_and_a_model_card_and_pushes
 
     run, models = pretrain_output
     calls = []
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)  # checked before the export; the calls are replaced
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo, **kw: calls.append(("create", repo, kw)))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
                         lambda self, **kw: calls.append(("upload", kw["repo_id"], sorted(p.name for p in Path(kw["folder_path"]).iterdir()))))
@@ -191,6 +192,37 @@ def test_export_job_writes_a_transformers_classifier_and_a_model_card_and_pushes
     assert "| motion | LP | 62.5 | 60 |" in card and "| align | " in card
     assert calls == [("create", "org/ppma-tiny", {"private": True, "exist_ok": True}),
                      ("upload", "org/ppma-tiny", ["README.md", "config.json", "model.safetensors"])]
+
+
+def test_a_push_without_a_token_stops_first_and_a_failed_push_keeps_the_export(pretrain_output, tmp_path, monkeypatch,
+                                                                              capsys):
+    """No token or a bad repository id: one line before anything is written. A push that fails (the
+    Hub unreachable: the client's endpoint is a closed local port) keeps the folder and says how to
+    push it later."""
+    import socket
+
+    from ppma_ray.cli.export_hf import main
+
+    run, _ = pretrain_output
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no login token there
+    for repo, words in (("org/ppma-tiny", "--push-to-hub org/ppma-tiny: no Hub token here (set HF_TOKEN"),
+                        ("org/ppma tiny", "--push-to-hub: Repo id must use alphanumeric chars")):
+        with pytest.raises(SystemExit) as e:
+            main([str(run), str(tmp_path / "hf"), "--stage", "mae", "--push-to-hub", repo])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith(f"error: {words}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{port}")
+    assert main([str(run), str(tmp_path / "hf"), "--stage", "mae", "--push-to-hub", "org/ppma-tiny"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --push-to-hub org/ppma-tiny: ") and \
+        err.endswith(f"(the export is in {tmp_path / 'hf'}: push it with `hf upload org/ppma-tiny {tmp_path / 'hf'}`)"), err
+    assert "refused" in err and (tmp_path / "hf" / "model.safetensors").is_file()
 
 
 def test_export_job_stage_1_and_its_errors(pretrain_output, tmp_path, capsys):

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from ppma_ray.cli import bad_input_exits, parser
+from ppma_ray.cli import bad_input_exits, check_writable, parser
 from ppma_ray.config import ConfigError
 
 HUMANS = {
@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"RUN_OR_CHECKPOINT: {args.source} does not exist")
         if importlib.util.find_spec("transformers") is None:  # export writes transformers' own config class
             raise ConfigError("export needs transformers: pip install -e '.[hf]'")
+        check_writable("OUT_DIR", args.out_dir)
+        if args.push_to_hub:
+            check_hub_repo(args.push_to_hub)
         checkpoint, results = find_checkpoint(Path(args.source), args.stage)
         model, cfg, kind, head = build(checkpoint, args.head)
     from ppma_ray.models.export import to_hf
@@ -164,11 +167,29 @@ def main(argv: list[str] | None = None) -> int:
         from huggingface_hub import HfApi
 
         api = HfApi()
-        api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)
-        info = api.upload_folder(folder_path=str(out), repo_id=args.push_to_hub,
-                                 commit_message=f"ppma_ray export of {cfg.run.name} ({checkpoint.name})")
+        try:
+            api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)
+            info = api.upload_folder(folder_path=str(out), repo_id=args.push_to_hub,
+                                     commit_message=f"ppma_ray export of {cfg.run.name} ({checkpoint.name})")
+        except Exception as e:  # offline, refused, rate-limited: whatever the Hub client raises, the export stands
+            print(f"error: --push-to-hub {args.push_to_hub}: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+                  f"(the export is in {out}: push it with `hf upload {args.push_to_hub} {out}`)", file=sys.stderr)
+            return 1
         print(f"pushed to https://huggingface.co/{args.push_to_hub} ({getattr(info, 'oid', info)})")
     return 0
+
+
+def check_hub_repo(repo: str) -> None:
+    """Before the export: a repository id the Hub takes, and a token to push with."""
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise ConfigError(f"--push-to-hub: {str(e).splitlines()[0]}") from None
+    if get_token() is None:
+        raise ConfigError(f"--push-to-hub {repo}: no Hub token here (set HF_TOKEN, or run `hf auth login`)")
 
 
 if __name__ == "__main__":
