@@ -203,3 +203,30 @@ def test_a_random_init_probe_uses_one_seeded_trunk_in_every_extractor_process():
     f2 = FeatureExtractor(cfg.to_dict(), None)
     f2.model.load_state_dict(b, strict=False)
     assert np.array_equal(f1(batch)["features"], f2(batch)["features"])
+
+
+def test_the_report_job_tables_the_runs_and_names_a_file_it_cannot_read(tmp_path, capsys):
+    """``jobs/report.py``: a row per model, a column per task and protocol, a later run's entry
+    replacing an earlier one; a torn or foreign results.json is one line and exit 2."""
+    import json
+
+    from ppma_ray.cli.report import main
+
+    def entry(model, task, protocol, top1):
+        return {"model": model, "task": task, "protocol": protocol, "top1": top1, "videos": 60}
+
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain/results.json").write_text(json.dumps({"stages": {}, "eval": [
+        entry("ppma", "motion", "lp", 0.65), entry("random_init", "motion", "lp", 0.35), entry("ppma", "ucf101", "lp", 0.5)]}))
+    (tmp_path / "ft.json").write_text(json.dumps({"eval": [entry("ppma", "motion", "ft", 0.8), entry("ppma", "ucf101", "lp", 0.6)]}))
+    assert main([str(tmp_path / "pretrain"), str(tmp_path / "ft.json")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "| pretraining | motion FT | motion LP | ucf101 FT | ucf101 LP | mean |", "|---|---|---|---|---|---|",
+        "| ppma | 80.0 | 65.0 | - | 60.0 | 68.3 |", "| random_init | - | 35.0 | - | - | 35.0 |"]
+    whole = (tmp_path / "ft.json").read_text()
+    (tmp_path / "torn.json").write_text(whole[: len(whole) // 2])
+    (tmp_path / "other.json").write_text(json.dumps({"eval": [{"loss": 1.0}]}))
+    for name, words in (("torn.json", "line 1 column"), ("other.json", "not a results.json of these jobs")):
+        assert main([str(tmp_path / "pretrain"), str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / name}: ") and words in err and len(err.splitlines()) == 1, err

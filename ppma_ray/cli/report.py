@@ -41,7 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"error: {path} does not exist", file=sys.stderr)
             return 2
-        entries += json.loads(path.read_text()).get("eval", [])
+        try:
+            results = json.loads(path.read_text())
+            found = results.get("eval", []) if isinstance(results, dict) else None
+            if not isinstance(found, list) or not all(isinstance(e, dict) and {"model", "task", "protocol", "top1"} <= e.keys()
+                                                     for e in found):
+                raise ValueError("not a results.json of these jobs (its \"eval\" entries name model, task, protocol, top1)")
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            print(f"error: {path}: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        entries += found
     if not entries:
         print("error: no evaluation entries found", file=sys.stderr)
         return 2
