@@ -12,6 +12,9 @@ Nothing here imports torch or Ray.
 
 from __future__ import annotations
 
+import copy
+import os
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,13 +22,13 @@ import yaml
 
 from ppma_ray.data.config import ClipConfig, DataConfig, DecodeConfig, SourceConfig
 from ppma_ray.models.config import PRESET_FIELDS, ModelConfig, vit_config
-from ppma_ray.schema import ConfigError, from_dict, to_dict
+from ppma_ray.schema import ConfigError, flatten, from_dict, to_dict
 from ppma_ray.train.config import EvalSettings, OptimConfig, RunSettings, ScalingSettings, StageConfig, StageKind
 from ppma_ray.tune.config import TuneSettings
 
 __all__ = ["ConfigError", "PretrainConfig", "load_config", "from_dict", "to_dict", "apply_override", "dump_yaml",
            "SourceConfig", "ClipConfig", "DecodeConfig", "DataConfig", "ModelConfig", "OptimConfig", "StageConfig",
-           "StageKind", "ScalingSettings", "RunSettings", "EvalSettings", "TuneSettings"]
+           "StageKind", "ScalingSettings", "RunSettings", "EvalSettings", "TuneSettings", "config_diff", "absolute_paths"]
 
 TRAINED_STAGES = ("mae", "align")  # the pretraining stages; lp and ft take their mix from the task
 
@@ -129,3 +132,38 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, cls
 def dump_yaml(cfg) -> str:
     """The resolved config as YAML, in the sections' declared order."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, width=120)
+
+
+def config_diff(saved: dict, now: dict, sections: tuple[str, ...], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: saved there, now`` for every key of ``sections`` (dotted, e.g. ``data.clip``), but the
+    ``ignore`` keys, that differs between two configs as ``to_dict`` writes them: what a run that is
+    continued depends on."""
+    diff = []
+    for section in sections:
+        a = flatten(_at(saved, section), f"{section}.")
+        b = flatten(_at(now, section), f"{section}.")
+        diff += [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+                 if a.get(k) != b.get(k) and k not in ignore]
+    return diff
+
+
+def _at(d: dict, dotted: str) -> dict:
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d if isinstance(d, dict) else {}
+
+
+def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """A copy with every local path absolute (bucket URIs as they are): Ray workers do not share the
+    driver's working directory."""
+    from ppma_ray.data.objectstore import is_uri
+
+    cfg = copy.deepcopy(cfg)
+    absolute = lambda p: p if p is None or is_uri(p) else os.path.abspath(p)  # noqa: E731
+    cfg.run.storage_path = absolute(cfg.run.storage_path)
+    cfg.data.demo_root = absolute(cfg.data.demo_root)
+    for src in cfg.data.sources.values():
+        if src.manifest.startswith("demo:"):
+            continue
+        src.manifest, src.root, src.val_manifest = absolute(src.manifest), absolute(src.root), absolute(src.val_manifest)
+    return cfg

@@ -54,6 +54,29 @@ def test_weight_mixing_averages_the_best_finished_end_trials_or_says_why_it_cann
     assert "at p = 0 (its trial failed / stopped;" in mixing_ends([row(0.0, "stopped"), row(0.0, "failed"), row(1.0, "done", 0.1)])
 
 
+def test_a_rerun_with_another_config_is_refused_before_it_restores_the_experiments(tmp_path, monkeypatch):
+    """Tune restores the experiments of run.name with their trials whatever the config says now; the
+    job compares the config with the record the experiments started with (paths made absolute)."""
+    from conftest import DEMO_CONFIG
+
+    from ppma_ray.config import ConfigError, load_config
+    from ppma_ray.tune.checks import check_restore, write_record
+
+    monkeypatch.chdir(tmp_path)
+    cfg = lambda *sets: load_config(DEMO_CONFIG, ["run.storage_path=runs", "run.name=mix", *sets])  # noqa: E731
+    check_restore(cfg(), None)  # no experiment yet
+    write_record(cfg(), None)
+    assert (tmp_path / "runs" / "mix-tune.json").is_file()
+    check_restore(cfg("scaling.num_workers=2", "run.log_every=5", "tune.max_concurrent_trials=2"), None)  # bookkeeping
+    check_restore(cfg(f"run.storage_path={tmp_path / 'runs'}"), None)  # the same folder, written absolute
+    with pytest.raises(ConfigError, match=r"mix-tune.json: the Tune experiments of run.name 'mix' ran with another "
+                                          r"config \(tune.p_values: \[0.0, 0.5, 1.0\] there, \[0.0, 0.25, 1.0\] now\)"):
+        check_restore(cfg("tune.p_values=[0.0, 0.25, 1.0]"), None)
+    with pytest.raises(ConfigError, match=r"stage 1: None there, '/w/mae.safetensors' now"):
+        check_restore(cfg(), "/w/mae.safetensors")
+    check_restore(cfg("run.name=other", "tune.p_values=[0.0, 0.25, 1.0]"), None)  # another run: its own record
+
+
 @pytest.mark.integration
 def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_session, stage1, tiny_config, tune_task, tmp_path,
                                                                        capfd, monkeypatch):

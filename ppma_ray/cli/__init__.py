@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import ppma_ray
-from ppma_ray.config import ConfigError, PretrainConfig, SourceConfig, dump_yaml, load_config
+from ppma_ray.config import ConfigError, PretrainConfig, SourceConfig, config_diff, dump_yaml, load_config
 from ppma_ray.data import objectstore
 from ppma_ray.data.manifest import ManifestError, label_map_of, read_manifest
-from ppma_ray.schema import check_all, flatten
+from ppma_ray.schema import check_all
 
 # The demo config ships beside the jobs (jobs/configs/); an installed entry point finds it from a
 # checkout or an editable install. Elsewhere pass --config.
@@ -223,29 +223,12 @@ def check_resume_config(cfg: PretrainConfig, stages=("mae", "align")) -> None:
                     saved = json.loads(f.read().decode())
             except (OSError, ValueError):
                 continue  # a damaged checkpoint: resume passes over it and says so
-            diff = config_diff(saved, now, stage)
+            diff = config_diff(saved, now, ("model", "data.clip", stage))
             if diff:
                 raise ConfigError(f"{folder} holds a run of another config ({'; '.join(diff[:4])}"
                                   f"{'; ...' if len(diff) > 4 else ''}): re-running continues that run, so use its config, "
                                   "or start a new run with another run.name (or delete the folder)")
             break
-
-
-def config_diff(saved: dict, now: dict, stage: str) -> list[str]:
-    """``key: saved there, now`` for every key of ``model``, ``data.clip`` and the stage's section
-    that differs: what a checkpoint's training depends on (``run.*``, ``scaling.*`` may change)."""
-    diff = []
-    for section in ("model", "data.clip", stage):
-        a = flatten(_at(saved, section), f"{section}.")
-        b = flatten(_at(now, section), f"{section}.")
-        diff += [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return diff
-
-
-def _at(d: dict, dotted: str) -> dict:
-    for part in dotted.split("."):
-        d = d.get(part, {}) if isinstance(d, dict) else {}
-    return d if isinstance(d, dict) else {}
 
 
 def check_storage(cfg: PretrainConfig, checkpoints: int | None = None) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_storage, check_tasks, check_weights, check_writable,
+from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_storage, check_tasks, check_weights, check_writable,
                           finish_config, parser, read_config, start_ray, weights_source)
 from ppma_ray.models.errors import CheckpointError
 
@@ -33,17 +33,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.scheduler:
             cfg.tune.scheduler = args.scheduler
         cfg = finish_config(args, cfg)
-        from ppma_ray.tune.checks import check  # config only: the experiments import Ray Tune and torch
+        from ppma_ray.tune.checks import check, check_restore  # no Ray: the experiments import Ray Tune and torch
 
         check(cfg)
         check_manifests_exist(cfg, ("align",) if args.stage1 else ("mae", "align"))
         check_tasks(cfg, cfg.eval.tasks, test_lists=False)  # the objective splits each task's training list
         check_storage(cfg)
+        if not args.stage1:  # the job runs stage 1 itself: a re-run continues <run.name>-mae
+            check_resume_config(cfg, ("mae",))
         if args.output_dir:
             check_writable("--output-dir", args.output_dir)
         if args.stage1:
             args.stage1 = weights_source("--stage1", args.stage1)
         check_weights(cfg, args.stage1)  # the trunk must load whole, as in every trial
+        check_restore(cfg, args.stage1)
 
     from ppma_ray.tune.outputs import summary_table
     from ppma_ray.tune.search import run_experiment

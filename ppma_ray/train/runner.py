@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import time
 import traceback
 from dataclasses import replace
@@ -15,8 +13,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
-from ppma_ray.config import PretrainConfig
-from ppma_ray.data import objectstore
+from ppma_ray.config import PretrainConfig, absolute_paths
 from ppma_ray.data.demo import make_demo
 from ppma_ray.train.checkpoint import (FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, location, newest_whole,
                                       open_checkpoint, ray_storage, storage, train_progress)
@@ -27,16 +24,9 @@ from ppma_ray.train.stop import StoppedBySignal, signalled
 
 
 def resolve_paths(cfg: PretrainConfig) -> PretrainConfig:
-    """Absolute local paths (workers do not share the driver's working directory), and the demo
-    data generated once, here, before any worker needs it."""
-    cfg = copy.deepcopy(cfg)
-    absolute = lambda p: p if p is None or objectstore.is_uri(p) else os.path.abspath(p)  # noqa: E731
-    cfg.run.storage_path = absolute(cfg.run.storage_path)
-    cfg.data.demo_root = absolute(cfg.data.demo_root)
-    for src in cfg.data.sources.values():
-        if src.manifest.startswith("demo:"):
-            continue
-        src.manifest, src.root, src.val_manifest = absolute(src.manifest), absolute(src.root), absolute(src.val_manifest)
+    """Absolute local paths (``absolute_paths``), and the demo data generated once, here, before
+    any worker needs it."""
+    cfg = absolute_paths(cfg)
     if any(s.manifest.startswith("demo:") for s in cfg.data.sources.values()):
         make_demo(cfg.data.demo_root, seed=cfg.data.demo_seed)
     return cfg

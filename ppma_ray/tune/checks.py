@@ -1,13 +1,23 @@
 """What ``jobs/tune_mix.py`` checks before anything runs: the tune section against the rest of the
-config (the section's own fields are checked as it loads, ``TuneSettings.check``).
+config (the section's own fields are checked as it loads, ``TuneSettings.check``), and a re-run
+against the config its experiments started with (``check_restore``).
 
-Config only, on purpose: no Ray, Tune or torch import, so the job rejects a bad value in well under a
-second (importing the experiments themselves takes seconds).
+No Ray, Tune or torch import, on purpose, so the job rejects a bad value in well under a second
+(importing the experiments themselves takes seconds).
 """
 
 from __future__ import annotations
 
-from ppma_ray.config import ConfigError, PretrainConfig
+import json
+
+import pyarrow.fs as pafs
+
+from ppma_ray.config import ConfigError, PretrainConfig, absolute_paths, config_diff, to_dict
+from ppma_ray.data import objectstore
+
+# what the trials of a restored experiment depend on (run.* and scaling.* may change between runs)
+RECORDED = ("model", "data.clip", "data.sources", "align", "tune", "eval")
+NOT_RECORDED = ("tune.max_concurrent_trials", "tune.fail_p")  # how many run at once; a test hook
 
 
 def check(cfg: PretrainConfig) -> None:
@@ -26,3 +36,45 @@ def check(cfg: PretrainConfig) -> None:
         if t.pbt_interval >= epochs:
             raise ConfigError.at("tune.pbt_interval", f"{t.pbt_interval} epochs leaves no second round in {epochs} "
                                                       "stage-2 epochs (tune.align_epochs)")
+
+
+def _record(cfg: PretrainConfig) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path, path as shown) of ``<run.storage_path>/<run.name>-tune.json``: the config
+    and stage-1 weights the run's Tune experiments started with, next to them."""
+    shown = cfg.run.storage_path.rstrip("/") if objectstore.is_uri(cfg.run.storage_path) else cfg.run.storage_path
+    fs, base = objectstore.folder_filesystem(shown)
+    return fs, f"{base.rstrip('/')}/{cfg.run.name}-tune.json", f"{shown}/{cfg.run.name}-tune.json"
+
+
+def check_restore(cfg: PretrainConfig, stage1: str | None) -> None:
+    """Re-running the job restores the Tune experiments of ``run.name``, and Tune keeps their trials
+    (their p values, grids, samples) whatever the config says now; the trials still to run would
+    get the new config. So a config that differs where the trials depend on it is refused, naming
+    the keys, as a re-run of ``jobs/pretrain.py`` is."""
+    fs, path, shown = _record(cfg)
+    try:
+        with fs.open_input_stream(path) as f:
+            saved = json.loads(f.read().decode())
+    except FileNotFoundError:
+        return
+    now = json.loads(json.dumps(_entry(cfg, stage1)))  # as the file holds it
+    diff = config_diff(saved["config"], now["config"], RECORDED, NOT_RECORDED)
+    if saved.get("stage1") != now["stage1"]:
+        diff.append(f"stage 1: {saved.get('stage1')!r} there, {now['stage1']!r} now")
+    if diff:
+        raise ConfigError(f"{shown}: the Tune experiments of run.name {cfg.run.name!r} ran with another config "
+                          f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}): re-running restores them, so "
+                          "use that config, or another run.name")
+
+
+def write_record(cfg: PretrainConfig, stage1: str | None) -> None:
+    fs, path, _ = _record(cfg)
+    fs.create_dir(path.rsplit("/", 1)[0])
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(_entry(cfg, stage1), indent=2).encode())
+
+
+def _entry(cfg: PretrainConfig, stage1: str | None) -> dict:
+    """The record's content: paths absolute, as the job hands them to Ray (a re-run from another folder
+    with the same relative paths reads other files)."""
+    return {"config": to_dict(absolute_paths(cfg)), "stage1": stage1}

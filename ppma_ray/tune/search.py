@@ -23,7 +23,7 @@ from ppma_ray.train.checkpoint import is_remote
 from ppma_ray.train.config import RunOptions
 from ppma_ray.train.runner import resolve_paths, run_stage
 from ppma_ray.tune import grid, pbt
-from ppma_ray.tune.checks import check
+from ppma_ray.tune.checks import check, write_record
 from ppma_ray.tune.trial import Experiment, tuning_tasks
 
 EXPERIMENTS: dict[str, Experiment] = {"none": grid.EXPERIMENT, "asha": grid.EXPERIMENT, "pbt": pbt.EXPERIMENT}
@@ -32,6 +32,7 @@ EXPERIMENTS: dict[str, Experiment] = {"none": grid.EXPERIMENT, "asha": grid.EXPE
 def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None = None) -> dict:
     """Stage 1 (unless given), then the experiment; its outputs go to ``out_dir``."""
     check(cfg)
+    given, given_stage1 = cfg, stage1
     experiment = EXPERIMENTS[cfg.tune.scheduler]
     cfg = resolve_paths(cfg)
     out = Path(out_dir).resolve()  # trials run in their own working directories
@@ -41,5 +42,6 @@ def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None 
     elif not is_remote(stage1):
         stage1 = os.path.abspath(stage1)  # as out: a relative path would be read from a trial's folder
     experiment.prepare(cfg)  # e.g. PBT fixes stage 2's length, for the trials and for best.yaml
+    write_record(given, given_stage1)  # what a re-run is checked against (check_restore)
     common = {"base": to_dict(cfg), "stage1": stage1, "tasks": tuning_tasks(cfg, out)}
     return {"rows": experiment.run(cfg, common, out)}
