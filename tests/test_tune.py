@@ -67,6 +67,8 @@ def test_a_rerun_with_another_config_is_refused_before_it_restores_the_experimen
     check_restore(cfg(), None)  # no experiment yet
     write_record(cfg(), None)
     assert (tmp_path / "runs" / "mix-tune.json").is_file()
+    check_restore(cfg("tune.p_values=[0.0, 0.25, 1.0]"), None)  # the record alone: nothing Tune would restore
+    (tmp_path / "runs" / "mix-tune-mix").mkdir()  # the grid experiment's folder
     check_restore(cfg("scaling.num_workers=2", "run.log_every=5", "tune.max_concurrent_trials=2"), None)  # bookkeeping
     check_restore(cfg(f"run.storage_path={tmp_path / 'runs'}"), None)  # the same folder, written absolute
     with pytest.raises(ConfigError, match=r"mix-tune.json: the Tune experiments of run.name 'mix' ran with another "
@@ -75,6 +77,8 @@ def test_a_rerun_with_another_config_is_refused_before_it_restores_the_experimen
     with pytest.raises(ConfigError, match=r"stage 1: None there, '/w/mae.safetensors' now"):
         check_restore(cfg(), "/w/mae.safetensors")
     check_restore(cfg("run.name=other", "tune.p_values=[0.0, 0.25, 1.0]"), None)  # another run: its own record
+    (tmp_path / "runs" / "mix-tune-mix").rmdir()  # deleted to start over, as the error suggests
+    check_restore(cfg("tune.p_values=[0.0, 0.25, 1.0]"), None)
 
 
 @pytest.mark.integration

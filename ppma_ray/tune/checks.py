@@ -18,6 +18,7 @@ from ppma_ray.data import objectstore
 # what the trials of a restored experiment depend on (run.* and scaling.* may change between runs)
 RECORDED = ("model", "data.clip", "data.sources", "align", "tune", "eval")
 NOT_RECORDED = ("tune.max_concurrent_trials", "tune.fail_p")  # how many run at once; a test hook
+EXPERIMENTS = ("mix", "avg", "pbt")  # folders <run.name>-tune-<kind> (experiment_name)
 
 
 def check(cfg: PretrainConfig) -> None:
@@ -38,6 +39,11 @@ def check(cfg: PretrainConfig) -> None:
                                                       "stage-2 epochs (tune.align_epochs)")
 
 
+def experiment_name(cfg: PretrainConfig, kind: str) -> str:
+    """The folder of one of the run's Tune experiments under ``run.storage_path``."""
+    return f"{cfg.run.name}-tune-{kind}"
+
+
 def _record(cfg: PretrainConfig) -> tuple[pafs.FileSystem, str, str]:
     """(filesystem, path, path as shown) of ``<run.storage_path>/<run.name>-tune.json``: the config
     and stage-1 weights the run's Tune experiments started with, next to them."""
@@ -52,6 +58,9 @@ def check_restore(cfg: PretrainConfig, stage1: str | None) -> None:
     get the new config. So a config that differs where the trials depend on it is refused, naming
     the keys, as a re-run of ``jobs/pretrain.py`` is."""
     fs, path, shown = _record(cfg)
+    base = path.rsplit("/", 1)[0]
+    if all(fs.get_file_info(f"{base}/{experiment_name(cfg, k)}").type == pafs.FileType.NotFound for k in EXPERIMENTS):
+        return  # nothing to restore (never run, or its folders deleted to start over)
     try:
         with fs.open_input_stream(path) as f:
             saved = json.loads(f.read().decode())
@@ -64,7 +73,8 @@ def check_restore(cfg: PretrainConfig, stage1: str | None) -> None:
     if diff:
         raise ConfigError(f"{shown}: the Tune experiments of run.name {cfg.run.name!r} ran with another config "
                           f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}): re-running restores them, so "
-                          "use that config, or another run.name")
+                          f"use that config, another run.name, or delete {shown.rsplit('/', 1)[0]}/{cfg.run.name}-tune-* "
+                          "to start over")
 
 
 def write_record(cfg: PretrainConfig, stage1: str | None) -> None:

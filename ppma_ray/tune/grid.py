@@ -19,6 +19,7 @@ from ray import tune
 from ppma_ray.config import PretrainConfig, TuneSettings, apply_override, from_dict
 from ppma_ray.train.config import RunOptions
 from ppma_ray.train.runner import run_stage
+from ppma_ray.tune.checks import experiment_name
 from ppma_ray.tune.outputs import scored, write_best, write_csv
 from ppma_ray.tune.trial import Experiment, in_trial, result_row, run_tuner, score
 
@@ -93,7 +94,7 @@ def run(cfg: PretrainConfig, common: dict, out: Path) -> list[dict]:
         from ray.tune.schedulers import ASHAScheduler
 
         scheduler = ASHAScheduler(metric="val_top1_mean", mode="max", grace_period=1)
-    mix = run_tuner(f"{cfg.run.name}-tune-mix", tune.with_parameters(mix_trial, **common), space, cfg, alg, n,
+    mix = run_tuner(experiment_name(cfg, "mix"), tune.with_parameters(mix_trial, **common), space, cfg, alg, n,
                     scheduler, t.max_concurrent_trials)
     rows = [result_row("mix", r) for r in mix]
 
@@ -104,7 +105,7 @@ def run(cfg: PretrainConfig, common: dict, out: Path) -> list[dict]:
         avg_space = {"alpha": tune.grid_search([*t.alpha_values, *(["learned"] if t.learned_alpha else [])])}
         avg_common = {"base": common["base"], "tasks": common["tasks"], "synthetic_ckpt": ends[1.0]["stage2_checkpoint"],
                       "nohuman_ckpt": ends[0.0]["stage2_checkpoint"]}
-        avg = run_tuner(f"{cfg.run.name}-tune-avg", tune.with_parameters(avg_trial, **avg_common), avg_space, cfg,
+        avg = run_tuner(experiment_name(cfg, "avg"), tune.with_parameters(avg_trial, **avg_common), avg_space, cfg,
                         max_concurrent=t.max_concurrent_trials)
         rows += [result_row("avg", r) for r in avg]
     write_outputs(cfg, rows, out)

@@ -31,6 +31,7 @@ from ppma_ray.config import PretrainConfig, TuneSettings, from_dict
 from ppma_ray.train.data import resolve_sources
 from ppma_ray.train.config import RunOptions
 from ppma_ray.train.runner import run_stage
+from ppma_ray.tune.checks import experiment_name
 from ppma_ray.tune.outputs import scored, write_best, write_csv
 from ppma_ray.tune.trial import Experiment, in_trial, result_row, run_tuner, score
 
@@ -157,7 +158,7 @@ def run(cfg: PretrainConfig, common: dict, out: Path) -> list[dict]:
         hyperparam_mutations={"p": tune.uniform(0.0, 1.0)}, quantile_fraction=t.pbt_quantile,
         resample_probability=t.pbt_resample, custom_explore_fn=explore_p, synch=True)
     trainable = tune.with_parameters(pbt_trial, **common, rounds=rounds)
-    grid = run_tuner(f"{cfg.run.name}-tune-pbt", trainable, {"p": tune.grid_search(initial_p(t.pbt_population))}, cfg,
+    grid = run_tuner(experiment_name(cfg, "pbt"), trainable, {"p": tune.grid_search(initial_p(t.pbt_population))}, cfg,
                      scheduler=scheduler)  # no cap on live trials: the population must all be live
     rows = [result_row("pbt", result) for result in grid]
     logged = {}  # a round run again (restored experiment) counts once

@@ -32,6 +32,8 @@ EXPERIMENTS: dict[str, Experiment] = {"none": grid.EXPERIMENT, "asha": grid.EXPE
 def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None = None) -> dict:
     """Stage 1 (unless given), then the experiment; its outputs go to ``out_dir``."""
     check(cfg)
+    if stage1 is not None and not is_remote(stage1):
+        stage1 = os.path.abspath(stage1)  # as out: a relative path would be read from a trial's folder
     given, given_stage1 = cfg, stage1
     experiment = EXPERIMENTS[cfg.tune.scheduler]
     cfg = resolve_paths(cfg)
@@ -39,8 +41,6 @@ def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None 
     out.mkdir(parents=True, exist_ok=True)
     if stage1 is None:  # one MAE for every trial (resumes / returns at once when already done)
         stage1 = run_stage(cfg, RunOptions("mae"))["checkpoint"]
-    elif not is_remote(stage1):
-        stage1 = os.path.abspath(stage1)  # as out: a relative path would be read from a trial's folder
     experiment.prepare(cfg)  # e.g. PBT fixes stage 2's length, for the trials and for best.yaml
     write_record(given, given_stage1)  # what a re-run is checked against (check_restore)
     common = {"base": to_dict(cfg), "stage1": stage1, "tasks": tuning_tasks(cfg, out)}
