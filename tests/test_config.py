@@ -161,6 +161,7 @@ def test_job_specific_bad_input_exits_2_before_ray(tmp_path):
         "test_list": ("evaluate", "--task", "mine", "--train-manifest", "/nope/train.csv"),
         "output_dir": ("evaluate", "--task", "demo:motion", "--output-dir", "/proc/ppma/out"),  # results lost at the end
         "ft_epoch": ("evaluate", "--task", "demo:motion", "--protocol", "ft", "--set", "ft.batch_size=128"),
+        "preflight_task": ("preflight", "--set", "eval.tasks=[ucf101]"),
     }, cwd=tmp_path)  # the checks create run.storage_path (./runs) as they write to it
     expected = {"search": "--set tune.search: 'bayes' is not one of",
                 "tasks": "eval.tasks: the tuning objective needs at least one downstream task",
@@ -176,6 +177,7 @@ def test_job_specific_bad_input_exits_2_before_ray(tmp_path):
                 "task_root": "eval.task_root: /nope/ucf101: no such folder (the videos of task 'ucf101')",
                 "test_list": "--train-manifest: the task needs its test list too (--val-manifest)",
                 "output_dir": "--output-dir: /proc/ppma/out cannot be written",
+                "preflight_task": "eval.tasks[0]: task 'ucf101' needs eval.task_root",
                 "ft_epoch": "ft.batch_size: 128 clips a step, but an epoch is the 96 videos of task demo:motion "
                             "(ft.samples_per_epoch unset): no step to train"}
     for key, r in results.items():
