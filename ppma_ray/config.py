@@ -31,6 +31,9 @@ __all__ = ["ConfigError", "PretrainConfig", "load_config", "from_dict", "to_dict
            "StageKind", "ScalingSettings", "RunSettings", "EvalSettings", "TuneSettings", "config_diff", "absolute_paths"]
 
 TRAINED_STAGES = ("mae", "align")  # the pretraining stages; lp and ft take their mix from the task
+# what a stage's training depends on besides its own section: a run continued with another of these
+# is another run (``config_diff``; run.* and scaling.* may change)
+TRAINING_SECTIONS = ("model", "data.clip")
 
 
 @dataclass

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import ppma_ray
-from ppma_ray.config import ConfigError, PretrainConfig, SourceConfig, config_diff, dump_yaml, load_config
+from ppma_ray.config import (TRAINING_SECTIONS, ConfigError, PretrainConfig, SourceConfig, config_diff, dump_yaml,
+                             load_config)
 from ppma_ray.data import objectstore
 from ppma_ray.data.manifest import ManifestError, label_map_of, read_manifest
 from ppma_ray.schema import check_all
@@ -223,7 +224,7 @@ def check_resume_config(cfg: PretrainConfig, stages=("mae", "align")) -> None:
                     saved = json.loads(f.read().decode())
             except (OSError, ValueError):
                 continue  # a damaged checkpoint: resume passes over it and says so
-            diff = config_diff(saved, now, ("model", "data.clip", stage))
+            diff = config_diff(saved, now, (*TRAINING_SECTIONS, stage))
             if diff:
                 raise ConfigError(f"{folder} holds a run of another config ({'; '.join(diff[:4])}"
                                   f"{'; ...' if len(diff) > 4 else ''}): re-running continues that run, so use its config, "

@@ -21,7 +21,7 @@ from pathlib import Path
 from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_storage, check_tasks,
                           check_weights, check_writable, finish_config, parser, read_config,
                           stage_failure_exits, start_ray, weights_source)
-from ppma_ray.config import ConfigError, PretrainConfig, config_diff, to_dict
+from ppma_ray.config import TRAINING_SECTIONS, ConfigError, PretrainConfig, config_diff, to_dict
 from ppma_ray.data.objectstore import is_uri
 from ppma_ray.models.errors import CheckpointError
 
@@ -139,7 +139,7 @@ def resume_stage(cfg: PretrainConfig, args) -> str:
     if args.stage and args.stage != stage:
         raise ConfigError(f"--resume-from {path} is a {stage} checkpoint, not {args.stage}")
     diff = config_diff(json.loads((local / CONFIG_FILE).read_text()), json.loads(json.dumps(to_dict(cfg))),
-                       ("model", "data.clip", stage))
+                       (*TRAINING_SECTIONS, stage))
     if diff:
         raise ConfigError(f"--resume-from {path} was trained with another config ({'; '.join(diff[:4])}"
                           f"{'; ...' if len(diff) > 4 else ''}): continue it with its own config")

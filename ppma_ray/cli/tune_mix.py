@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_storage, check_tasks, check_weights, check_writable,
-                          finish_config, parser, read_config, start_ray, weights_source)
+from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_storage, check_tasks,
+                          check_weights, check_writable, finish_config, parser, read_config, start_ray, weights_source)
 from ppma_ray.models.errors import CheckpointError
 
 

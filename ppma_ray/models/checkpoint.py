@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -78,8 +79,8 @@ def read_checkpoint(source: str | os.PathLike | dict, mmap: bool = False) -> lis
     """Every state dict in ``source``: one, or K for an ensemble file (``ensemble_weights``).
 
     Files are read without executing code (``weights_only``); ``.safetensors`` directly.
-    ``mmap``: the tensors stay on disk until touched (a file in torch's zip format), for a caller
-    that only looks at the keys.
+    ``mmap``: the tensors stay on disk until touched, for a caller that only looks at the keys (a
+    file in torch's zip format; the legacy pre-1.6 format cannot be mapped and is read whole).
     """
     if isinstance(source, dict):
         return _unwrap_all(source, "the given state dict")
@@ -87,12 +88,7 @@ def read_checkpoint(source: str | os.PathLike | dict, mmap: bool = False) -> lis
     if path.suffix == ".safetensors":
         return [load_file(str(path))]
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as e:  # a file in torch's legacy (pre-1.6) format cannot be mapped
-            if not mmap or "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # a pickled object, a truncated file: say which file
         raise CheckpointError(f"{path}: cannot be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     return _unwrap_all(obj, str(path))

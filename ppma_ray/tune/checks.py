@@ -12,11 +12,11 @@ import json
 
 import pyarrow.fs as pafs
 
-from ppma_ray.config import ConfigError, PretrainConfig, absolute_paths, config_diff, to_dict
+from ppma_ray.config import TRAINING_SECTIONS, ConfigError, PretrainConfig, absolute_paths, config_diff, to_dict
 from ppma_ray.data import objectstore
 
 # what the trials of a restored experiment depend on (run.* and scaling.* may change between runs)
-RECORDED = ("model", "data.clip", "data.sources", "align", "tune", "eval")
+RECORDED = (*TRAINING_SECTIONS, "data.sources", "align", "tune", "eval")
 NOT_RECORDED = ("tune.max_concurrent_trials", "tune.fail_p")  # how many run at once; a test hook
 EXPERIMENTS = ("mix", "avg", "pbt")  # folders <run.name>-tune-<kind> (experiment_name)
 
