@@ -230,3 +230,86 @@ def test_the_report_job_tables_the_runs_and_names_a_file_it_cannot_read(tmp_path
         assert main([str(tmp_path / "pretrain"), str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {tmp_path / name}: ") and words in err and len(err.splitlines()) == 1, err
+
+
+def _result(model: str, checkpoint: str = "") -> dict:
+    return {"model": model, "task": "motion", "protocol": "lp", "top1": 0.5, "top5": 1.0, "videos": 60, "failed": 0,
+            "wall_s": 1.0, "checkpoint": checkpoint}
+
+
+@pytest.mark.integration
+def test_earlier_results_survive_a_results_write_that_fails(tmp_path):
+    """A real fault: the kernel refuses to grow a file past the process's RLIMIT_FSIZE (EFBIG, as a
+    full disk refuses with ENOSPC) in the middle of writing results.json. Written in place, the file
+    was truncated first and left torn, the earlier evaluations' entries lost with it; now it is as
+    it was, and no temporary file is left beside it."""
+    import json
+    import subprocess
+    import sys
+
+    from ppma_ray.train.downstream import write_results
+
+    out = tmp_path / "out"
+    write_results(out, [_result("earlier")])
+    before = (out / "results.json").read_text()
+    limit = len(before) + 200  # the new entry (a 10 kB checkpoint field) does not fit under it
+    code = f"""
+import resource, signal, sys
+from ppma_ray.train.downstream import write_results
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+try:
+    write_results({str(out)!r}, [{_result("later", "x" * 10_000)!r}])
+except OSError as e:
+    sys.exit(3 if e.errno == 27 else 4)  # EFBIG
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert (out / "results.json").read_text() == before
+    assert [e["model"] for e in json.loads(before)["eval"]] == ["earlier"]
+    assert sorted(p.name for p in out.iterdir()) == [".results.lock", "results.csv", "results.json"]
+
+
+@pytest.mark.integration
+def test_evaluations_finishing_into_one_folder_at_once_keep_every_entry(tmp_path):
+    """Three processes (three ``evaluate`` jobs sharing ``--output-dir``) add 20 entries each to one
+    results.json, started together: every entry is there once, and the CSV has a row each. Without
+    the lock, two read-modify-writes that overlap keep only the later one's entries."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    code = """
+import os, sys, time
+from ppma_ray.train.downstream import write_results
+tag, out, go = sys.argv[1:]
+open(os.path.join(os.path.dirname(go), "ready-" + tag), "w").close()
+while not os.path.exists(go):  # every process has imported: the writes start together
+    time.sleep(0.001)
+for i in range(20):
+    write_results(out, [{"model": f"{tag}-{i}", "task": "motion", "protocol": "lp", "top1": 0.5}])
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code, tag, str(out), str(tmp_path / "go")]) for tag in "abc"]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    models = [e["model"] for e in json.loads((out / "results.json").read_text())["eval"]]
+    assert sorted(models) == sorted(f"{t}-{i}" for t in "abc" for i in range(20))
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 60
+
+
+def test_a_results_file_that_cannot_be_read_is_kept_aside_and_the_new_entry_written(tmp_path, capsys):
+    import json
+
+    from ppma_ray.train.downstream import write_results
+
+    (tmp_path / "results.json").write_text('{"eval": [{"model": "torn"')  # cut short by a kill
+    write_results(tmp_path, [_result("new")])
+    assert (tmp_path / "results.json.unreadable").read_text() == '{"eval": [{"model": "torn"'
+    assert [e["model"] for e in json.loads((tmp_path / "results.json").read_text())["eval"]] == ["new"]
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'results.json'} could not be read" in err and "results.json.unreadable" in err

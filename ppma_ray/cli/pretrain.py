@@ -23,6 +23,7 @@ from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_c
                           stage_failure_exits, start_ray, weights_source)
 from ppma_ray.config import TRAINING_SECTIONS, ConfigError, PretrainConfig, config_diff, to_dict
 from ppma_ray.data.objectstore import is_uri
+from ppma_ray.files import write_text_atomic
 from ppma_ray.models.errors import CheckpointError
 
 
@@ -88,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             results = {"config": str(out_dir / "config.json"),
                        "stages": pretrain(cfg, stages, init_from=args.init_from, init_partial=args.init_from_partial,
                                           resume_from=args.resume_from, output_dir=out_dir, stop_flag=stop_flag)}
-            (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+            write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2))
             if args.ablation:  # stage 2 without stage 1: the "alignment only" row
                 from ppma_ray.train.config import RunOptions
                 from ppma_ray.train.runner import run_stage
 
                 results["stages"]["align_only"] = run_stage(
                     cfg, RunOptions("align", f"{cfg.run.name}-align_only", stop_flag=stop_flag), output_dir=out_dir)
-                (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+                write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2))
     except StoppedBySignal as stopped:
         print(f"{stopped}: re-run the same command to resume", file=sys.stderr)
         return stopped.exit_code
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "align" in results["stages"] and cfg.eval.tasks:
         results["eval"] = probe_tasks(cfg, results["stages"], args.ablation)
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2))
     print_results(results)
     print(f"results: {out_dir / 'results.json'}")
     return 0

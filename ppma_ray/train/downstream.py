@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from safetensors.torch import save_file
 from ppma_ray.config import ClipConfig, ConfigError, ModelConfig, PretrainConfig, from_dict
 from ppma_ray.data import objectstore
 from ppma_ray.data.catalog import task_name, task_source
+from ppma_ray.files import locked, write_text_atomic
 from ppma_ray.models import vit_config
 from ppma_ray.models.averaging import average_state_dicts
 from ppma_ray.models.checkpoint import load_trunks, models_in, read_state_dict
@@ -80,6 +83,14 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
     name = task_name(task)
     cfg.data.sources = {**cfg.data.sources, name: task_source(task, cfg.data.sources, cfg.eval.task_root)}
     cfg = resolve_paths(cfg)
+    # the labels first: a wrong --num-classes is refused before a weight average is computed
+    (src,) = resolve_sources(cfg.data, [name])
+    if src.val is None:
+        raise ValueError(f"task {task!r} has no test list (val_manifest)")
+    largest = int(max(src.train.table.column("label").to_numpy().max(), src.val.table.column("label").to_numpy().max()))
+    if num_classes is not None and largest >= num_classes:
+        raise ValueError(f"--num-classes {num_classes}, but task {task!r} has label {largest}")
+    n_classes = num_classes or largest + 1
     stage = getattr(cfg, protocol)  # the lp: or ft: section, trained on the task alone with one head
     stage.mix, stage.mix_schedule, stage.heads = {name: 1.0}, [], "shared"
     run_name = f"{cfg.run.name}-{model_name}-{name}-{protocol}"
@@ -104,13 +115,6 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
             if remote:  # next to the run in the bucket, where every worker reads it
                 init_from = upload_folder(local_dir, f"{cfg.run.storage_path.rstrip('/')}/{run_name}/averaged")
 
-    (src,) = resolve_sources(cfg.data, [name])
-    if src.val is None:
-        raise ValueError(f"task {task!r} has no test list (val_manifest)")
-    largest = int(max(src.train.table.column("label").to_numpy().max(), src.val.table.column("label").to_numpy().max()))
-    if num_classes is not None and largest >= num_classes:
-        raise ValueError(f"--num-classes {num_classes}, but task {task!r} has label {largest}")
-    n_classes = num_classes or largest + 1
     if protocol == "lp" and cache_features and average is None:
         model_cfg = vit_config(cfg.model, img_size=cfg.data.clip.img_size, num_frames=cfg.data.clip.num_frames)
         state = read_state_dict(local_init) if local_init else None
@@ -130,19 +134,35 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
             "checkpoint": ",".join(given) or "random_init", **extra}
 
 
-def write_results(out_dir: str | Path, entries: list[dict], extra: dict | None = None) -> None:
-    """``results.json`` (with ``eval`` entries) and one appended CSV row per entry."""
+def write_results(out_dir: str | Path, entries: list[dict]) -> None:
+    """Add ``entries`` to ``results.json`` (under ``eval``) and one row each to ``results.csv``.
+
+    Several evaluations may finish into one folder at once: the read-modify-write holds a lock, and
+    the file is replaced in one step, so no entry is lost and no reader sees a torn file. A
+    ``results.json`` that does not parse (another tool's, or torn by an older version) is kept as
+    ``results.json.unreadable`` and named, and a new one started: the new entries are not lost to it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results.update(extra or {})
-    results["eval"] = results.get("eval", []) + entries
-    path.write_text(json.dumps(results, indent=2))
-    table = out / "results.csv"
-    new = not table.is_file()
-    with open(table, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(entries)
+    with locked(out / ".results.lock"):
+        results = {}
+        if path.is_file():
+            try:
+                results = json.loads(path.read_text())
+                if not isinstance(results, dict) or not isinstance(results.get("eval", []), list):
+                    raise ValueError("not a results.json of these jobs")
+            except ValueError as e:
+                kept = path.with_name(path.name + ".unreadable")
+                os.replace(path, kept)
+                print(f"warning: {path} could not be read ({str(e).splitlines()[0]}): kept as {kept}, "
+                      "and a new results.json started", file=sys.stderr)
+                results = {}
+        results["eval"] = results.get("eval", []) + entries
+        write_text_atomic(path, json.dumps(results, indent=2))
+        table = out / "results.csv"
+        new = not table.is_file()
+        with open(table, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerows(entries)

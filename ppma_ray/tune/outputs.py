@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from ppma_ray.config import PretrainConfig, apply_override, to_dict
+from ppma_ray.files import write_text_atomic
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -34,8 +35,8 @@ def write_best(cfg: PretrainConfig, out: Path, best: dict, best_mix: dict, mix: 
         apply_override(data, f"{key}={best_mix[key]}")
     lines = [f"# best trial: {best['trial']} ({best['phase']}), objective {best['objective']:.4f}", *header,
              "# ready for: python jobs/pretrain.py --config best.yaml"]
-    (out / "best.yaml").write_text("\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False))
-    (out / "best.json").write_text(json.dumps(best, indent=2))
+    write_text_atomic(out / "best.yaml", "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False))
+    write_text_atomic(out / "best.json", json.dumps(best, indent=2))
 
 
 def summary_table(rows: list[dict]) -> str:

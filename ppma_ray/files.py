@@ -1,0 +1,54 @@
+"""Writing the small files a run leaves for people and later jobs (``results.json``, summaries) so
+that an interrupted write never destroys what was there.
+
+``Path.write_text`` truncates the file first: a full disk, a file-size limit or a kill in the middle
+leaves a torn file, and for an accumulating file (``evaluate``'s ``results.json``) every earlier
+entry with it. Here the text goes to a temporary file in the same folder, which then replaces the
+old file in one step (``os.replace`` is atomic on one file system): readers see the old file or the
+new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step; on any error the old file is left as it was."""
+    path = Path(path)
+    # not mkstemp: its files are private (0600); this one is created as any file is (umask applies)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it takes the name: a crash then leaves old or new
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def locked(path: str | Path):
+    """Hold an exclusive lock on ``path`` (a lock file, created if missing) for a read-modify-write
+    that several processes may do at once: two ``evaluate`` runs finishing into one output folder
+    would otherwise each read the old ``results.json`` and the second write drop the first's entry.
+    An advisory POSIX lock (``fcntl.flock``), released by the kernel if the holder dies. Where
+    ``fcntl`` does not exist (Windows) the lock is a no-op; the write itself stays atomic."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
