@@ -162,6 +162,13 @@ def test_job_specific_bad_input_exits_2_before_ray(tmp_path):
         "output_dir": ("evaluate", "--task", "demo:motion", "--output-dir", "/proc/ppma/out"),  # results lost at the end
         "ft_epoch": ("evaluate", "--task", "demo:motion", "--protocol", "ft", "--set", "ft.batch_size=128"),
         "preflight_task": ("preflight", "--set", "eval.tasks=[ucf101]"),
+        # flags out of range: argparse's own one-line error; a threshold above 1 masked nothing and
+        # reported success (removal), or called any dataset clean (audit)
+        "num_classes": ("evaluate", "--task", "demo:motion", "--num-classes", "0"),  # was: ignored (0 = unset)
+        "threshold": ("remove_humans", "in.csv", "--out", "out", "--threshold", "2"),
+        "audit_threshold": ("audit_privacy", "in.csv", "--threshold", "nan"),
+        "actors": ("audit_privacy", "in.csv", "--actors", "0"),  # was: a Ray error once Ray had started
+        "flag": ("pretrain", "--stages", "mae"),  # was: argparse's usage block, the error on its 6th line
     }, cwd=tmp_path)  # the checks create run.storage_path (./runs) as they write to it
     expected = {"search": "--set tune.search: 'bayes' is not one of",
                 "tasks": "eval.tasks: the tuning objective needs at least one downstream task",
@@ -178,6 +185,11 @@ def test_job_specific_bad_input_exits_2_before_ray(tmp_path):
                 "test_list": "--train-manifest: the task needs its test list too (--val-manifest)",
                 "output_dir": "--output-dir: /proc/ppma/out cannot be written",
                 "preflight_task": "eval.tasks[0]: task 'ucf101' needs eval.task_root",
+                "num_classes": "evaluate.py: error: argument --num-classes: 0 is not an integer >= 1",
+                "threshold": "remove_humans.py: error: argument --threshold: 2 is not a number >= 0 and <= 1",
+                "audit_threshold": "audit_privacy.py: error: argument --threshold: nan is not a number >= 0 and <= 1",
+                "actors": "audit_privacy.py: error: argument --actors: 0 is not an integer >= 1",
+                "flag": "pretrain.py: error: unrecognized arguments: --stages mae (--help lists the flags)",
                 "ft_epoch": "ft.batch_size: 128 clips a step, but an epoch is the 96 videos of task demo:motion "
                             "(ft.samples_per_epoch unset): no step to train"}
     for key, r in results.items():

@@ -30,6 +30,14 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "dem
 BAD_INPUT = 2
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A usage error is one line naming the flag, as any other bad input (argparse prints the whole
+    usage block first, ten lines for ``evaluate``, with the line that matters last)."""
+
+    def error(self, message: str):
+        self.exit(BAD_INPUT, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def parser(description: str | None, config: bool = True, uses_ray: bool = True) -> argparse.ArgumentParser:
     """An argument parser with ``--version``, ``--verbose`` for the jobs that start Ray and, for
     config-driven jobs, the config flags."""
@@ -37,8 +45,8 @@ def parser(description: str | None, config: bool = True, uses_ray: bool = True) 
     epilog = "\n\n".join(doc.split("\n\n")[1:])
     if config:
         epilog = "\n\n".join(x for x in (epilog, config_keys_help()) if x)
-    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=epilog or None,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _OneLineErrors(description=doc.split("\n\n")[0], epilog=epilog or None,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"ppma_ray {ppma_ray.__version__}")
     if uses_ray:
         ap.add_argument("--verbose", action="store_true",
@@ -50,6 +58,29 @@ def parser(description: str | None, config: bool = True, uses_ray: bool = True) 
         ap.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit without starting Ray")
     return ap
+
+
+def number(kind: type, ge: float | None = None, gt: float | None = None, le: float | None = None):
+    """An argparse ``type`` for a number in a range: a value outside it is a usage error (exit 2)
+    before anything runs. Without it ``remove_humans --threshold 2`` masked no pixel, wrote the
+    videos with their people and reported success, and ``audit_privacy --threshold 2`` called any
+    dataset clean."""
+    bounds = [f">= {ge}" if ge is not None else "", f"> {gt}" if gt is not None else "",
+              f"<= {le}" if le is not None else ""]
+    wanted = f"{'an integer' if kind is int else 'a number'} {' and '.join(b for b in bounds if b)}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
+        if (ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le) \
+                or value != value:  # NaN passes every comparison
+            raise argparse.ArgumentTypeError(f"{text} is not {wanted}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
 
 
 def config_keys_help() -> str:

@@ -21,7 +21,7 @@ import csv
 import json
 from pathlib import Path
 
-from ppma_ray.cli import bad_input_exits, check_writable, parser
+from ppma_ray.cli import bad_input_exits, check_writable, number, parser
 from ppma_ray.cli.remove_humans import REMOVAL_FILE
 from ppma_ray.config import ConfigError
 from ppma_ray.data.manifest import read_manifest
@@ -55,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="the segmenter spec that removed the people (default: removal.json next to MANIFEST)")
     ap.add_argument("--allow-same-family", action="store_true",
                     help="audit with the removal's own model family (the verdict says it is not independent)")
-    ap.add_argument("--threshold", type=float, default=0.5)
-    ap.add_argument("--frames-per-video", type=int, default=8)
-    ap.add_argument("--min-person-frac", type=float, default=0.001)
-    ap.add_argument("--fps", type=float, default=None)
-    ap.add_argument("--actors", type=int, default=1)
-    ap.add_argument("--gpus-per-actor", type=float, default=0.0)
-    ap.add_argument("--worst", type=int, default=10)
+    ap.add_argument("--threshold", type=number(float, ge=0, le=1), default=0.5)
+    ap.add_argument("--frames-per-video", type=number(int, ge=1), default=8)
+    ap.add_argument("--min-person-frac", type=number(float, ge=0, le=1), default=0.001)
+    ap.add_argument("--fps", type=number(float, gt=0), default=None)
+    ap.add_argument("--actors", type=number(int, ge=1), default=1)
+    ap.add_argument("--gpus-per-actor", type=number(float, ge=0), default=0.0)
+    ap.add_argument("--worst", type=number(int, ge=0), default=10)
     ap.add_argument("--out", default="audit.csv")
     args = ap.parse_args(argv)
     with bad_input_exits():

@@ -16,10 +16,11 @@ reported, never replaced. Writes DIR/results.json (entries under "eval") and app
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ppma_ray.cli import (bad_input_exits, check_epoch, check_storage, check_tasks, check_writable, finish_config,
-                          parser, read_config, stage_failure_exits, start_ray, weights_source)
+                          number, parser, read_config, stage_failure_exits, start_ray, weights_source)
 from ppma_ray.config import ConfigError, SourceConfig
 from ppma_ray.models.errors import CheckpointError
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-manifest")
     ap.add_argument("--root")
     ap.add_argument("--task-root", help="video directory of a catalog task")
-    ap.add_argument("--num-classes", type=int, default=None)
+    ap.add_argument("--num-classes", type=number(int, ge=1), default=None)
     ap.add_argument("--output-dir", default=None)
     args = ap.parse_args(argv)
     with bad_input_exits():
@@ -79,9 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         entry = evaluate(cfg, args.task, args.protocol, name, checkpoints, alphas, args.learned_alpha,
                          args.per_layer, args.cache_features, args.num_classes)
     out = Path(args.output_dir) if args.output_dir else Path(cfg.run.storage_path) / f"{cfg.run.name}-eval"
-    write_results(out, [entry])
-    print_results({"eval": [entry]})
+    print_results({"eval": [entry]})  # on the console first: a failed write below loses nothing
     if "learned_alpha" in entry:
         print(f"learned alpha: {entry['learned_alpha']}")
+    try:
+        write_results(out, [entry])
+    except OSError as e:  # checked writable before Ray started; the disk can still fill up meanwhile
+        print(f"error: the result above could not be added to {out / 'results.json'} ({e.strerror or e}); "
+              "that file is as it was", file=sys.stderr)
+        return 1
     print(f"results: {out / 'results.json'}")
     return 0

@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from ppma_ray.cli import bad_input_exits, check_writable, parser
+from ppma_ray.cli import bad_input_exits, check_writable, number, parser
 from ppma_ray.data.manifest import read_manifest
 
 REMOVAL_FILE = "removal.json"  # next to the No-Human manifest: which model removed the people
@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--segmenter", default="torchvision")
-    ap.add_argument("--threshold", type=float, default=0.5)
-    ap.add_argument("--dilate", type=int, default=4)
-    ap.add_argument("--fps", type=float, default=None, help="frame rate of frame-folder videos")
-    ap.add_argument("--actors", type=int, default=1)
-    ap.add_argument("--gpus-per-actor", type=float, default=0.0)
+    ap.add_argument("--threshold", type=number(float, ge=0, le=1), default=0.5)
+    ap.add_argument("--dilate", type=number(int, ge=0), default=4)
+    ap.add_argument("--fps", type=number(float, gt=0), default=None, help="frame rate of frame-folder videos")
+    ap.add_argument("--actors", type=number(int, ge=1), default=1)
+    ap.add_argument("--gpus-per-actor", type=number(float, ge=0), default=0.0)
     args = ap.parse_args(argv)
     with bad_input_exits():
         table = read_manifest(args.manifest, root=args.root)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ppma_ray.cli import bad_input_exits, check_writable, parser
+from ppma_ray.cli import bad_input_exits, check_writable, number, parser
 from ppma_ray.config import ConfigError
 from ppma_ray.data.manifest import read_manifest, relative_path, write_ppma_manifest
 from ppma_ray.data.video import BACKENDS, backend_problem
@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__, config=False)
     ap.add_argument("manifest")
     ap.add_argument("--root", default=None, help="directory or bucket URI (s3://, gs://) the manifest's relative paths are under")
-    ap.add_argument("--fps", type=float, default=None, help="frame rate of frame-folder videos (default 25)")
+    ap.add_argument("--fps", type=number(float, gt=0), default=None, help="frame rate of frame-folder videos (default 25)")
     ap.add_argument("--out", default="validated", help="output directory (default ./validated)")
-    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
+    ap.add_argument("--num-cpus", type=number(int, ge=1), default=None, help="CPUs for a local Ray instance")
     ap.add_argument("--backend", default="auto", choices=BACKENDS,
                     help="decoder to probe with (compare them on your files: the rejects may differ)")
     args = ap.parse_args(argv)
