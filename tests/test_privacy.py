@@ -93,6 +93,60 @@ def test_remove_humans_job_writes_videos_manifest_and_report(clips_with_people, 
     assert summary["removed_by"] == summary["audited_by"] == "colorkey:255,0,255" and not summary["independent"]
 
 
+def test_an_interrupted_removal_continues_where_it_stopped(clips_with_people, tmp_path, ray_session, capsys):
+    """The real faults of a long removal: a video cut off mid-write (a truncated ``.part`` file, no
+    record) and one whose finished mp4 was lost. The re-run redoes exactly those, keeps the rest
+    (their mp4s untouched), and reports every video; other settings into the same folder are refused."""
+    from ppma_ray.cli.remove_humans import main
+
+    out = tmp_path / "nohuman"
+    args = [str(clips_with_people / "list.csv"), "--root", str(clips_with_people), "--out", str(out),
+            "--segmenter", "colorkey:255,0,255"]
+    assert main(args) == 1  # broken.mp4
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
+    assert sorted(first) == ["walk0.mp4", "walk1.mp4"] and sorted(p.name for p in (out / ".done").iterdir()) == [
+        "walk0.mp4.json", "walk1.mp4.json"]
+    (out / "walk1.mp4").rename(out / ".walk1.part.mp4")  # killed while writing walk1: a torn part file
+    with open(out / ".walk1.part.mp4", "r+b") as f:
+        f.truncate(1000)
+    (out / ".done" / "walk1.mp4.json").unlink()
+    (out / "manifest.csv").unlink()
+    capsys.readouterr()
+    assert main(args) == 1
+    stdout = capsys.readouterr().out
+    assert "1 of 3 videos were finished by an earlier run" in stdout and "2 of 3 videos written" in stdout, stdout
+    assert (out / "walk0.mp4").stat().st_mtime_ns == first["walk0.mp4"]  # kept
+    assert sample_clip(out / "walk1.mp4", num_frames=16, clip_seconds=1.0, seed=0).shape == (16, 64, 96, 3)  # redone
+    assert (out / "manifest.csv").read_text().splitlines() == ["walk0.mp4;3", "walk1.mp4;4"]
+    with open(out / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["path"]).name for r in rows] == ["walk0.mp4", "broken.mp4", "walk1.mp4"]  # manifest order
+    assert float(rows[0]["person_frac_before"]) > 0.03  # the kept video's row, from its record
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--threshold", "0.6"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "made with other settings (threshold 0.5 -> 0.6)" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("lines, root, words", [
+    ("a/clip.mp4;1\nb/clip.mp4;2", False, "lines 1 and 2: both videos would be written to"),  # no --root: names clash
+    ("walk.avi;1\nwalk.mp4;2", True, "lines 1 and 2: both videos would be written to"),  # both become walk.mp4
+    ("walk.mp4;1", "out", "would be overwritten by its own output"),  # --out is the videos' folder
+])
+def test_a_removal_that_would_lose_or_damage_videos_is_refused_before_ray(tmp_path, capsys, lines, root, words):
+    from ppma_ray.cli.remove_humans import main
+
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "list.csv").write_text(lines)
+    out = tmp_path / "v" if root == "out" else tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "v" / "list.csv"), *(["--root", str(tmp_path / "v")] if root else []), "--out", str(out),
+              "--segmenter", "colorkey:255,0,255"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and words in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("removed_by, requested, expected", [
     ("torchvision", "auto", ("maskrcnn", True)),
     ("torchvision:deeplabv3_resnet50:/w/seg.pth", "auto", ("maskrcnn", True)),

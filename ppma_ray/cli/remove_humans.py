@@ -10,6 +10,12 @@ fraction before/after, frames, seconds, error) and OUT/removal.json (which model
 ``jobs/audit_privacy.py`` then audits with another family). A video that cannot be read is
 reported; the rest go on.
 
+Re-running the same command into the same OUT continues an interrupted run: a video whose mp4 and
+record (OUT/.done/) an earlier run finished is kept, not redone; a video cut off mid-write is done
+again. A re-run with another --segmenter, --threshold, --dilate or --fps is refused, rather than mix
+two removals in one dataset. Two inputs with one output path, or an output that would replace
+its own input, are refused before Ray starts.
+
 --segmenter: torchvision[:ARCH][:WEIGHTS] (DeepLabV3, torchvision's DEFAULT weights, downloaded once
 into the torch hub cache, or a local weights file), maskrcnn[:ARCH][:WEIGHTS] (Mask R-CNN),
 colorkey:R,G,B, or package.module:Class.
@@ -18,12 +24,16 @@ colorkey:R,G,B, or package.module:Class.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 from ppma_ray.cli import bad_input_exits, check_writable, number, parser
 from ppma_ray.data.manifest import read_manifest
+from ppma_ray.files import write_text_atomic
 
 REMOVAL_FILE = "removal.json"  # next to the No-Human manifest: which model removed the people
 
@@ -43,30 +53,41 @@ def main(argv: list[str] | None = None) -> int:
     with bad_input_exits():
         table = read_manifest(args.manifest, root=args.root)
         check_writable("--out", args.out)
-        from ppma_ray.privacy.job import fetch_weights, remove_humans
+        from ppma_ray.privacy.job import RECORDS, fetch_weights, finished_rows, output_paths, removal_settings
 
-        fetch_weights(args.segmenter)
-    from ppma_ray.ray_env import init_ray
-
-    init_ray(verbose=args.verbose)
-    t0 = time.perf_counter()
-    report = remove_humans(table, args.out, args.root, args.segmenter, args.threshold, args.dilate, args.fps,
-                           args.actors, args.gpus_per_actor)
-    wall = time.perf_counter() - t0
+        rels = output_paths(table, args.root, args.out)
+        done = finished_rows(args.out, rels, removal_settings(args.segmenter, args.threshold, args.dilate, args.fps))
+        if len(done) < len(rels):
+            fetch_weights(args.segmenter)
     out = Path(args.out)
-    rows = report.to_pylist()
-    with open(out / "manifest.csv", "w") as f:
-        f.writelines(f"{r['out_path']};{r['label']}\n" for r in rows if not r["error"])
-    with open(out / "report.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["line", "path", "out_path", "label", "frames", "person_frac_before",
-                                          "person_frac_after", "seconds", "error"], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    if done:
+        print(f"{len(done)} of {len(rels)} videos were finished by an earlier run into {out} "
+              f"(records in {out / RECORDS}): kept, not redone")
+    t0 = time.perf_counter()
+    rows = [{**r, **done[rel]} for r, rel in zip(table.select(["path", "label", "line"]).to_pylist(), rels) if rel in done]
+    todo = table.filter(pa.array([rel not in done for rel in rels]))
+    if todo.num_rows:
+        from ppma_ray.privacy.job import remove_humans
+        from ppma_ray.ray_env import init_ray
+
+        init_ray(verbose=args.verbose)
+        rows += remove_humans(todo, out, args.root, args.segmenter, args.threshold, args.dilate, args.fps, args.actors,
+                              args.gpus_per_actor).to_pylist()
+    wall = time.perf_counter() - t0
+    rows.sort(key=lambda r: r["line"])
+    # replaced in one step: a torn manifest.csv would be a smaller dataset that looks whole
+    write_text_atomic(out / "manifest.csv", "".join(f"{r['out_path']};{r['label']}\n" for r in rows if not r["error"]))
+    report = io.StringIO()
+    w = csv.DictWriter(report, fieldnames=["line", "path", "out_path", "label", "frames", "person_frac_before",
+                                           "person_frac_after", "seconds", "error"], extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out / "report.csv", report.getvalue())
     failed = [r for r in rows if r["error"]]
     frames = sum(r["frames"] for r in rows)
     from ppma_ray.privacy.job import segmenter_family
 
-    (out / REMOVAL_FILE).write_text(json.dumps({
+    write_text_atomic(out / REMOVAL_FILE, json.dumps({
         "segmenter": args.segmenter, "family": segmenter_family(args.segmenter), "threshold": args.threshold,
         "dilate": args.dilate, "manifest": str(Path(args.manifest).resolve()), "videos": len(rows) - len(failed)}, indent=2))
     print(f"{len(rows) - len(failed)} of {len(rows)} videos written to {out} ({frames} frames, {wall:.1f} s)")
@@ -74,4 +95,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  failed line {r['line']}: {r['path']}: {r['error']}")
     print(f"wrote {out / 'manifest.csv'}, {out / 'report.csv'} and {out / REMOVAL_FILE}")
     return 1 if failed else 0
-

@@ -8,6 +8,7 @@ No-Human mp4, returning one report row. A video that cannot be read is reported 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import ray
 
 from ppma_ray.config import ConfigError
 from ppma_ray.data.video import VideoDecodeError, VideoSource, write_video
+from ppma_ray.files import write_text_atomic
 from ppma_ray.privacy.inpaint import inpaint_video, person_mask
 
 
@@ -103,19 +105,25 @@ def read_all_frames(path: str, fps: float | None = None) -> tuple[np.ndarray, fl
 
 
 class RemoveHumans:
-    """Ray Data actor: one video per call -> the No-Human mp4 and a report row."""
+    """Ray Data actor: one video per call -> the No-Human mp4 and a report row.
 
-    def __init__(self, segmenter: str, out_dir: str, root: str | None, threshold: float, dilate: int, fps: float | None):
+    A video counts as done only once both its mp4 and its row record are in place: the mp4 is
+    written under a temporary name and renamed, then the record (the row and the settings that made
+    it) is written in one step. A run killed mid-video leaves a ``.part`` file and no record, and
+    the re-run does that video again."""
+
+    def __init__(self, segmenter: str, out_dir: str, threshold: float, dilate: int, fps: float | None):
         self.segment = make_segmenter(segmenter)
-        self.out_dir, self.root, self.threshold, self.dilate, self.fps = Path(out_dir), root, threshold, dilate, fps
+        self.out_dir, self.threshold, self.dilate, self.fps = Path(out_dir), threshold, dilate, fps
+        self.settings = removal_settings(segmenter, threshold, dilate, fps)
 
     def __call__(self, batch: dict) -> dict:
-        rows = [self._one(str(p)) for p in batch["path"]]
-        return {**{k: np.asarray(v) for k, v in batch.items()},
+        rows = [self._one(str(p), str(o)) for p, o in zip(batch["path"], batch["out_path"])]
+        return {**{k: np.asarray(v) for k, v in batch.items() if k != "out_path"},
                 **{k: np.asarray([r[k] for r in rows], dtype=object if k in ("out_path", "error") else None)
                    for k in rows[0]}}
 
-    def _one(self, path: str) -> dict:
+    def _one(self, path: str, rel: str) -> dict:
         t0 = time.perf_counter()
         row = {"out_path": "", "frames": 0, "person_frac_before": np.nan, "person_frac_after": np.nan,
                "seconds": 0.0, "error": ""}
@@ -124,17 +132,76 @@ class RemoveHumans:
             mask = person_mask(self.segment(frames), self.threshold, self.dilate)
             clean = inpaint_video(frames, mask)
             after = self.segment(clean) > self.threshold
-            rel = Path(os.path.relpath(path, self.root) if self.root else Path(path).name).with_suffix(".mp4")
             target = self.out_dir / rel
             target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_name(f".{target.stem}.part.mp4")  # .mp4: the container is taken from the name
             h, w = clean.shape[1] // 2 * 2, clean.shape[2] // 2 * 2  # H.264 wants even sizes
-            write_video(target, np.ascontiguousarray(clean[:, :h, :w]), fps=fps)
-            row.update(out_path=str(rel), frames=len(frames), person_frac_before=float(mask.mean()),
+            write_video(part, np.ascontiguousarray(clean[:, :h, :w]), fps=fps)
+            os.replace(part, target)
+            row.update(out_path=rel, frames=len(frames), person_frac_before=float(mask.mean()),
                        person_frac_after=float(after.mean()))
         except VideoDecodeError as e:
             row["error"] = e.reason
         row["seconds"] = time.perf_counter() - t0
+        if not row["error"]:
+            record = _record_path(self.out_dir, rel)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(record, json.dumps({"settings": self.settings, "row": row}))
         return row
+
+
+RECORDS = ".done"  # under --out: one record per finished video, what a re-run skips
+
+
+def removal_settings(segmenter: str, threshold: float, dilate: int, fps: float | None) -> dict:
+    """What a No-Human video depends on besides its input: a re-run into the same folder must match."""
+    return {"segmenter": segmenter, "threshold": threshold, "dilate": dilate, "fps": fps}
+
+
+def _record_path(out_dir: Path, rel: str) -> Path:
+    return Path(out_dir) / RECORDS / f"{rel}.json"
+
+
+def output_paths(table: pa.Table, root: str | None, out_dir: str | Path) -> list[str]:
+    """Each video's output path, relative to ``out_dir``: its path under ``root`` (its file name
+    without one), as ``.mp4``. Checked before Ray starts, since each would lose or damage videos:
+    two inputs with one output (``a.avi`` and ``a.mp4``; ``x/clip.mp4`` and ``y/clip.mp4`` without
+    ``--root``; the later overwrote the earlier), an output that is its own input (``--out`` =
+    ``--root``)."""
+    out_dir = Path(out_dir).resolve()
+    seen: dict[str, int] = {}
+    rels = []
+    for path, line in zip(table.column("path").to_pylist(), table.column("line").to_pylist()):
+        rel = Path(os.path.relpath(path, root) if root else Path(path).name).with_suffix(".mp4").as_posix()
+        rel = os.path.normpath(rel).replace(os.sep, "/")  # under out_dir: read_manifest refuses paths outside root
+        if (out_dir / rel).resolve() == Path(path).resolve():
+            raise ConfigError(f"line {line}: {path} would be overwritten by its own output: --out must be another folder")
+        if rel in seen:
+            raise ConfigError(f"lines {seen[rel]} and {line}: both videos would be written to {out_dir / rel}"
+                              + ("" if root else " (pass --root to keep their folders)"))
+        seen[rel] = line
+        rels.append(rel)
+    return rels
+
+
+def finished_rows(out_dir: str | Path, rels: list[str], settings: dict) -> dict[str, dict]:
+    """The report rows of videos an earlier run into ``out_dir`` finished (by output path). Done
+    with other settings, they would mix two removals in one dataset: an error naming the change."""
+    done = {}
+    for rel in rels:
+        record = _record_path(Path(out_dir), rel)
+        if not record.is_file() or not (Path(out_dir) / rel).is_file():
+            continue
+        try:
+            saved = json.loads(record.read_text())
+        except ValueError:
+            continue  # unreadable: done again
+        changed = [f"{k} {saved['settings'].get(k)!r} -> {v!r}" for k, v in settings.items() if saved["settings"].get(k) != v]
+        if changed:
+            raise ConfigError(f"--out {out_dir}: {rel} was made with other settings ({', '.join(changed)}): "
+                              "use those, another --out, or delete the folder to start over")
+        done[rel] = saved["row"]
+    return done
 
 
 class AuditFrames:
@@ -176,10 +243,12 @@ def _run(table: pa.Table, actor, kwargs: dict, num_actors: int, num_gpus: float)
 def remove_humans(table: pa.Table, out_dir: str | Path, root: str | None = None, segmenter: str = "torchvision",
                   threshold: float = 0.5, dilate: int = 4, fps: float | None = None, num_actors: int = 1,
                   num_gpus: float = 0.0) -> pa.Table:
-    """Write No-Human versions of every video of ``table`` under ``out_dir``; returns the report."""
-    kwargs = {"segmenter": segmenter, "out_dir": str(out_dir), "root": root, "threshold": threshold,
-              "dilate": dilate, "fps": fps}
-    return _run(table.select(["path", "label", "line"]), RemoveHumans, kwargs, num_actors, num_gpus)
+    """Write No-Human versions of every video of ``table`` under ``out_dir`` (at ``output_paths``);
+    returns the report."""
+    kwargs = {"segmenter": segmenter, "out_dir": str(out_dir), "threshold": threshold, "dilate": dilate, "fps": fps}
+    table = table.select(["path", "label", "line"])
+    table = table.append_column("out_path", pa.array(output_paths(table, root, out_dir), pa.string()))
+    return _run(table, RemoveHumans, kwargs, num_actors, num_gpus)
 
 
 def audit(table: pa.Table, segmenter: str = "torchvision", threshold: float = 0.5, frames_per_video: int = 8,
