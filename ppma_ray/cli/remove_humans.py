@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         from ppma_ray.privacy.job import RECORDS, fetch_weights, finished_rows, output_paths, removal_settings
 
         rels = output_paths(table, args.root, args.out)
-        done = finished_rows(args.out, rels, removal_settings(args.segmenter, args.threshold, args.dilate, args.fps))
+        done = finished_rows(args.out, table.column("path").to_pylist(), rels,
+                             removal_settings(args.segmenter, args.threshold, args.dilate, args.fps))
         if len(done) < len(rels):
             fetch_weights(args.segmenter)
     out = Path(args.out)

@@ -146,7 +146,7 @@ class RemoveHumans:
         if not row["error"]:
             record = _record_path(self.out_dir, rel)
             record.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(record, json.dumps({"settings": self.settings, "row": row}))
+            write_text_atomic(record, json.dumps({"path": path, "settings": self.settings, "row": row}))
         return row
 
 
@@ -184,19 +184,23 @@ def output_paths(table: pa.Table, root: str | None, out_dir: str | Path) -> list
     return rels
 
 
-def finished_rows(out_dir: str | Path, rels: list[str], settings: dict) -> dict[str, dict]:
-    """The report rows of videos an earlier run into ``out_dir`` finished (by output path). Done
-    with other settings, they would mix two removals in one dataset: an error naming the change."""
+def finished_rows(out_dir: str | Path, paths: list[str], rels: list[str], settings: dict) -> dict[str, dict]:
+    """The report rows of videos an earlier run into ``out_dir`` finished from the same inputs (by
+    output path); any other video is done (again). Finished with other settings, they would mix two
+    removals in one dataset: an error naming the change."""
     done = {}
-    for rel in rels:
+    for path, rel in zip(paths, rels):
         record = _record_path(Path(out_dir), rel)
         if not record.is_file() or not (Path(out_dir) / rel).is_file():
             continue
         try:
             saved = json.loads(record.read_text())
-        except ValueError:
-            continue  # unreadable: done again
-        changed = [f"{k} {saved['settings'].get(k)!r} -> {v!r}" for k, v in settings.items() if saved["settings"].get(k) != v]
+            if saved["path"] != path:  # made from another input (another --root): done again
+                continue
+            changed = [f"{k} {saved['settings'].get(k)!r} -> {v!r}" for k, v in settings.items()
+                       if saved["settings"].get(k) != v]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # not a record of this job: done again
         if changed:
             raise ConfigError(f"--out {out_dir}: {rel} was made with other settings ({', '.join(changed)}): "
                               "use those, another --out, or delete the folder to start over")
