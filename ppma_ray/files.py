@@ -11,6 +11,8 @@ new one, never a mix.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import secrets
 from pathlib import Path
@@ -23,7 +25,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:  # the text as given, on every platform
             f.write(text)
             f.flush()
             os.fsync(f.fileno())  # on disk before it takes the name: a crash then leaves old or new
@@ -32,6 +34,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_csv_atomic(path: str | Path, fieldnames: list[str], rows: list[dict]) -> None:
+    """A CSV of ``rows`` (keys beyond ``fieldnames`` left out), replacing ``path`` in one step."""
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=fieldnames, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 @contextlib.contextmanager

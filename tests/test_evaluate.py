@@ -247,7 +247,7 @@ def test_earlier_results_survive_a_results_write_that_fails(tmp_path):
     import subprocess
     import sys
 
-    from ppma_ray.train.downstream import write_results
+    from ppma_ray.train.report import write_results
 
     out = tmp_path / "out"
     write_results(out, [_result("earlier")])
@@ -255,7 +255,7 @@ def test_earlier_results_survive_a_results_write_that_fails(tmp_path):
     limit = len(before) + 200  # the new entry (a 10 kB checkpoint field) does not fit under it
     code = f"""
 import resource, signal, sys
-from ppma_ray.train.downstream import write_results
+from ppma_ray.train.report import write_results
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of a kill
 resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
 try:
@@ -283,7 +283,7 @@ def test_evaluations_finishing_into_one_folder_at_once_keep_every_entry(tmp_path
     out = tmp_path / "out"
     code = """
 import os, sys, time
-from ppma_ray.train.downstream import write_results
+from ppma_ray.train.report import write_results
 tag, out, go = sys.argv[1:]
 open(os.path.join(os.path.dirname(go), "ready-" + tag), "w").close()
 while not os.path.exists(go):  # every process has imported: the writes start together
@@ -305,7 +305,7 @@ for i in range(20):
 def test_a_results_file_that_cannot_be_read_is_kept_aside_and_the_new_entry_written(tmp_path, capsys):
     import json
 
-    from ppma_ray.train.downstream import write_results
+    from ppma_ray.train.report import write_results
 
     (tmp_path / "results.json").write_text('{"eval": [{"model": "torn"')  # cut short by a kill
     write_results(tmp_path, [_result("new")])

@@ -17,7 +17,6 @@ then says the audit is not independent.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from ppma_ray.cli import bad_input_exits, check_writable, number, parser
 from ppma_ray.cli.remove_humans import REMOVAL_FILE
 from ppma_ray.config import ConfigError
 from ppma_ray.data.manifest import read_manifest
+from ppma_ray.files import write_csv_atomic, write_text_atomic
 
 
 def pick_auditor(requested: str, removed_by: str | None, allow_same_family: bool = False) -> tuple[str, bool]:
@@ -99,12 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"removed_by": removed_by, "audited_by": auditor, "independent": independent, "clean": clean,
                "videos": len(rows), "unreadable": len(rows) - len(ok), "sampled_frames": frames,
                "frames_with_person": with_person, "person_pixel_frac": pixels}
-    Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["line", "path", "sampled_frames", "frames_with_person", "person_pixel_frac", "error"],
-                           extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_text_atomic(Path(args.out).with_suffix(".json"), json.dumps(summary, indent=2))
+    write_csv_atomic(args.out, ["line", "path", "sampled_frames", "frames_with_person", "person_pixel_frac", "error"], rows)
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
     return 0
 

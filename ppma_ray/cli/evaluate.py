@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.output_dir:
             check_writable("--output-dir", args.output_dir)
 
-    from ppma_ray.train.downstream import count_models, evaluate, write_results
-    from ppma_ray.train.report import print_results
+    from ppma_ray.train.downstream import count_models, evaluate
+    from ppma_ray.train.report import print_results, write_results
 
     with bad_input_exits(CheckpointError):  # unreadable files, and --alpha against the models they hold
         # Resolved once, here: a run folder's newest whole checkpoint is checked against its sums

@@ -23,8 +23,6 @@ colorkey:R,G,B, or package.module:Class.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ import pyarrow as pa
 
 from ppma_ray.cli import bad_input_exits, check_writable, number, parser
 from ppma_ray.data.manifest import read_manifest
-from ppma_ray.files import write_text_atomic
+from ppma_ray.files import write_csv_atomic, write_text_atomic
 
 REMOVAL_FILE = "removal.json"  # next to the No-Human manifest: which model removed the people
 
@@ -78,12 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: r["line"])
     # replaced in one step: a torn manifest.csv would be a smaller dataset that looks whole
     write_text_atomic(out / "manifest.csv", "".join(f"{r['out_path']};{r['label']}\n" for r in rows if not r["error"]))
-    report = io.StringIO()
-    w = csv.DictWriter(report, fieldnames=["line", "path", "out_path", "label", "frames", "person_frac_before",
-                                           "person_frac_after", "seconds", "error"], extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    write_text_atomic(out / "report.csv", report.getvalue())
+    write_csv_atomic(out / "report.csv", ["line", "path", "out_path", "label", "frames", "person_frac_before",
+                                          "person_frac_after", "seconds", "error"], rows)
     failed = [r for r in rows if r["error"]]
     frames = sum(r["frames"] for r in rows)
     from ppma_ray.privacy.job import segmenter_family

@@ -10,13 +10,13 @@ was rejected.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from ppma_ray.cli import bad_input_exits, check_writable, number, parser
 from ppma_ray.config import ConfigError
 from ppma_ray.data.manifest import read_manifest, relative_path, write_ppma_manifest
 from ppma_ray.data.video import BACKENDS, backend_problem
+from ppma_ray.files import write_csv_atomic
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,11 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_ppma_manifest(clean, out / "clean.csv", root=args.root)
-    with open(out / "rejects.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["line", "path", "reason"])
-        for row in rejected.select(["line", "path", "reason"]).to_pylist():
-            w.writerow([row["line"], relative_path(row["path"], args.root), row["reason"]])
+    write_csv_atomic(out / "rejects.csv", ["line", "path", "reason"],
+                     [{**r, "path": relative_path(r["path"], args.root)} for r in rejected.select(["line", "path", "reason"]).to_pylist()])
 
     frames = clean.column("num_frames").to_pylist()
     print(f"{args.manifest}: {table.num_rows} rows, {clean.num_rows} ok, {rejected.num_rows} rejected")

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ppma_ray.data import objectstore
+from ppma_ray.files import write_text_atomic
 
 REQUIRED = ("path", "label")
 OPTIONAL = {"source": pa.string(), "start_s": pa.float64(), "end_s": pa.float64()}
@@ -110,7 +111,7 @@ def write_ppma_manifest(table: pa.Table, out: str | os.PathLike, root: str | os.
     lines = []
     for p, label in zip(table.column("path").to_pylist(), table.column("label").to_pylist()):
         lines.append(f"{relative_path(p, root)};{label}\n")
-    Path(out).write_text("".join(lines), encoding="utf-8")
+    write_text_atomic(out, "".join(lines))  # a torn list would be a smaller dataset that looks whole
 
 
 def relative_path(path: str, root: str | os.PathLike | None) -> str:

@@ -4,10 +4,7 @@ from any checkpoint, from random init, or from a weight average of several check
 from __future__ import annotations
 
 import copy
-import csv
 import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +14,6 @@ from safetensors.torch import save_file
 from ppma_ray.config import ClipConfig, ConfigError, ModelConfig, PretrainConfig, from_dict
 from ppma_ray.data import objectstore
 from ppma_ray.data.catalog import task_name, task_source
-from ppma_ray.files import locked, write_text_atomic
 from ppma_ray.models import vit_config
 from ppma_ray.models.averaging import average_state_dicts
 from ppma_ray.models.checkpoint import load_trunks, models_in, read_state_dict
@@ -26,9 +22,6 @@ from ppma_ray.train.data import resolve_sources
 from ppma_ray.train.linear_probe import linear_probe_cached
 from ppma_ray.train.config import AverageSpec, RunOptions
 from ppma_ray.train.runner import decode_cpu_budget, resolve_paths, run_stage
-
-CSV_FIELDS = ["model", "task", "protocol", "top1", "top5", "videos", "failed", "wall_s", "checkpoint"]
-
 
 def count_models(checkpoints: list[str]) -> int:
     """Models in the checkpoints: one per file, K for the released ensemble file."""
@@ -132,37 +125,3 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
     return {"model": model_name, "task": name, "protocol": protocol, "top1": top1, "top5": top5, "videos": videos,
             "failed": failed, "num_classes": n_classes, "wall_s": time.perf_counter() - t0,
             "checkpoint": ",".join(given) or "random_init", **extra}
-
-
-def write_results(out_dir: str | Path, entries: list[dict]) -> None:
-    """Add ``entries`` to ``results.json`` (under ``eval``) and one row each to ``results.csv``.
-
-    Several evaluations may finish into one folder at once: the read-modify-write holds a lock, and
-    the file is replaced in one step, so no entry is lost and no reader sees a torn file. A
-    ``results.json`` that does not parse (another tool's, or torn by an older version) is kept as
-    ``results.json.unreadable`` and named, and a new one started: the new entries are not lost to it."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    with locked(out / ".results.lock"):
-        results = {}
-        if path.is_file():
-            try:
-                results = json.loads(path.read_text())
-                if not isinstance(results, dict) or not isinstance(results.get("eval", []), list):
-                    raise ValueError("not a results.json of these jobs")
-            except ValueError as e:
-                kept = path.with_name(path.name + ".unreadable")
-                os.replace(path, kept)
-                print(f"warning: {path} could not be read ({str(e).splitlines()[0]}): kept as {kept}, "
-                      "and a new results.json started", file=sys.stderr)
-                results = {}
-        results["eval"] = results.get("eval", []) + entries
-        write_text_atomic(path, json.dumps(results, indent=2))
-        table = out / "results.csv"
-        new = not table.is_file()
-        with open(table, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerows(entries)
