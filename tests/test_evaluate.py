@@ -313,3 +313,29 @@ def test_a_results_file_that_cannot_be_read_is_kept_aside_and_the_new_entry_writ
     assert [e["model"] for e in json.loads((tmp_path / "results.json").read_text())["eval"]] == ["new"]
     err = capsys.readouterr().err
     assert f"{tmp_path / 'results.json'} could not be read" in err and "results.json.unreadable" in err
+
+
+def test_the_evaluate_job_prints_its_result_before_a_write_that_fails(tmp_path, monkeypatch, capsys):
+    """The disk fills up while the probe runs: the result is on the console, the job ends with one
+    line and exit 1, and the earlier results file is as it was. (The probe itself is replaced: the
+    job's own code around it is what runs.)"""
+    import errno
+
+    from ppma_ray.cli import evaluate as job
+    from ppma_ray.train import downstream, report
+
+    def full_disk(out_dir, entries):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(job, "start_ray", lambda cfg, verbose: cfg)
+    monkeypatch.setattr(downstream, "evaluate", lambda *a, **kw: _result("ppma"))
+    monkeypatch.setattr(report, "write_results", full_disk)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/results.json").write_text('{"eval": []}')
+    code = job.main(["--task", "demo:motion", "--output-dir", str(tmp_path / "out"), "--set",
+                     f"run.storage_path={tmp_path / 'runs'}", "--set", f"data.demo_root={tmp_path / 'demo'}"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "| ppma | motion | lp | 0.500 |" in out, out
+    assert err.strip() == (f"error: the result above could not be added to {tmp_path / 'out/results.json'} "
+                           "(No space left on device); that file is as it was")
+    assert (tmp_path / "out/results.json").read_text() == '{"eval": []}'
