@@ -33,27 +33,29 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_PORTS = random.Random(os.getpid())  # the test workers choose apart
+_HANDED_OUT: set[int] = set()
 
 
 def unclaimed_port() -> int:
     """A port free now that no process takes by itself later: between Ray's worker ports
     (10002-19999) and the kernel's ephemeral range (from 32768), where ``bind(0)``, and so every Ray
-    process, takes its ports. A port from ``free_port`` is only free at the moment it is chosen: the
+    process, takes its ports. A port from ``bind(0)`` is only free at the moment it is chosen: the
     S3 server binds its port when a test first needs it, minutes after Ray started, and in one CI run
-    a Ray process had taken it meanwhile (nine tests failed at setup: "Received HTTP/0.9")."""
-    rng = random.Random(os.getpid())  # the test workers choose apart
+    a Ray process had taken it meanwhile (nine tests failed at setup: "Received HTTP/0.9"); in
+    another, the two-node cluster's dashboard never came up on its port. Never the same port twice
+    in one process: the ports of one ``ray start`` are all chosen before it binds any."""
     while True:
-        port = rng.randrange(20000, 32768)
+        port = _PORTS.randrange(20000, 32768)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _HANDED_OUT.add(port)
+        return port
 
 
 # Object storage in the tests is a local S3 server on this port (``s3_bucket``), never AWS: set
@@ -284,8 +286,8 @@ def stop_sessions(procs: list[subprocess.Popen], grace_s: float = 3.0) -> None:
 def agent_ports() -> list[str]:
     """Free ports for a node's agents: the defaults (52365, ...) are taken when another Ray
     instance, such as the test session's, runs on the same machine."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+    return [f"--dashboard-agent-listen-port={unclaimed_port()}", f"--dashboard-agent-grpc-port={unclaimed_port()}",
+            f"--runtime-env-agent-port={unclaimed_port()}", f"--metrics-export-port={unclaimed_port()}"]
 
 
 def make_clip(num_frames: int = 24, h: int = 64, w: int = 80, seed: int = 0) -> np.ndarray:

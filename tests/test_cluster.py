@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import agent_ports, free_port, stop_sessions
+from conftest import agent_ports, stop_sessions, unclaimed_port
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def two_node_cluster():
     forwarded every worker line, and the job's console showed each progress line twice."""
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     token = secrets.token_hex(16)
-    gcs, dash = free_port(), free_port()
+    gcs, dash = unclaimed_port(), unclaimed_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PATH=f"{BIN}:{env['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=1",
