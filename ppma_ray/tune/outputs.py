@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import yaml
 
 from ppma_ray.config import PretrainConfig, apply_override, to_dict
-from ppma_ray.files import write_text_atomic
+from ppma_ray.files import write_csv_atomic, write_text_atomic
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
+    """Every key of every row a column, in first-seen order."""
+    write_csv_atomic(path, list(dict.fromkeys(k for r in rows for k in r)), rows)
 
 
 def scored(rows: list[dict]) -> list[dict]:
