@@ -81,6 +81,39 @@ def test_a_rerun_with_another_config_is_refused_before_it_restores_the_experimen
     check_restore(cfg("tune.p_values=[0.0, 0.25, 1.0]"), None)
 
 
+def test_a_torn_or_missing_tune_record_is_named_not_a_traceback_or_silence(tmp_path, monkeypatch, capsys):
+    """A record cut short (a kill while an older version wrote it in place) stops the re-run with one
+    line saying what to delete; experiments without a record are restored with a warning that they
+    go unchecked. The record itself is written in one step (no temporary file left beside it)."""
+    from conftest import DEMO_CONFIG
+
+    from ppma_ray.config import ConfigError, load_config
+    from ppma_ray.tune.checks import check_restore, write_record
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(DEMO_CONFIG, ["run.storage_path=runs", "run.name=mix"])
+    write_record(cfg, None)
+    record = tmp_path / "runs" / "mix-tune.json"
+    assert sorted(p.name for p in record.parent.iterdir()) == ["mix-tune.json"]
+    (tmp_path / "runs" / "mix-tune-avg").mkdir()
+    text = record.read_text()
+    record.write_text(text[: len(text) // 2])
+    with pytest.raises(ConfigError, match=r"mix-tune.json: unreadable \(.*line \d+ column \d+.*\), so this re-run cannot "
+                                          r"be checked .*delete the file to restore them unchecked, or delete "
+                                          r"runs/mix-tune-\* to start over"):
+        check_restore(cfg, None)
+    record.write_text("[]")  # JSON, but not a record
+    with pytest.raises(ConfigError, match="unreadable"):
+        check_restore(cfg, None)
+    write_record(cfg, None)  # the first run writes it again before its experiments start
+    check_restore(cfg, None)
+    assert capsys.readouterr().err == ""
+    record.unlink()
+    check_restore(cfg, None)
+    assert "mix-tune.json is missing, so the Tune experiments of run.name 'mix' that this run restores are not " \
+           "checked" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_tiny_experiment_writes_outputs_records_a_failure_and_resumes(ray_session, stage1, tiny_config, tune_task, tmp_path,
                                                                        capfd, monkeypatch):

@@ -9,11 +9,13 @@ No Ray, Tune or torch import, on purpose, so the job rejects a bad value in well
 from __future__ import annotations
 
 import json
+import sys
 
 import pyarrow.fs as pafs
 
 from ppma_ray.config import TRAINING_SECTIONS, ConfigError, PretrainConfig, absolute_paths, config_diff, to_dict
 from ppma_ray.data import objectstore
+from ppma_ray.files import write_text_atomic
 
 # what the trials of a restored experiment depend on (run.* and scaling.* may change between runs)
 RECORDED = (*TRAINING_SECTIONS, "data.sources", "align", "tune", "eval")
@@ -64,8 +66,17 @@ def check_restore(cfg: PretrainConfig, stage1: str | None) -> None:
     try:
         with fs.open_input_stream(path) as f:
             saved = json.loads(f.read().decode())
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise ValueError("not a record")
     except FileNotFoundError:
+        # experiments from before records were kept, or a deleted record: nothing to check against
+        print(f"warning: {shown} is missing, so the Tune experiments of run.name {cfg.run.name!r} that this run "
+              "restores are not checked against the config they started with", file=sys.stderr)
         return
+    except ValueError as e:  # torn JSON, bytes that are not UTF-8, another file
+        raise ConfigError(f"{shown}: unreadable ({e}), so this re-run cannot be checked against the "
+                          f"config its Tune experiments started with: delete the file to restore them unchecked, or "
+                          f"delete {shown.rsplit('/', 1)[0]}/{cfg.run.name}-tune-* to start over") from None
     now = json.loads(json.dumps(_entry(cfg, stage1)))  # as the file holds it
     diff = config_diff(saved["config"], now["config"], RECORDED, NOT_RECORDED)
     if saved.get("stage1") != now["stage1"]:
@@ -78,10 +89,16 @@ def check_restore(cfg: PretrainConfig, stage1: str | None) -> None:
 
 
 def write_record(cfg: PretrainConfig, stage1: str | None) -> None:
+    """Write the record in one step: a kill mid-write leaves the old record or the new one (locally
+    a temporary file that replaces it; in a bucket an object appears only when its upload completes)."""
     fs, path, _ = _record(cfg)
     fs.create_dir(path.rsplit("/", 1)[0])
+    text = json.dumps(_entry(cfg, stage1), indent=2)
+    if isinstance(fs, pafs.LocalFileSystem):
+        write_text_atomic(path, text)
+        return
     with fs.open_output_stream(path) as f:
-        f.write(json.dumps(_entry(cfg, stage1), indent=2).encode())
+        f.write(text.encode())
 
 
 def _entry(cfg: PretrainConfig, stage1: str | None) -> dict:
