@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = start_ray(cfg, args.verbose)
     out_dir = Path(args.output_dir) if args.output_dir else run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    write_text_atomic(out_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
     for name, labels in label_maps.items():  # named labels: the ids this run used, to pin them in later runs
         (out_dir / "label_maps").mkdir(exist_ok=True)
-        (out_dir / "label_maps" / f"{name}.json").write_text(json.dumps(labels, indent=2))
+        write_text_atomic(out_dir / "label_maps" / f"{name}.json", json.dumps(labels, indent=2))
         print(f"data.sources.{name}: {len(labels)} named classes, ids in {out_dir / 'label_maps' / f'{name}.json'} "
               f"(data.sources.{name}.label_map keeps them in later runs)")
     try:

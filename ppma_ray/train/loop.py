@@ -29,6 +29,7 @@ from ppma_ray.config import PretrainConfig, ScalingSettings, StageConfig, StageK
 from ppma_ray.train.config import RunOptions
 from ppma_ray.data import objectstore
 from ppma_ray.data.pipeline import FailureTracker
+from ppma_ray.files import write_text_atomic
 from ppma_ray.models import build_model
 from ppma_ray.models.averaging import LearnedAverage
 from ppma_ray.models.checkpoint import load_trunk, load_trunks
@@ -308,10 +309,8 @@ def final_test(model, source: ResolvedSource, head: str, ctx: WorkerContext, vie
             console(f"  WARNING: {res['failed']} of {res['failed'] + res['videos']} test videos could not be decoded "
                     f"and were excluded (rows {res['failed_rows'][:20]}...)")
             if run_dir is not None:
-                import json
-
                 run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "test_failed_rows.json").write_text(json.dumps(res["failed_rows"]))
+                write_text_atomic(run_dir / "test_failed_rows.json", json.dumps(res["failed_rows"]))
         console(f"  test ({views[0]}x{views[1]} views): top-1 {res['top1']:.4f} top-5 {res['top5']:.4f} "
                 f"on {res['videos']} videos")
     return {"test_top1": res["top1"], "test_top5": res["top5"], "test_videos": res["videos"], "test_failed": res["failed"]}
