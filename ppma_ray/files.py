@@ -15,6 +15,8 @@ import csv
 import io
 import os
 import secrets
+import socket
+import time
 from pathlib import Path
 
 
@@ -60,6 +62,42 @@ def locked(path: str | Path):
     with open(path, "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class InUse(RuntimeError):
+    """Another process holds the lock (``exclusive``)."""
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, what: str):
+    """Hold ``path``'s lock while the block runs, or raise ``InUse`` at once (never wait): for work
+    that one process at a time may do, such as training into a run folder. The lock file says who
+    holds it (pid, host, since when), for the error of the process that finds it held. The kernel
+    releases the lock when its holder exits or is killed, so a crash never leaves it held; the file
+    stays (deleting it would race with the next holder). Where ``fcntl`` does not exist (Windows)
+    nothing is held."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not said which yet"
+            raise InUse(f"{what} is in use by another run ({holder}; lock {path})") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -461,3 +461,72 @@ def _sigterm_as_it_resumes(ray_session, tmp_path: Path, sets: list[str], gone: s
                     "Failed to query Ray Train Controller", "Connecting to existing Ray cluster"):
         assert chatter not in out + err, chatter
     return checkpoint
+
+
+def _hold_run(storage: Path, run_name: str) -> "subprocess.Popen":
+    """Another process that trains into ``storage/run_name``: it holds the run's lock until killed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom ppma_ray.train.runlock import run_lock\nwith run_lock(sys.argv[1], sys.argv[2]):\n"
+            "    print('held', flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(storage), run_name], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_run_folder_another_process_trains_into_is_refused_until_that_process_is_gone(tmp_path, monkeypatch):
+    """Two jobs in one run folder would resume from the same checkpoints and write over each other's
+    (and the second's resume would delete the first's checkpoint in progress): the second is refused,
+    by the job's check and by the stage itself (a job that started in between), naming the holder.
+    A killed holder leaves nothing held."""
+    import os
+    import signal
+    import socket
+
+    from conftest import DEMO_CONFIG, TINY
+
+    import ppma_ray.train.runner as runner
+    from ppma_ray.cli import check_not_running
+    from ppma_ray.config import ConfigError, load_config
+    from ppma_ray.train.runner import StageFailed
+
+    cfg = load_config(DEMO_CONFIG, [*TINY, f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])
+    holder = _hold_run(tmp_path / "runs", "r-mae")
+    try:
+        expected = (rf"{tmp_path}/runs/r-mae is in use by another run \(pid {holder.pid} on {socket.gethostname()} since "
+                    rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d; lock {tmp_path}/runs/.r-mae.lock\)")
+        with pytest.raises(ConfigError, match=expected + ": wait for it to finish, or use another run.name"):
+            check_not_running(cfg, ["r-align", "r-mae"])
+        check_not_running(cfg, ["r-align"])  # another stage's folder is free
+        monkeypatch.setattr(runner, "decode_cpu_budget", lambda cfg: 1.0)  # no Ray needed to be refused
+        monkeypatch.setattr(runner, "own_resume", lambda *a: pytest.fail("resumed a run another process holds"))
+        with pytest.raises(StageFailed, match=expected):
+            run_stage(cfg, RunOptions("mae"))
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    check_not_running(cfg, ["r-mae"])  # the kernel released the lock of the killed process
+
+
+@pytest.mark.parametrize("job_name, held", [("pretrain", "r-align"), ("tune_mix", "r-mae"), ("tune_mix", "r-tune")])
+def test_a_job_into_a_run_folder_in_use_exits_2_before_ray(tmp_path, capsys, monkeypatch, job_name, held):
+    import importlib
+    import os
+    import signal
+
+    from conftest import DEMO_CONFIG, TINY
+
+    job = importlib.import_module(f"ppma_ray.cli.{job_name}")
+    monkeypatch.setattr(job, "start_ray", lambda *a: pytest.fail("Ray started"))
+    holder = _hold_run(tmp_path / "runs", held)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            job.main(["--config", str(DEMO_CONFIG), *[a for s in [*TINY, f"run.storage_path={tmp_path / 'runs'}", "run.name=r"]
+                                                     for a in ("--set", s)]])
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {tmp_path}/runs/{held} is in use by another run (pid {holder.pid} "), err

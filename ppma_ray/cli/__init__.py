@@ -263,6 +263,16 @@ def check_resume_config(cfg: PretrainConfig, stages=("mae", "align")) -> None:
             break
 
 
+def check_not_running(cfg: PretrainConfig, run_names: list[str]) -> None:
+    """No other process trains into these run folders now (``train/runlock.py``): a second job there
+    would resume from the first's checkpoints and write over them."""
+    from ppma_ray.train.runlock import held
+
+    problem = held(cfg.run.storage_path, run_names)
+    if problem:
+        raise ConfigError(f"{problem}: wait for it to finish, or use another run.name")
+
+
 def check_storage(cfg: PretrainConfig, checkpoints: int | None = None) -> None:
     """A local ``run.storage_path`` can hold the run: not under a file, writable, and with room for
     ``checkpoints`` (default ``run.keep`` + 1, the one being written) checkpoints of this model

@@ -18,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_resume_config, check_storage, check_tasks,
-                          check_weights, check_writable, finish_config, parser, read_config,
+from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_not_running, check_resume_config, check_storage,
+                          check_tasks, check_weights, check_writable, finish_config, parser, read_config,
                           stage_failure_exits, start_ray, weights_source)
 from ppma_ray.config import TRAINING_SECTIONS, ConfigError, PretrainConfig, config_diff, to_dict
 from ppma_ray.data.objectstore import is_uri
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if "align" in stages:  # probed once stage 2 has ended
             check_tasks(cfg, cfg.eval.tasks)
         check_resume_config(cfg, stages)
+        check_not_running(cfg, [f"{cfg.run.name}-{stage}" for stage in (*stages, *(["align_only"] if args.ablation else []))])
         check_storage(cfg)
         if args.output_dir:
             check_writable("--output-dir", args.output_dir)

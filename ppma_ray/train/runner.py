@@ -20,6 +20,7 @@ from ppma_ray.train.checkpoint import (FAILURES_FILE, REJECTS_FILE, checkpoint_d
 from ppma_ray.models.errors import CheckpointError
 from ppma_ray.ray_env import quiet, quiet_process
 from ppma_ray.train.config import RunOptions
+from ppma_ray.train.runlock import InUse, run_lock
 from ppma_ray.train.stop import StoppedBySignal, signalled
 
 
@@ -166,6 +167,14 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
     one in the last checkpoint)."""
     options = replace(options, run_name=options.run_name or f"{cfg.run.name}-{options.stage}",
                       decode_cpus=decode_cpu_budget(cfg))
+    try:
+        with run_lock(cfg.run.storage_path, options.run_name):  # held from the resume decision to the end
+            return _run_stage(cfg, options, callbacks, output_dir)
+    except InUse as e:
+        raise StageFailed(str(e)) from None
+
+
+def _run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None, output_dir: Path | None) -> dict:
     options = own_resume(cfg, options)
     s = cfg.scaling
     trainer = TorchTrainer(
