@@ -83,7 +83,7 @@ def apply_override(data: dict, item: str) -> str:
     """``a.b.c=value`` into nested ``data``; the value is parsed as YAML (numbers, lists, null).
     Returns the dotted key."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value")
+        raise ConfigError(f"{item!r}: expected key=value")  # the caller says --set
     key, raw = item.split("=", 1)
     key = key.strip()
     parts = key.split(".")
@@ -99,17 +99,58 @@ def apply_override(data: dict, item: str) -> str:
     return key
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one
+    without a word, so a config edited by appending a line would run with a value nobody chose."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            seen = first.setdefault(key, key_node.start_mark.line)
+        except TypeError:  # an unhashable key: the constructor's own error names it
+            continue
+        if seen != key_node.start_mark.line:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice (first on line {seen + 1})",
+                                                    key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: str | Path):
+    """A YAML config file's content. Every problem is a one-line ``ConfigError`` naming the file
+    (and ``FILE:LINE:COLUMN`` for a syntax error or a key given twice)."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")  # a BOM from a Windows editor is fine
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except UnicodeDecodeError as e:
+        line = bytes(e.object[:e.start]).count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {e.problem}" + (f" ({e.context})" if e.context else "")) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, cls=PretrainConfig):
     """YAML file (or defaults) + overrides -> typed, checked config. A ``ConfigError`` names the key
     and its origin: ``--set align.epochs: ...`` or ``FILE: align.epochs: ...``."""
     data: dict = {}
     if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        data = read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     set_keys = []

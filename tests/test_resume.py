@@ -3,6 +3,8 @@ and from a given checkpoint (``--resume-from``)."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -430,8 +432,6 @@ def _sigterm_as_it_resumes(ray_session, tmp_path: Path, sets: list[str], gone: s
     exits 143 naming it. Returns it."""
     import os
     import signal
-    import subprocess
-    import sys
 
     from conftest import ROOT
 
@@ -463,11 +463,8 @@ def _sigterm_as_it_resumes(ray_session, tmp_path: Path, sets: list[str], gone: s
     return checkpoint
 
 
-def _hold_run(storage: Path, run_name: str) -> "subprocess.Popen":
+def _hold_run(storage: Path, run_name: str) -> subprocess.Popen:
     """Another process that trains into ``storage/run_name``: it holds the run's lock until killed."""
-    import subprocess
-    import sys
-
     code = ("import sys, time\nfrom ppma_ray.train.runlock import run_lock\nwith run_lock(sys.argv[1], sys.argv[2]):\n"
             "    print('held', flush=True)\n    time.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(storage), run_name], stdout=subprocess.PIPE, text=True)
