@@ -233,9 +233,13 @@ def test_export_job_stage_1_and_its_errors(pretrain_output, tmp_path, capsys):
     assert transformers.VideoMAEForPreTraining.from_pretrained(tmp_path / "mae").config.num_hidden_layers == 2
     assert "pipeline_tag" not in (tmp_path / "mae/README.md").read_text()
     capsys.readouterr()  # transformers' loading bar
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "results.json").write_text((run / "results.json").read_text()[:40])  # cut short
     for argv, words in (([str(run), str(tmp_path / "x")], "--head: this model has a head per source (nohuman, synthetic)"),
                         ([str(run), str(tmp_path / "x"), "--head", "people"], "--head: no head 'people'"),
-                        ([str(tmp_path / "nowhere"), str(tmp_path / "x")], "does not exist")):
+                        ([str(tmp_path / "nowhere"), str(tmp_path / "x")], "does not exist"),
+                        ([str(torn), str(tmp_path / "x")], f"{torn}/results.json: not readable JSON (")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err.strip()

@@ -38,7 +38,10 @@ def find_checkpoint(source: Path, stage: str | None) -> tuple[Path, dict | None]
     from ppma_ray.train.checkpoint import MODEL_FILE, run_checkpoint
 
     if (source / "results.json").is_file():
-        results = json.loads((source / "results.json").read_text())
+        try:
+            results = json.loads((source / "results.json").read_text(encoding="utf-8"))
+        except ValueError as e:  # cut short by a crash of an older version, or edited by hand
+            raise ConfigError(f"{source / 'results.json'}: not readable JSON ({e})") from None
         stages = results.get("stages", {})
         name = stage or ("align" if "align" in stages else next(iter(stages), None))
         if name not in stages or not stages[name].get("checkpoint"):
