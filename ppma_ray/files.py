@@ -13,11 +13,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import secrets
 import socket
+import threading
 import time
 from pathlib import Path
+
+import pyarrow.fs as pafs
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -47,6 +51,25 @@ def write_csv_atomic(path: str | Path, fieldnames: list[str], rows: list[dict]) 
     write_text_atomic(path, text.getvalue())
 
 
+def write_json(fs: pafs.FileSystem, path: str, obj) -> None:
+    """``obj`` as indented JSON at ``path`` of a pyarrow filesystem (a run's storage: local or a
+    bucket), in one step: locally through ``write_text_atomic``; in a bucket an object appears only
+    when its upload completes."""
+    text = json.dumps(obj, indent=2)
+    if isinstance(fs, pafs.LocalFileSystem):
+        write_text_atomic(path, text)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def read_json(fs: pafs.FileSystem, path: str):
+    """The JSON at ``path`` of a pyarrow filesystem: ``FileNotFoundError`` when it is not there,
+    ``ValueError`` when it is not UTF-8 JSON (cut short, or another file)."""
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
 @contextlib.contextmanager
 def locked(path: str | Path):
     """Hold an exclusive lock on ``path`` (a lock file, created if missing) for a read-modify-write
@@ -71,20 +94,37 @@ class InUse(RuntimeError):
     """Another process holds the lock (``exclusive``)."""
 
 
+_held: dict[str, int] = {}  # locks this process holds (path -> depth): taking one again nests
+_held_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def exclusive(path: str | Path, what: str):
     """Hold ``path``'s lock while the block runs, or raise ``InUse`` at once (never wait): for work
     that one process at a time may do, such as training into a run folder. The lock file says who
     holds it (pid, host, since when), for the error of the process that finds it held. The kernel
     releases the lock when its holder exits or is killed, so a crash never leaves it held; the file
-    stays (deleting it would race with the next holder). Where ``fcntl`` does not exist (Windows)
-    nothing is held."""
+    stays (deleting it would race with the next holder). A process may take a lock it holds again
+    (an evaluation holds its run folder around the stage, which takes it too). Where ``fcntl`` does
+    not exist (Windows) nothing is held."""
     try:
         import fcntl
     except ImportError:  # Windows
         yield
         return
-    path = Path(path)
+    path = Path(path).absolute()
+    key = str(path)
+    with _held_lock:
+        nested = key in _held
+        if nested:
+            _held[key] += 1
+    if nested:
+        try:
+            yield
+        finally:
+            with _held_lock:
+                _held[key] -= 1
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+", encoding="utf-8") as f:
         try:
@@ -93,6 +133,8 @@ def exclusive(path: str | Path, what: str):
             f.seek(0)
             holder = f.read().strip() or "a process that has not said which yet"
             raise InUse(f"{what} is in use by another run ({holder}; lock {path})") from None
+        with _held_lock:
+            _held[key] = 1
         try:
             f.seek(0)
             f.truncate()
@@ -100,4 +142,6 @@ def exclusive(path: str | Path, what: str):
             f.flush()
             yield
         finally:
+            with _held_lock:
+                del _held[key]
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)

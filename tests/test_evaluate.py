@@ -119,7 +119,7 @@ def test_learned_alpha_stays_on_the_simplex_and_gets_gradient(per_layer):
         assert torch.allclose(mixed[name], expected, atol=1e-6)
 
 
-def test_evaluate_job_linear_probe_on_ray_train_keeps_the_trunk(tmp_path, demo_root, ray_session, monkeypatch):
+def test_evaluate_job_linear_probe_on_ray_train_keeps_the_trunk(tmp_path, demo_root, ray_session, monkeypatch, capsys):
     """jobs/evaluate.py with a relative checkpoint path (the Ray workers run elsewhere), LP through
     the Ray Train loop: the trunk of the final checkpoint is bit-identical to the input (fc_norm
     re-initialised), the head trained."""
@@ -156,6 +156,18 @@ def test_evaluate_job_linear_probe_on_ray_train_keeps_the_trunk(tmp_path, demo_r
             assert torch.equal(v, torch.ones_like(v) if k.endswith("weight") else torch.zeros_like(v))
         else:
             assert torch.equal(v, before[k]), k
+    # the same command on other weights under the same name would continue this finished run and
+    # hand back its result: refused, naming what differs (here the weights file, saved again)
+    torch.manual_seed(8)
+    save_checkpoint(tmp_path / "ckpt", stage_model(cfg, "lp", {"default": 6}), None, {"step": 0}, to_dict(cfg))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", "ckpt", "--task", "demo:motion", "--protocol", "lp", "--output-dir", "out",
+              *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {tmp_path}/runs/e-ckpt-motion-lp holds the run of another evaluation (init.weights: ")
+    assert err.endswith("give this one its own --model-name, or delete the folder to evaluate again"), err
 
 
 def test_evaluation_and_privacy_models_use_only_a_gpu_ray_reserved_for_them(ray_session, monkeypatch):
@@ -238,6 +250,59 @@ def _result(model: str, checkpoint: str = "") -> dict:
 
 
 @pytest.mark.integration
+def test_a_downstream_run_folder_is_continued_only_by_the_same_evaluation(tmp_path, capsys):
+    """Re-running an evaluation continues its run folder (an interrupted fine-tuning resumes, a
+    finished one reports at once), so another evaluation under the same name (other alphas, other
+    lp: settings, the weights file saved again, other test views) is refused naming what differs,
+    instead of being handed the first one's result. No checkpoint yet: nothing to continue."""
+    from conftest import DEMO_CONFIG, TINY
+
+    from ppma_ray.config import ConfigError
+    from ppma_ray.train.downstream import RECORD_FILE, claim_run_folder, weights_identity
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x" * 10)
+    cfg = lambda *sets: load_config(DEMO_CONFIG, [*TINY, f"run.storage_path={tmp_path / 'runs'}", *sets])  # noqa: E731
+    init = lambda alphas=(0.25, 0.75), views=(2, 3): {"weights": weights_identity([str(weights)], [weights]),  # noqa: E731
+                                                     "alphas": list(alphas), "test_views": list(views)}
+    folder = tmp_path / "runs" / "r"
+    claim_run_folder(cfg(), "r", "lp", "nohuman", init())
+    claim_run_folder(cfg(), "r", "lp", "nohuman", init(alphas=(1, 0)))  # nothing ran yet: this one starts instead
+    (folder / "checkpoint_2026-01-01_00-00-00").mkdir()  # a run to continue
+    claim_run_folder(cfg("run.log_every=3", "ft.epochs=9"), "r", "lp", "nohuman", init(alphas=(1, 0)))  # bookkeeping
+    cases = [(cfg(), init(), "init.alphas: [1, 0] there, [0.25, 0.75] now"),
+             (cfg("lp.optim.lr=0.5"), init(alphas=(1, 0)), "config.lp.optim.lr: 0.01 there, 0.5 now"),
+             (cfg(), init(alphas=(1, 0), views=(1, 1)), "init.test_views: [2, 3] there, [1, 1] now"),
+             (cfg("data.sources.nohuman.val_manifest=/elsewhere.csv"), init(alphas=(1, 0)),
+              "config.data.sources.nohuman.val_manifest")]
+    for config, now, words in cases:
+        with pytest.raises(ConfigError, match=rf"^{folder} holds the run of another evaluation \(.*give this one its "
+                                              "own --model-name, or delete the folder to evaluate again$") as e:
+            claim_run_folder(config, "r", "lp", "nohuman", now)
+        assert words in str(e.value), str(e.value)
+    weights.write_bytes(b"y" * 11)  # the same path saved again (a run folder resolved after more training)
+    with pytest.raises(ConfigError, match="init.weights"):
+        claim_run_folder(cfg(), "r", "lp", "nohuman", {**init(alphas=(1, 0)), "weights": weights_identity([str(weights)], [weights])})
+    (folder / RECORD_FILE).write_text('{"config": ')  # cut short
+    with pytest.raises(ConfigError, match=rf"^{folder}/{RECORD_FILE}: unreadable \(.*\); delete {folder} to evaluate again$"):
+        claim_run_folder(cfg(), "r", "lp", "nohuman", init())
+    (folder / RECORD_FILE).unlink()  # a run of an earlier version: continued, with a warning
+    capsys.readouterr()
+    claim_run_folder(cfg(), "r", "lp", "nohuman", init())
+    assert f"warning: {folder} has no {RECORD_FILE} (an earlier version's run): continuing it without checking" in \
+        capsys.readouterr().err
+
+
+def test_an_average_without_a_model_name_is_named_by_its_coefficients():
+    from ppma_ray.cli.evaluate import default_model_name
+
+    assert default_model_name(["a", "b"], 2, [0.25], False, False) == "avg-0.25-0.75"
+    assert default_model_name(["a", "b"], 2, [0.5], False, False) == "avg-0.5-0.5" == default_model_name(["a", "b"], 2, None, False, False)
+    assert default_model_name(["a", "b"], 2, None, True, True) == "avg-learned-per-layer"
+    assert default_model_name(["runs/demo-align"], 1, None, False, False) == "demo-align"
+    assert default_model_name([], 0, None, False, False) == "random_init"
+
+
 def test_earlier_results_survive_a_results_write_that_fails(tmp_path):
     """A real fault: the kernel refuses to grow a file past the process's RLIMIT_FSIZE (EFBIG, as a
     full disk refuses with ENOSPC) in the middle of writing results.json. Written in place, the file

@@ -25,6 +25,22 @@ from ppma_ray.config import ConfigError, SourceConfig
 from ppma_ray.models.errors import CheckpointError
 
 
+def default_model_name(checkpoints: list[str], n_models: int, alphas: list[float] | None, learned: bool,
+                       per_layer: bool) -> str:
+    """The results row, and the run folder, of an evaluation without ``--model-name``: the checkpoint's
+    name, ``random_init``, or for an average its coefficients (``avg-0.25-0.75``, ``avg-learned``),
+    so that each alpha of a sweep gets its own row and run folder."""
+    if not checkpoints:
+        return "random_init"
+    if n_models == 1:
+        return Path(checkpoints[0]).name
+    if learned:
+        return "avg-learned" + ("-per-layer" if per_layer else "")
+    if alphas is not None and len(alphas) == 1 and n_models == 2:
+        alphas = [alphas[0], 1.0 - alphas[0]]
+    return "avg-" + "-".join(f"{a:g}" for a in (alphas or [1.0 / n_models] * n_models))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--checkpoint", nargs="*", default=[])
@@ -74,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--alpha: {len(alphas)} coefficients for {n_models} models")
 
     cfg = start_ray(cfg, args.verbose)
-    name = args.model_name or ("random_init" if not args.checkpoint else
-                               "avg" if n_models > 1 else Path(args.checkpoint[0]).name)
+    name = args.model_name or default_model_name(args.checkpoint, n_models, alphas, args.learned_alpha, args.per_layer)
     with bad_input_exits(KeyError, ValueError), stage_failure_exits():
         entry = evaluate(cfg, args.task, args.protocol, name, checkpoints, alphas, args.learned_alpha,
                          args.per_layer, args.cache_features, args.num_classes)

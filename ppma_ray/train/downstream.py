@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ppma_ray.config import ClipConfig, ConfigError, ModelConfig, PretrainConfig, from_dict
+from ppma_ray.config import ClipConfig, ConfigError, ModelConfig, PretrainConfig, config_diff, from_dict, to_dict
 from ppma_ray.data import objectstore
 from ppma_ray.data.catalog import task_name, task_source
+from ppma_ray.files import read_json, write_json
 from ppma_ray.models import vit_config
 from ppma_ray.models.averaging import average_state_dicts
 from ppma_ray.models.checkpoint import load_trunks, models_in, read_state_dict
-from ppma_ray.train.checkpoint import CONFIG_FILE, is_remote, resolve_checkpoint, upload_folder
+from ppma_ray.train.checkpoint import CONFIG_FILE, checkpoint_dirs, is_remote, resolve_checkpoint, storage, upload_folder
 from ppma_ray.train.data import resolve_sources
 from ppma_ray.train.linear_probe import linear_probe_cached
 from ppma_ray.train.config import AverageSpec, RunOptions
-from ppma_ray.train.runner import decode_cpu_budget, resolve_paths, run_stage
+from ppma_ray.train.runlock import InUse, run_lock
+from ppma_ray.train.runner import StageFailed, decode_cpu_budget, resolve_paths, run_stage
 
 def count_models(checkpoints: list[str]) -> int:
     """Models in the checkpoints: one per file, K for the released ensemble file."""
@@ -86,42 +90,106 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
     n_classes = num_classes or largest + 1
     stage = getattr(cfg, protocol)  # the lp: or ft: section, trained on the task alone with one head
     stage.mix, stage.mix_schedule, stage.heads = {name: 1.0}, [], "shared"
+    if learned_alpha and n_models > 1 and protocol != "lp":
+        raise ValueError("a learned averaging coefficient is trained with the linear probe (--protocol lp)")
+    if n_models > 1 and not learned_alpha:
+        alphas = alphas or [1.0 / n_models] * n_models
+    cached = protocol == "lp" and cache_features and not (learned_alpha and n_models > 1)  # no run, no folder to resume
     run_name = f"{cfg.run.name}-{model_name}-{name}-{protocol}"
     t0 = time.perf_counter()
+    try:  # one job at a time in the run folder, from the averaged weights written there to the run's end
+        with run_lock(cfg.run.storage_path, run_name):
+            if not cached:
+                claim_run_folder(cfg, run_name, protocol, name, {
+                    "weights": weights_identity(given, weights), "alphas": alphas, "learned_alpha": learned_alpha,
+                    "per_layer": per_layer, "num_classes": n_classes, "seed": cfg.run.seed,
+                    "test_views": [cfg.eval.test_clips, cfg.eval.test_crops]})
+            top1, top5, videos, failed, extra = _run(cfg, protocol, run_name, src, n_classes, given, weights, n_models,
+                                                     alphas, learned_alpha, per_layer, cached, scratch)
+    except InUse as e:
+        raise StageFailed(str(e)) from None
+    return {"model": model_name, "task": name, "protocol": protocol, "top1": top1, "top5": top5, "videos": videos,
+            "failed": failed, "num_classes": n_classes, "wall_s": time.perf_counter() - t0,
+            "checkpoint": ",".join(given) or "random_init", **extra}
 
+
+def _run(cfg: PretrainConfig, protocol: str, run_name: str, src, n_classes: int, given: list[str], weights: list[Path],
+         n_models: int, alphas: list[float] | None, learned_alpha: bool, per_layer: bool, cached: bool,
+         scratch: Path) -> tuple:
+    """The evaluation itself: (top-1, top-5, test videos, failed test videos, extra entry fields)."""
     init_from, local_init, average = None, None, None  # for the workers, and for reading here
     if n_models == 1:
         init_from, local_init = given[0], str(weights[0])
+    elif n_models > 1 and learned_alpha:
+        average = AverageSpec(given, per_layer)
     elif n_models > 1:  # several checkpoints, or the released ensemble file
-        if learned_alpha:
-            if protocol != "lp":
-                raise ValueError("a learned averaging coefficient is trained with the linear probe (--protocol lp)")
-            average = AverageSpec(given, per_layer)
-        else:
-            alphas = alphas or [1.0 / n_models] * n_models
-            init_state = average_state_dicts(load_trunks([str(w) for w in weights]), alphas)
-            remote = objectstore.is_uri(cfg.run.storage_path)
-            local_dir = scratch if remote else Path(cfg.run.storage_path) / run_name
-            local_dir.mkdir(parents=True, exist_ok=True)
-            local_init = init_from = str(local_dir / "averaged.safetensors")
-            save_file({k: v.contiguous() for k, v in init_state.items()}, local_init)
-            if remote:  # next to the run in the bucket, where every worker reads it
-                init_from = upload_folder(local_dir, f"{cfg.run.storage_path.rstrip('/')}/{run_name}/averaged")
+        init_state = average_state_dicts(load_trunks([str(w) for w in weights]), alphas)
+        remote = objectstore.is_uri(cfg.run.storage_path)
+        local_dir = scratch if remote else Path(cfg.run.storage_path) / run_name
+        local_dir.mkdir(parents=True, exist_ok=True)
+        local_init = init_from = str(local_dir / "averaged.safetensors")
+        save_file({k: v.contiguous() for k, v in init_state.items()}, local_init)
+        if remote:  # next to the run in the bucket, where every worker reads it
+            init_from = upload_folder(local_dir, f"{cfg.run.storage_path.rstrip('/')}/{run_name}/averaged")
 
-    if protocol == "lp" and cache_features and average is None:
+    if cached:
         model_cfg = vit_config(cfg.model, img_size=cfg.data.clip.img_size, num_frames=cfg.data.clip.num_frames)
         state = read_state_dict(local_init) if local_init else None
         decode = cfg.data.decode.with_budget(decode_cpu_budget(cfg))
         res = linear_probe_cached(model_cfg, state, src.train, src.val, n_classes, cfg.data.clip, decode, cfg.eval.test_clips,
                                   cfg.eval.test_crops, cfg.eval.lp_epochs, cfg.eval.lp_lr, cfg.eval.lp_weight_decay, cfg.run.seed)
-        top1, top5, videos, failed = res["top1"], res["top5"], res["videos"], res["failed"]
-        extra = {"lp_protocol": "cached-features"}  # full-batch head on un-augmented features: not the release's LP
-    else:
-        out = run_stage(cfg, RunOptions(protocol, run_name, init_from=init_from, average=average))
-        top1, top5, videos, failed = out["test_top1"], out["test_top5"], out["test_videos"], out["test_failed"]
-        extra = {"learned_alpha": out["learned_alpha"]} if "learned_alpha" in out else {}
-        if protocol == "lp":
-            extra["lp_protocol"] = "augmented-clips"  # the head trained on the lp: stage's augmented clips (release)
-    return {"model": model_name, "task": name, "protocol": protocol, "top1": top1, "top5": top5, "videos": videos,
-            "failed": failed, "num_classes": n_classes, "wall_s": time.perf_counter() - t0,
-            "checkpoint": ",".join(given) or "random_init", **extra}
+        # full-batch head on un-augmented features: not the release's LP
+        return res["top1"], res["top5"], res["videos"], res["failed"], {"lp_protocol": "cached-features"}
+    out = run_stage(cfg, RunOptions(protocol, run_name, init_from=init_from, average=average))
+    extra = {"learned_alpha": out["learned_alpha"]} if "learned_alpha" in out else {}
+    if protocol == "lp":
+        extra["lp_protocol"] = "augmented-clips"  # the head trained on the lp: stage's augmented clips (release)
+    return out["test_top1"], out["test_top5"], out["test_videos"], out["test_failed"], extra
+
+
+RECORD_FILE = "evaluation.json"
+
+
+def weights_identity(given: list[str], weights: list[Path]) -> list[dict]:
+    """What an evaluation starts from, to tell a re-run of it from another one: each checkpoint as
+    given (a URI or Hub id: its name, which says its revision) or its local weights file with size
+    and modification time (a run folder given again after more training resolves to a newer file)."""
+    out = []
+    for g, w in zip(given, weights):
+        if is_remote(g):
+            out.append({"weights": g})
+        else:
+            st = os.stat(w)
+            out.append({"weights": str(w), "bytes": st.st_size, "modified_ns": st.st_mtime_ns})
+    return out
+
+
+def claim_run_folder(cfg: PretrainConfig, run_name: str, protocol: str, task: str, init: dict) -> None:
+    """A downstream run folder continues its run when the evaluation is run again (an interrupted
+    fine-tuning resumes; a finished one reports its result at once). So a folder holding a run of
+    another evaluation (other weights, alphas, task, ``lp:``/``ft:`` settings or test views: an alpha
+    sweep under one ``--model-name``, a run folder re-evaluated after more training) is refused,
+    naming what differs, instead of handing back the other evaluation's result. The record
+    (``evaluation.json``) is written before the run starts."""
+    fs, base, shown = storage(cfg.run.storage_path)
+    folder = f"{base.rstrip('/')}/{run_name}"
+    record = json.loads(json.dumps({"config": to_dict(cfg), "init": init}))  # as the file holds it
+    if checkpoint_dirs(fs, folder):
+        try:
+            saved = read_json(fs, f"{folder}/{RECORD_FILE}")
+        except FileNotFoundError:
+            saved = None
+            print(f"warning: {shown}/{run_name} has no {RECORD_FILE} (an earlier version's run): continuing it "
+                  "without checking that it evaluates the same weights and settings", file=sys.stderr, flush=True)
+        except ValueError as e:
+            raise ConfigError(f"{shown}/{run_name}/{RECORD_FILE}: unreadable ({e}); delete {shown}/{run_name} "
+                              "to evaluate again") from None
+        if saved is not None:
+            sections = ("init", "config.model", "config.data.clip", f"config.{protocol}", f"config.data.sources.{task}")
+            diff = [d if len(d) <= 300 else d[:297] + "..." for d in config_diff(saved, record, sections)]
+            if diff:
+                raise ConfigError(f"{shown}/{run_name} holds the run of another evaluation ({'; '.join(diff[:3])}"
+                                  f"{'; ...' if len(diff) > 3 else ''}): re-running continues that run, so give this one "
+                                  f"its own --model-name, or delete the folder to evaluate again")
+    fs.create_dir(folder)
+    write_json(fs, f"{folder}/{RECORD_FILE}", record)

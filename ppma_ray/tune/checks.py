@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 
 from ppma_ray.config import TRAINING_SECTIONS, ConfigError, PretrainConfig, absolute_paths, config_diff, to_dict
 from ppma_ray.data import objectstore
-from ppma_ray.files import write_text_atomic
+from ppma_ray.files import read_json, write_json
 
 # what the trials of a restored experiment depend on (run.* and scaling.* may change between runs)
 RECORDED = (*TRAINING_SECTIONS, "data.sources", "align", "tune", "eval")
@@ -64,8 +64,7 @@ def check_restore(cfg: PretrainConfig, stage1: str | None) -> None:
     if all(fs.get_file_info(f"{base}/{experiment_name(cfg, k)}").type == pafs.FileType.NotFound for k in EXPERIMENTS):
         return  # nothing to restore (never run, or its folders deleted to start over)
     try:
-        with fs.open_input_stream(path) as f:
-            saved = json.loads(f.read().decode())
+        saved = read_json(fs, path)
         if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
             raise ValueError("not a record")
     except FileNotFoundError:
@@ -89,16 +88,10 @@ def check_restore(cfg: PretrainConfig, stage1: str | None) -> None:
 
 
 def write_record(cfg: PretrainConfig, stage1: str | None) -> None:
-    """Write the record in one step: a kill mid-write leaves the old record or the new one (locally
-    a temporary file that replaces it; in a bucket an object appears only when its upload completes)."""
+    """Write the record in one step (``files.write_json``): a kill mid-write leaves the old record or the new one."""
     fs, path, _ = _record(cfg)
     fs.create_dir(path.rsplit("/", 1)[0])
-    text = json.dumps(_entry(cfg, stage1), indent=2)
-    if isinstance(fs, pafs.LocalFileSystem):
-        write_text_atomic(path, text)
-        return
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+    write_json(fs, path, _entry(cfg, stage1))
 
 
 def _entry(cfg: PretrainConfig, stage1: str | None) -> dict:
