@@ -250,6 +250,37 @@ def _result(model: str, checkpoint: str = "") -> dict:
 
 
 @pytest.mark.integration
+def test_evaluate_stops_on_sigterm_at_a_checkpoint_and_says_how_to_resume(tmp_path, demo_root, ray_session, monkeypatch,
+                                                                         capsys):
+    """A fine-tuning (hours on a real task) is stopped as pretraining is: SIGTERM during the run sets
+    the job's stop flag, which the run gets (its workers checkpoint at the next log step: tested with
+    a real SIGTERM for pretraining), and the job exits 143 naming the checkpoint."""
+    import os
+    import signal
+
+    import ppma_ray.train.downstream as downstream
+    from conftest import DEMO_CONFIG, TINY
+    from ppma_ray.cli.evaluate import main
+    from ppma_ray.train.stop import StoppedBySignal, signalled
+
+    def run_stage(cfg, options):
+        os.kill(os.getpid(), signal.SIGTERM)  # the job's handler, not the default: the test goes on
+        assert signalled(options.stop_flag) == signal.SIGTERM
+        raise StoppedBySignal(signal.SIGTERM, options.stage, {"steps": 6, "checkpoint": "runs/x/checkpoint_1"})
+
+    monkeypatch.setattr(downstream, "run_stage", run_stage)
+    monkeypatch.chdir(tmp_path)
+    sets = [*TINY, "run.storage_path=runs", f"data.demo_root={demo_root}"]
+    before = signal.getsignal(signal.SIGTERM)
+    code = main(["--task", "demo:motion", "--protocol", "ft", *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert code == 143, err
+    assert "SIGTERM: stopping at the next log step with a checkpoint" in err
+    assert ("stopped by SIGTERM during stage ft at step 6; checkpoint runs/x/checkpoint_1: re-run the same command to "
+            "resume") in err
+    assert signal.getsignal(signal.SIGTERM) is before  # the job's handler removed
+
+
 def test_a_downstream_run_folder_is_continued_only_by_the_same_evaluation(tmp_path, capsys):
     """Re-running an evaluation continues its run folder (an interrupted fine-tuning resumes, a
     finished one reports at once), so another evaluation under the same name (other alphas, other

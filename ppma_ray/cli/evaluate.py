@@ -16,7 +16,9 @@ reported, never replaced. Writes DIR/results.json (entries under "eval") and app
 
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from ppma_ray.cli import (bad_input_exits, check_epoch, check_storage, check_tasks, check_writable, finish_config,
@@ -91,9 +93,19 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = start_ray(cfg, args.verbose)
     name = args.model_name or default_model_name(args.checkpoint, n_models, alphas, args.learned_alpha, args.per_layer)
-    with bad_input_exits(KeyError, ValueError), stage_failure_exits():
-        entry = evaluate(cfg, args.task, args.protocol, name, checkpoints, alphas, args.learned_alpha,
-                         args.per_layer, args.cache_features, args.num_classes)
+    from ppma_ray.train.stop import StoppedBySignal, graceful_stop
+
+    # a probe or fine-tuning on Ray Train stops at its next log step with a checkpoint on SIGTERM /
+    # SIGINT, as pretraining does; the cached-feature probe (no run to resume) stops at once
+    trains = not (args.protocol == "lp" and args.cache_features and not (args.learned_alpha and n_models > 1))
+    try:
+        with bad_input_exits(KeyError, ValueError), stage_failure_exits(), \
+                (graceful_stop(f"ppma-stop-{cfg.run.name}-eval-{os.getpid()}") if trains else nullcontext()) as stop_flag:
+            entry = evaluate(cfg, args.task, args.protocol, name, checkpoints, alphas, args.learned_alpha,
+                             args.per_layer, args.cache_features, args.num_classes, stop_flag=stop_flag)
+    except StoppedBySignal as stopped:
+        print(f"{stopped}: re-run the same command to resume", file=sys.stderr)
+        return stopped.exit_code
     out = Path(args.output_dir) if args.output_dir else Path(cfg.run.storage_path) / f"{cfg.run.name}-eval"
     print_results({"eval": [entry]})  # on the console first: a failed write below loses nothing
     if "learned_alpha" in entry:

@@ -52,21 +52,22 @@ def config_for_checkpoint(cfg: PretrainConfig, weights: Path | None) -> Pretrain
 
 def evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, checkpoints: list[str] | None = None,
              alphas: list[float] | None = None, learned_alpha: bool = False, per_layer: bool = False,
-             cache_features: bool = False, num_classes: int | None = None) -> dict:
+             cache_features: bool = False, num_classes: int | None = None, stop_flag: str | None = None) -> dict:
     """One (model, task, protocol) evaluation -> a results entry.
 
     ``checkpoints``: none (random init), one, or K >= 2 to average with fixed ``alphas`` or a
     learned alpha (LP only). ``num_classes`` (default: the largest label + 1) is checked against
-    the labels."""
+    the labels. ``stop_flag``: the job's graceful-stop flag (``train/stop.py``) for a run on Ray
+    Train, which then raises ``StoppedBySignal`` after its checkpoint."""
     # a weight average for runs in object storage is written here, uploaded, and removed at the end
     with tempfile.TemporaryDirectory(prefix="ppma_averaged_") as scratch:
         return _evaluate(cfg, task, protocol, model_name, checkpoints, alphas, learned_alpha, per_layer,
-                         cache_features, num_classes, Path(scratch))
+                         cache_features, num_classes, Path(scratch), stop_flag)
 
 
 def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, checkpoints: list[str] | None,
               alphas: list[float] | None, learned_alpha: bool, per_layer: bool, cache_features: bool,
-              num_classes: int | None, scratch: Path) -> dict:
+              num_classes: int | None, scratch: Path, stop_flag: str | None) -> dict:
     # local weights files (a checkpoint in object storage: a local copy; a Hub id: the Hub's cache)
     # for reading here; the Ray Train workers get those as they are, since they may run on other machines
     weights = [resolve_checkpoint(c) for c in checkpoints or []]
@@ -105,7 +106,7 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
                     "per_layer": per_layer, "num_classes": n_classes, "seed": cfg.run.seed,
                     "test_views": [cfg.eval.test_clips, cfg.eval.test_crops]})
             top1, top5, videos, failed, extra = _run(cfg, protocol, run_name, src, n_classes, given, weights, n_models,
-                                                     alphas, learned_alpha, per_layer, cached, scratch)
+                                                     alphas, learned_alpha, per_layer, cached, scratch, stop_flag)
     except InUse as e:
         raise StageFailed(str(e)) from None
     return {"model": model_name, "task": name, "protocol": protocol, "top1": top1, "top5": top5, "videos": videos,
@@ -115,7 +116,7 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
 
 def _run(cfg: PretrainConfig, protocol: str, run_name: str, src, n_classes: int, given: list[str], weights: list[Path],
          n_models: int, alphas: list[float] | None, learned_alpha: bool, per_layer: bool, cached: bool,
-         scratch: Path) -> tuple:
+         scratch: Path, stop_flag: str | None) -> tuple:
     """The evaluation itself: (top-1, top-5, test videos, failed test videos, extra entry fields)."""
     init_from, local_init, average = None, None, None  # for the workers, and for reading here
     if n_models == 1:
@@ -140,7 +141,7 @@ def _run(cfg: PretrainConfig, protocol: str, run_name: str, src, n_classes: int,
                                   cfg.eval.test_crops, cfg.eval.lp_epochs, cfg.eval.lp_lr, cfg.eval.lp_weight_decay, cfg.run.seed)
         # full-batch head on un-augmented features: not the release's LP
         return res["top1"], res["top5"], res["videos"], res["failed"], {"lp_protocol": "cached-features"}
-    out = run_stage(cfg, RunOptions(protocol, run_name, init_from=init_from, average=average))
+    out = run_stage(cfg, RunOptions(protocol, run_name, init_from=init_from, average=average, stop_flag=stop_flag))
     extra = {"learned_alpha": out["learned_alpha"]} if "learned_alpha" in out else {}
     if protocol == "lp":
         extra["lp_protocol"] = "augmented-clips"  # the head trained on the lp: stage's augmented clips (release)
