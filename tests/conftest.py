@@ -290,6 +290,16 @@ def agent_ports() -> list[str]:
             f"--runtime-env-agent-port={unclaimed_port()}", f"--metrics-export-port={unclaimed_port()}"]
 
 
+def hold_lock(lock: Path) -> subprocess.Popen:
+    """Another process holding ``lock`` (``files.exclusive``: what a running job holds on its run or
+    output folder) until the caller kills it."""
+    code = ("import sys, time\nfrom ppma_ray.files import exclusive\nwith exclusive(sys.argv[1], 'x'):\n"
+            "    print('held', flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def make_clip(num_frames: int = 24, h: int = 64, w: int = 80, seed: int = 0) -> np.ndarray:
     """A moving-square clip ``(T, H, W, 3)`` uint8 whose frames are all different."""
     rng = np.random.default_rng(seed)

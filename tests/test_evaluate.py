@@ -258,8 +258,9 @@ def test_evaluate_stops_on_sigterm_at_a_checkpoint_and_says_how_to_resume(tmp_pa
     import os
     import signal
 
+    from conftest import TINY
+
     import ppma_ray.train.downstream as downstream
-    from conftest import DEMO_CONFIG, TINY
     from ppma_ray.cli.evaluate import main
     from ppma_ray.train.stop import StoppedBySignal, signalled
 

@@ -147,6 +147,32 @@ def test_a_removal_that_would_lose_or_damage_videos_is_refused_before_ray(tmp_pa
     assert exit_.value.code == 2 and words in err and len(err.splitlines()) == 1, err
 
 
+def test_a_removal_into_an_output_folder_another_removal_writes_is_refused_before_ray(tmp_path, capsys):
+    """Two removals into one --out would write the same .part files and records at once."""
+    import os
+    import signal
+
+    from conftest import hold_lock
+
+    from ppma_ray.cli.remove_humans import main
+
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "list.csv").write_text("walk.mp4;1")
+    out = tmp_path / "out"
+    holder = hold_lock(out / ".removal.lock")
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main([str(tmp_path / "v" / "list.csv"), "--root", str(tmp_path / "v"), "--out", str(out),
+                  "--segmenter", "colorkey:255,0,255"])
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --out {out} is in use by another run (pid {holder.pid} on "), err
+    assert err.endswith(": wait for it to finish, or use another --out"), err
+
+
 @pytest.mark.parametrize("removed_by, requested, expected", [
     ("torchvision", "auto", ("maskrcnn", True)),
     ("torchvision:deeplabv3_resnet50:/w/seg.pth", "auto", ("maskrcnn", True)),

@@ -465,11 +465,9 @@ def _sigterm_as_it_resumes(ray_session, tmp_path: Path, sets: list[str], gone: s
 
 def _hold_run(storage: Path, run_name: str) -> subprocess.Popen:
     """Another process that trains into ``storage/run_name``: it holds the run's lock until killed."""
-    code = ("import sys, time\nfrom ppma_ray.train.runlock import run_lock\nwith run_lock(sys.argv[1], sys.argv[2]):\n"
-            "    print('held', flush=True)\n    time.sleep(600)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(storage), run_name], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    return holder
+    from conftest import hold_lock
+
+    return hold_lock(storage / f".{run_name}.lock")
 
 
 def test_a_run_folder_another_process_trains_into_is_refused_until_that_process_is_gone(tmp_path, monkeypatch):

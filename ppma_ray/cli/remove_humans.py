@@ -23,6 +23,7 @@ colorkey:R,G,B, or package.module:Class.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -30,8 +31,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from ppma_ray.cli import bad_input_exits, check_writable, number, parser
+from ppma_ray.config import ConfigError
 from ppma_ray.data.manifest import read_manifest
-from ppma_ray.files import write_csv_atomic, write_text_atomic
+from ppma_ray.files import InUse, exclusive, write_csv_atomic, write_text_atomic
 
 REMOVAL_FILE = "removal.json"  # next to the No-Human manifest: which model removed the people
 
@@ -48,45 +50,50 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--actors", type=number(int, ge=1), default=1)
     ap.add_argument("--gpus-per-actor", type=number(float, ge=0), default=0.0)
     args = ap.parse_args(argv)
-    with bad_input_exits():
-        table = read_manifest(args.manifest, root=args.root)
-        check_writable("--out", args.out)
-        from ppma_ray.privacy.job import RECORDS, fetch_weights, finished_rows, output_paths, removal_settings
+    with contextlib.ExitStack() as held:  # the output folder, for the whole job (below)
+        with bad_input_exits():
+            table = read_manifest(args.manifest, root=args.root)
+            check_writable("--out", args.out)
+            try:  # two removals into one --out would write the same .part files and records at once
+                held.enter_context(exclusive(Path(args.out) / ".removal.lock", str(Path(args.out).resolve())))
+            except InUse as e:
+                raise ConfigError(f"--out {e}: wait for it to finish, or use another --out") from None
+            from ppma_ray.privacy.job import RECORDS, fetch_weights, finished_rows, output_paths, removal_settings
 
-        rels = output_paths(table, args.root, args.out)
-        done = finished_rows(args.out, table.column("path").to_pylist(), rels,
-                             removal_settings(args.segmenter, args.threshold, args.dilate, args.fps))
-        if len(done) < len(rels):
-            fetch_weights(args.segmenter)
-    out = Path(args.out)
-    if done:
-        print(f"{len(done)} of {len(rels)} videos were finished by an earlier run into {out} "
-              f"(records in {out / RECORDS}): kept, not redone")
-    t0 = time.perf_counter()
-    rows = [{**r, **done[rel]} for r, rel in zip(table.select(["path", "label", "line"]).to_pylist(), rels) if rel in done]
-    todo = table.filter(pa.array([rel not in done for rel in rels]))
-    if todo.num_rows:
-        from ppma_ray.privacy.job import remove_humans
-        from ppma_ray.ray_env import init_ray
+            rels = output_paths(table, args.root, args.out)
+            done = finished_rows(args.out, table.column("path").to_pylist(), rels,
+                                 removal_settings(args.segmenter, args.threshold, args.dilate, args.fps))
+            if len(done) < len(rels):
+                fetch_weights(args.segmenter)
+        out = Path(args.out)
+        if done:
+            print(f"{len(done)} of {len(rels)} videos were finished by an earlier run into {out} "
+                  f"(records in {out / RECORDS}): kept, not redone")
+        t0 = time.perf_counter()
+        rows = [{**r, **done[rel]} for r, rel in zip(table.select(["path", "label", "line"]).to_pylist(), rels) if rel in done]
+        todo = table.filter(pa.array([rel not in done for rel in rels]))
+        if todo.num_rows:
+            from ppma_ray.privacy.job import remove_humans
+            from ppma_ray.ray_env import init_ray
 
-        init_ray(verbose=args.verbose)
-        rows += remove_humans(todo, out, args.root, args.segmenter, args.threshold, args.dilate, args.fps, args.actors,
-                              args.gpus_per_actor).to_pylist()
-    wall = time.perf_counter() - t0
-    rows.sort(key=lambda r: r["line"])
-    # replaced in one step: a torn manifest.csv would be a smaller dataset that looks whole
-    write_text_atomic(out / "manifest.csv", "".join(f"{r['out_path']};{r['label']}\n" for r in rows if not r["error"]))
-    write_csv_atomic(out / "report.csv", ["line", "path", "out_path", "label", "frames", "person_frac_before",
-                                          "person_frac_after", "seconds", "error"], rows)
-    failed = [r for r in rows if r["error"]]
-    frames = sum(r["frames"] for r in rows)
-    from ppma_ray.privacy.job import segmenter_family
+            init_ray(verbose=args.verbose)
+            rows += remove_humans(todo, out, args.root, args.segmenter, args.threshold, args.dilate, args.fps, args.actors,
+                                  args.gpus_per_actor).to_pylist()
+        wall = time.perf_counter() - t0
+        rows.sort(key=lambda r: r["line"])
+        # replaced in one step: a torn manifest.csv would be a smaller dataset that looks whole
+        write_text_atomic(out / "manifest.csv", "".join(f"{r['out_path']};{r['label']}\n" for r in rows if not r["error"]))
+        write_csv_atomic(out / "report.csv", ["line", "path", "out_path", "label", "frames", "person_frac_before",
+                                              "person_frac_after", "seconds", "error"], rows)
+        failed = [r for r in rows if r["error"]]
+        frames = sum(r["frames"] for r in rows)
+        from ppma_ray.privacy.job import segmenter_family
 
-    write_text_atomic(out / REMOVAL_FILE, json.dumps({
-        "segmenter": args.segmenter, "family": segmenter_family(args.segmenter), "threshold": args.threshold,
-        "dilate": args.dilate, "manifest": str(Path(args.manifest).resolve()), "videos": len(rows) - len(failed)}, indent=2))
-    print(f"{len(rows) - len(failed)} of {len(rows)} videos written to {out} ({frames} frames, {wall:.1f} s)")
-    for r in failed:
-        print(f"  failed line {r['line']}: {r['path']}: {r['error']}")
-    print(f"wrote {out / 'manifest.csv'}, {out / 'report.csv'} and {out / REMOVAL_FILE}")
-    return 1 if failed else 0
+        write_text_atomic(out / REMOVAL_FILE, json.dumps({
+            "segmenter": args.segmenter, "family": segmenter_family(args.segmenter), "threshold": args.threshold,
+            "dilate": args.dilate, "manifest": str(Path(args.manifest).resolve()), "videos": len(rows) - len(failed)}, indent=2))
+        print(f"{len(rows) - len(failed)} of {len(rows)} videos written to {out} ({frames} frames, {wall:.1f} s)")
+        for r in failed:
+            print(f"  failed line {r['line']}: {r['path']}: {r['error']}")
+        print(f"wrote {out / 'manifest.csv'}, {out / 'report.csv'} and {out / REMOVAL_FILE}")
+        return 1 if failed else 0
