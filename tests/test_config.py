@@ -178,7 +178,7 @@ def test_every_config_job_rejects_bad_input_in_one_line_with_exit_2_before_impor
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, (job, r.stderr)
 
 
-def test_job_specific_bad_input_exits_2_before_ray(tmp_path, no_ray):
+def test_job_specific_bad_input_exits_2_before_ray(tmp_path, no_ray, stage1):
     results = _jobs({
         "search": ("tune_mix", "--set", "tune.search=bayes"),
         "tasks": ("tune_mix", "--set", "eval.tasks=[]"),
@@ -203,6 +203,14 @@ def test_job_specific_bad_input_exits_2_before_ray(tmp_path, no_ray):
         "audit_threshold": ("audit_privacy", "in.csv", "--threshold", "nan"),
         "actors": ("audit_privacy", "in.csv", "--actors", "0"),  # was: a Ray error once Ray had started
         "flag": ("pretrain", "--stages", "mae"),  # was: argparse's usage block, the error on its 6th line
+        # evaluate's flags that were ignored without a word (the run went on without them)
+        "alpha_and_learned": ("evaluate", "--task", "demo:motion", "--alpha", "0.5", "--learned-alpha"),
+        "per_layer": ("evaluate", "--task", "demo:motion", "--per-layer"),
+        "cache_ft": ("evaluate", "--task", "demo:motion", "--protocol", "ft", "--cache-features"),
+        "cache_learned": ("evaluate", "--task", "demo:motion", "--cache-features", "--learned-alpha"),
+        "one_model_alpha": ("evaluate", "--task", "demo:motion", "--checkpoint", stage1, "--alpha", "0.5"),
+        "one_model_learned": ("evaluate", "--task", "demo:motion", "--checkpoint", stage1, "--learned-alpha"),
+        "alpha_nan": ("evaluate", "--task", "demo:motion", "--checkpoint", stage1, stage1, "--alpha", "nan"),
     }, cwd=tmp_path, env=no_ray)  # the checks create run.storage_path (./runs) as they write to it
     expected = {"search": "--set tune.search: 'bayes' is not one of",
                 "tasks": "eval.tasks: the tuning objective needs at least one downstream task",
@@ -224,6 +232,13 @@ def test_job_specific_bad_input_exits_2_before_ray(tmp_path, no_ray):
                 "audit_threshold": "audit_privacy.py: error: argument --threshold: nan is not a number >= 0 and <= 1",
                 "actors": "audit_privacy.py: error: argument --actors: 0 is not an integer >= 1",
                 "flag": "pretrain.py: error: unrecognized arguments: --stages mae (--help lists the flags)",
+                "alpha_and_learned": "--alpha and --learned-alpha: give the coefficients or learn them, not both",
+                "per_layer": "--per-layer: learns one coefficient set per parameter tensor; it needs --learned-alpha",
+                "cache_ft": "--cache-features: the probe on cached features is the plain linear probe, not fine-tuning",
+                "cache_learned": "--cache-features: the probe on cached features is the plain linear probe, not a learned alpha",
+                "one_model_alpha": "--alpha: weight averaging needs two or more models; the checkpoints hold 1",
+                "one_model_learned": "--learned-alpha: weight averaging needs two or more models; the checkpoints hold 1",
+                "alpha_nan": "evaluate.py: error: argument --alpha: nan is not a number",
                 "ft_epoch": "ft.batch_size: 128 clips a step, but an epoch is the 96 videos of task demo:motion "
                             "(ft.samples_per_epoch unset): no step to train"}
     for key, r in results.items():

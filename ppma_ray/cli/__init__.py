@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import tempfile
@@ -67,7 +68,7 @@ def number(kind: type, ge: float | None = None, gt: float | None = None, le: flo
     dataset clean."""
     bounds = [f">= {ge}" if ge is not None else "", f"> {gt}" if gt is not None else "",
               f"<= {le}" if le is not None else ""]
-    wanted = f"{'an integer' if kind is int else 'a number'} {' and '.join(b for b in bounds if b)}"
+    wanted = f"{'an integer' if kind is int else 'a number'} {' and '.join(b for b in bounds if b)}".rstrip()
 
     def parse(text: str):
         try:
@@ -75,7 +76,7 @@ def number(kind: type, ge: float | None = None, gt: float | None = None, le: flo
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
         if (ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le) \
-                or value != value:  # NaN passes every comparison
+                or not math.isfinite(value):  # NaN passes every comparison
             raise argparse.ArgumentTypeError(f"{text} is not {wanted}")
         return value
 

@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", required=True, help="demo:<name>, a catalog name (ucf101, ...), or a new name with --train-manifest")
     ap.add_argument("--protocol", choices=["lp", "ft"], default="lp")
     ap.add_argument("--cache-features", action="store_true", help="LP on features extracted once (Ray Data)")
-    ap.add_argument("--alpha", type=float, nargs="*", default=None, help="fixed averaging coefficients")
+    ap.add_argument("--alpha", type=number(float), nargs="+", default=None,
+                    help="fixed averaging coefficients: one per model, or one (the first's) for two")
     ap.add_argument("--learned-alpha", action="store_true", help="learn the averaging coefficients with the LP head")
     ap.add_argument("--per-layer", action="store_true", help="one learned coefficient set per parameter tensor")
     ap.add_argument("--model-name", default=None, help="row name in the results (default: from the checkpoint)")
@@ -71,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = finish_config(args, cfg)
         if args.learned_alpha and args.protocol != "lp":
             raise ConfigError("--learned-alpha: the averaging coefficients are learned with the linear probe (--protocol lp)")
+        # flags that would otherwise be ignored without a word
+        if args.alpha is not None and args.learned_alpha:
+            raise ConfigError("--alpha and --learned-alpha: give the coefficients or learn them, not both")
+        if args.per_layer and not args.learned_alpha:
+            raise ConfigError("--per-layer: learns one coefficient set per parameter tensor; it needs --learned-alpha")
+        if args.cache_features and (args.protocol != "lp" or args.learned_alpha):
+            raise ConfigError("--cache-features: the probe on cached features is the plain linear probe, not "
+                              + ("fine-tuning" if args.protocol != "lp" else "a learned alpha, which trains on Ray Train"))
         (videos,) = check_tasks(cfg, [args.task], "--task").values()
         if args.protocol == "ft" or args.learned_alpha or not args.cache_features:  # trained on Ray Train in batches
             check_epoch(cfg, args.protocol, videos, f"task {args.task}")
@@ -78,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.output_dir:
             check_writable("--output-dir", args.output_dir)
 
-    from ppma_ray.train.downstream import count_models, evaluate
-    from ppma_ray.train.report import print_results, write_results
+    from ppma_ray.train.checkpoint import count_models  # no Ray yet: the checks below come first
 
     with bad_input_exits(CheckpointError):  # unreadable files, and --alpha against the models they hold
         # Resolved once, here: a run folder's newest whole checkpoint is checked against its sums
@@ -88,10 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints = [weights_source("--checkpoint", c) for c in args.checkpoint]
         n_models = count_models(checkpoints)
         alphas = args.alpha
+        for flag, given in (("--alpha", alphas is not None), ("--learned-alpha", args.learned_alpha)):
+            if given and n_models < 2:
+                raise ConfigError(f"{flag}: weight averaging needs two or more models; the checkpoints hold {n_models}")
         if alphas is not None and not (len(alphas) == n_models or (len(alphas) == 1 and n_models == 2)):
             raise ConfigError(f"--alpha: {len(alphas)} coefficients for {n_models} models")
 
     cfg = start_ray(cfg, args.verbose)
+    from ppma_ray.train.downstream import evaluate
+    from ppma_ray.train.report import print_results, write_results
+
     name = args.model_name or default_model_name(args.checkpoint, n_models, alphas, args.learned_alpha, args.per_layer)
     from ppma_ray.train.stop import StoppedBySignal, graceful_stop
 

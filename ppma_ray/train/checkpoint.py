@@ -28,7 +28,7 @@ from torch import nn
 
 from ppma_ray.data import objectstore
 from ppma_ray.models import hub
-from ppma_ray.models.checkpoint import weights_file
+from ppma_ray.models.checkpoint import models_in, weights_file
 from ppma_ray.models.errors import CheckpointError
 
 MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "train_state.pt", "config.json"
@@ -189,6 +189,11 @@ def is_remote(source: str | Path | None) -> bool:
     the workers as it is, since each node reads or fetches it for itself (a local copy's path would
     exist on this node only), and never made an absolute path."""
     return objectstore.is_uri(source) or hub.is_hub(source)
+
+
+def count_models(checkpoints: list[str]) -> int:
+    """Models in the checkpoints: one per file, K for the released ensemble file."""
+    return sum(models_in(resolve_checkpoint(c)) for c in checkpoints)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -19,18 +19,14 @@ from ppma_ray.data.catalog import task_name, task_source
 from ppma_ray.files import read_json, write_json
 from ppma_ray.models import vit_config
 from ppma_ray.models.averaging import average_state_dicts
-from ppma_ray.models.checkpoint import load_trunks, models_in, read_state_dict
-from ppma_ray.train.checkpoint import CONFIG_FILE, checkpoint_dirs, is_remote, resolve_checkpoint, storage, upload_folder
+from ppma_ray.models.checkpoint import load_trunks, read_state_dict
+from ppma_ray.train.checkpoint import (CONFIG_FILE, checkpoint_dirs, count_models, is_remote, resolve_checkpoint, storage,
+                                      upload_folder)
 from ppma_ray.train.data import resolve_sources
 from ppma_ray.train.linear_probe import linear_probe_cached
 from ppma_ray.train.config import AverageSpec, RunOptions
 from ppma_ray.train.runlock import InUse, run_lock
 from ppma_ray.train.runner import StageFailed, decode_cpu_budget, resolve_paths, run_stage
-
-def count_models(checkpoints: list[str]) -> int:
-    """Models in the checkpoints: one per file, K for the released ensemble file."""
-    return sum(models_in(resolve_checkpoint(c)) for c in checkpoints)
-
 
 def config_for_checkpoint(cfg: PretrainConfig, weights: Path | None) -> PretrainConfig:
     """Take the architecture and clip geometry from the checkpoint's own config.json, if any (for
