@@ -203,6 +203,7 @@ def test_job_specific_bad_input_exits_2_before_ray(tmp_path, no_ray, stage1):
         "audit_threshold": ("audit_privacy", "in.csv", "--threshold", "nan"),
         "actors": ("audit_privacy", "in.csv", "--actors", "0"),  # was: a Ray error once Ray had started
         "flag": ("pretrain", "--stages", "mae"),  # was: argparse's usage block, the error on its 6th line
+        "partial": ("pretrain", "--init-from-partial"),  # was: ignored
         # evaluate's flags that were ignored without a word (the run went on without them)
         "alpha_and_learned": ("evaluate", "--task", "demo:motion", "--alpha", "0.5", "--learned-alpha"),
         "per_layer": ("evaluate", "--task", "demo:motion", "--per-layer"),
@@ -232,6 +233,8 @@ def test_job_specific_bad_input_exits_2_before_ray(tmp_path, no_ray, stage1):
                 "audit_threshold": "audit_privacy.py: error: argument --threshold: nan is not a number >= 0 and <= 1",
                 "actors": "audit_privacy.py: error: argument --actors: 0 is not an integer >= 1",
                 "flag": "pretrain.py: error: unrecognized arguments: --stages mae (--help lists the flags)",
+                "partial": "--init-from-partial: loads --init-from even when trunk tensors are missing or left over; "
+                           "it needs --init-from",
                 "alpha_and_learned": "--alpha and --learned-alpha: give the coefficients or learn them, not both",
                 "per_layer": "--per-layer: learns one coefficient set per parameter tensor; it needs --learned-alpha",
                 "cache_ft": "--cache-features: the probe on cached features is the plain linear probe, not fine-tuning",

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     with bad_input_exits(CheckpointError):
         if args.ablation and (args.stage or args.init_from):
             raise ConfigError("--ablation runs both stages from scratch: leave out --stage and --init-from")
+        if args.init_from_partial and not args.init_from:  # else the run went on without it
+            raise ConfigError("--init-from-partial: loads --init-from even when trunk tensors are missing or left over; "
+                              "it needs --init-from")
         cfg = finish_config(args, read_config(args))
         if args.ablation and not cfg.eval.tasks:
             raise ConfigError("--ablation: eval.tasks is empty; the ablation probes every task")
