@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 
 import ray
 
@@ -53,6 +54,9 @@ def init_ray(num_cpus: int | None = None, verbose: bool = True, **kwargs) -> boo
         kwargs.setdefault("logging_level", logging.WARNING)
         kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="ERROR"))
     if os.environ.get("RAY_ADDRESS"):
+        if num_cpus is not None:  # e.g. validate_data --num-cpus: said, not dropped
+            print(f"note: RAY_ADDRESS is set, so this joins that cluster and uses its nodes' CPUs; num_cpus={num_cpus} "
+                  "is for a local instance", file=sys.stderr, flush=True)
         ray.init(**kwargs)
     else:
         for name, value in LOCAL_TRAIN_ENV.items():

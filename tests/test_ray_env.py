@@ -34,6 +34,20 @@ def test_ray_train_settings_for_a_local_instance_leave_clusters_alone(monkeypatc
     assert os.environ[name] == "7"
 
 
+def test_a_cpu_count_for_a_local_instance_is_said_not_dropped_when_joining_a_cluster(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(ray_env, "quiet_process", lambda: None)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    ray_env.init_ray(num_cpus=4)
+    assert "num_cpus" not in calls[0]
+    assert "note: RAY_ADDRESS is set, so this joins that cluster and uses its nodes' CPUs; num_cpus=4 is for a local " \
+           "instance" in capsys.readouterr().err
+    ray_env.init_ray()
+    assert capsys.readouterr().err == ""
+
+
 def test_ray_train_controllers_of_a_local_instance_see_its_settings(ray_session):
     """Started after ``init_ray`` set them, the instance's worker processes (Ray Train's controller
     among them) have the driver's settings in their environment."""
