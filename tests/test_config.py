@@ -179,6 +179,9 @@ def test_every_config_job_rejects_bad_input_in_one_line_with_exit_2_before_impor
 
 
 def test_job_specific_bad_input_exits_2_before_ray(tmp_path, no_ray, stage1):
+    (tmp_path / "aud").mkdir()
+    (tmp_path / "aud" / "list.csv").write_text("a.mp4;1\n")
+    (tmp_path / "aud" / "removal.json").write_text('{"segmenter": "torchvi')  # cut short
     results = _jobs({
         "search": ("tune_mix", "--set", "tune.search=bayes"),
         "tasks": ("tune_mix", "--set", "eval.tasks=[]"),
@@ -204,6 +207,7 @@ def test_job_specific_bad_input_exits_2_before_ray(tmp_path, no_ray, stage1):
         "actors": ("audit_privacy", "in.csv", "--actors", "0"),  # was: a Ray error once Ray had started
         "flag": ("pretrain", "--stages", "mae"),  # was: argparse's usage block, the error on its 6th line
         "partial": ("pretrain", "--init-from-partial"),  # was: ignored
+        "removal_json": ("audit_privacy", "aud/list.csv", "--root", "aud"),  # was: a JSONDecodeError traceback
         # evaluate's flags that were ignored without a word (the run went on without them)
         "alpha_and_learned": ("evaluate", "--task", "demo:motion", "--alpha", "0.5", "--learned-alpha"),
         "per_layer": ("evaluate", "--task", "demo:motion", "--per-layer"),
@@ -235,6 +239,7 @@ def test_job_specific_bad_input_exits_2_before_ray(tmp_path, no_ray, stage1):
                 "flag": "pretrain.py: error: unrecognized arguments: --stages mae (--help lists the flags)",
                 "partial": "--init-from-partial: loads --init-from even when trunk tensors are missing or left over; "
                            "it needs --init-from",
+                "removal_json": "aud/removal.json: unreadable, or without a segmenter (JSONDecodeError: ",
                 "alpha_and_learned": "--alpha and --learned-alpha: give the coefficients or learn them, not both",
                 "per_layer": "--per-layer: learns one coefficient set per parameter tensor; it needs --learned-alpha",
                 "cache_ft": "--cache-features: the probe on cached features is the plain linear probe, not fine-tuning",

@@ -67,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     with bad_input_exits():
         table = read_manifest(args.manifest, root=args.root)
         record = Path(args.manifest).parent / REMOVAL_FILE
-        removed_by = args.removed_by or (json.loads(record.read_text())["segmenter"] if record.is_file() else None)
+        removed_by = args.removed_by
+        if removed_by is None and record.is_file():
+            try:
+                removed_by = json.loads(record.read_text(encoding="utf-8"))["segmenter"]
+            except (ValueError, KeyError, TypeError) as e:  # edited by hand, or not the removal's
+                raise ConfigError(f"{record}: unreadable, or without a segmenter ({type(e).__name__}: {e}); name the removal's with "
+                                  "--removed-by SPEC") from None
         auditor, independent = pick_auditor(args.segmenter, removed_by, args.allow_same_family)
         if Path(args.out).is_dir():
             raise ConfigError(f"--out {args.out}: a folder; the audit writes a CSV file (and a JSON next to it)")
