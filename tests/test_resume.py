@@ -504,7 +504,8 @@ def test_a_run_folder_another_process_trains_into_is_refused_until_that_process_
     check_not_running(cfg, ["r-mae"])  # the kernel released the lock of the killed process
 
 
-@pytest.mark.parametrize("job_name, held", [("pretrain", "r-align"), ("tune_mix", "r-mae"), ("tune_mix", "r-tune")])
+@pytest.mark.parametrize("job_name, held", [("pretrain", "r-align"), ("tune_mix", "r-mae"), ("tune_mix", "r-tune"),
+                                           ("evaluate", "r-random_init-motion-ft")])
 def test_a_job_into_a_run_folder_in_use_exits_2_before_ray(tmp_path, capsys, monkeypatch, job_name, held):
     import importlib
     import os
@@ -518,7 +519,8 @@ def test_a_job_into_a_run_folder_in_use_exits_2_before_ray(tmp_path, capsys, mon
     try:
         with pytest.raises(SystemExit) as exit_:
             job.main(["--config", str(DEMO_CONFIG), *[a for s in [*TINY, f"run.storage_path={tmp_path / 'runs'}", "run.name=r"]
-                                                     for a in ("--set", s)]])
+                                                     for a in ("--set", s)],
+                      *(["--task", "demo:motion", "--protocol", "ft"] if job_name == "evaluate" else [])])
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()

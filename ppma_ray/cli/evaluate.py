@@ -21,9 +21,10 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from ppma_ray.cli import (bad_input_exits, check_epoch, check_storage, check_tasks, check_writable, finish_config,
-                          number, parser, read_config, stage_failure_exits, start_ray, weights_source)
+from ppma_ray.cli import (bad_input_exits, check_epoch, check_not_running, check_storage, check_tasks, check_writable,
+                          finish_config, number, parser, read_config, stage_failure_exits, start_ray, weights_source)
 from ppma_ray.config import ConfigError, SourceConfig
+from ppma_ray.data.catalog import task_name
 from ppma_ray.models.errors import CheckpointError
 
 
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             check_writable("--output-dir", args.output_dir)
 
     from ppma_ray.train.checkpoint import count_models  # no Ray yet: the checks below come first
+    from ppma_ray.train.config import evaluation_run_name
 
     with bad_input_exits(CheckpointError):  # unreadable files, and --alpha against the models they hold
         # Resolved once, here: a run folder's newest whole checkpoint is checked against its sums
@@ -101,17 +103,18 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{flag}: weight averaging needs two or more models; the checkpoints hold {n_models}")
         if alphas is not None and not (len(alphas) == n_models or (len(alphas) == 1 and n_models == 2)):
             raise ConfigError(f"--alpha: {len(alphas)} coefficients for {n_models} models")
+        name = args.model_name or default_model_name(args.checkpoint, n_models, alphas, args.learned_alpha, args.per_layer)
+        trains = not (args.protocol == "lp" and args.cache_features)  # on Ray Train, in a run folder
+        if trains:
+            check_not_running(cfg, [evaluation_run_name(cfg.run.name, name, task_name(args.task), args.protocol)])
 
     cfg = start_ray(cfg, args.verbose)
     from ppma_ray.train.downstream import evaluate
     from ppma_ray.train.report import print_results, write_results
-
-    name = args.model_name or default_model_name(args.checkpoint, n_models, alphas, args.learned_alpha, args.per_layer)
     from ppma_ray.train.stop import StoppedBySignal, graceful_stop
 
     # a probe or fine-tuning on Ray Train stops at its next log step with a checkpoint on SIGTERM /
     # SIGINT, as pretraining does; the cached-feature probe (no run to resume) stops at once
-    trains = not (args.protocol == "lp" and args.cache_features and not (args.learned_alpha and n_models > 1))
     try:
         with bad_input_exits(KeyError, ValueError), stage_failure_exits(), \
                 (graceful_stop(f"ppma-stop-{cfg.run.name}-eval-{os.getpid()}") if trains else nullcontext()) as stop_flag:

@@ -182,3 +182,8 @@ class RunOptions:
     stop_epoch: int | None = None  # end after this epoch (a PBT round); schedules still span stage.epochs
     average: AverageSpec | None = None
     stop_flag: str | None = None  # the job's graceful-stop actor (train/stop.py): stop at a log step with a checkpoint
+
+
+def evaluation_run_name(run_name: str, model_name: str, task: str, protocol: str) -> str:
+    """The run folder of a downstream evaluation on Ray Train: ``<run.name>-<model>-<task>-<protocol>``."""
+    return f"{run_name}-{model_name}-{task}-{protocol}"

@@ -24,7 +24,7 @@ from ppma_ray.train.checkpoint import (CONFIG_FILE, checkpoint_dirs, count_model
                                       upload_folder)
 from ppma_ray.train.data import resolve_sources
 from ppma_ray.train.linear_probe import linear_probe_cached
-from ppma_ray.train.config import AverageSpec, RunOptions
+from ppma_ray.train.config import AverageSpec, RunOptions, evaluation_run_name
 from ppma_ray.train.runlock import InUse, run_lock
 from ppma_ray.train.runner import StageFailed, decode_cpu_budget, resolve_paths, run_stage
 
@@ -92,7 +92,7 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
     if n_models > 1 and not learned_alpha:
         alphas = alphas or [1.0 / n_models] * n_models
     cached = protocol == "lp" and cache_features and not (learned_alpha and n_models > 1)  # no run, no folder to resume
-    run_name = f"{cfg.run.name}-{model_name}-{name}-{protocol}"
+    run_name = evaluation_run_name(cfg.run.name, model_name, name, protocol)
     t0 = time.perf_counter()
     try:  # one job at a time in the run folder, from the averaged weights written there to the run's end
         with run_lock(cfg.run.storage_path, run_name):
