@@ -527,3 +527,46 @@ def test_a_job_into_a_run_folder_in_use_exits_2_before_ray(tmp_path, capsys, mon
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: {tmp_path}/runs/{held} is in use by another run (pid {holder.pid} "), err
+
+
+def test_stage_2_alone_says_how_far_stage_1_got_and_waits_for_a_stage_1_still_training(tmp_path, capsys, monkeypatch):
+    """``--stage align`` takes stage 1's newest whole checkpoint: one from an interrupted stage 1 is
+    named as such (a partly trained MAE is not the recipe), and a stage 1 that another job is
+    still training is refused (its newest checkpoint is a stage 1 half way)."""
+    import os
+    import signal
+
+    from conftest import DEMO_CONFIG, TINY
+
+    from ppma_ray.cli import pretrain as job
+    from ppma_ray.config import load_config, to_dict
+    from ppma_ray.train.loop import stage_model
+
+    class RayStarted(Exception):
+        pass
+
+    def ray_started(*a):
+        raise RayStarted
+
+    monkeypatch.setattr(job, "start_ray", ray_started)
+    sets = [*TINY, f"run.storage_path={tmp_path / 'runs'}", "run.name=r", "mae.epochs=4"]
+    cfg = load_config(DEMO_CONFIG, sets)
+    ckpt = save_checkpoint(tmp_path / "runs/r-mae/checkpoint_2026-01-01_00-00-00", stage_model(cfg, "mae"), None,
+                           {"step": 8, "epoch": 2}, to_dict(cfg))
+    argv = ["--stage", "align", *[a for s in sets for a in ("--set", s)]]
+    with pytest.raises(RayStarted):
+        job.main(argv)
+    assert (f"stage 2 starts from stage 1's checkpoint {ckpt} (epoch 2 of 4, step 8; stage 1 did not finish, so "
+            "stage 2 starts from a partly trained MAE)") in capsys.readouterr().err
+    holder = _hold_run(tmp_path / "runs", "r-mae")
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            job.main(argv)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --stage align: stage 1 is still training ({tmp_path}/runs/r-mae is in use by another "
+                          f"run (pid {holder.pid} "), err
+    assert err.endswith("wait for it to finish, or pass --init-from"), err

@@ -178,13 +178,33 @@ def stage2_start(cfg: PretrainConfig, args) -> str | None:
         print("note: stage 2 from random init (--random-init): no stage 1, so this is not PPMA", file=sys.stderr)
         return None
     from ppma_ray.train.checkpoint import stage1_checkpoint
+    from ppma_ray.train.runlock import held
 
+    busy = held(cfg.run.storage_path, [f"{cfg.run.name}-mae"])
+    if busy:  # its newest checkpoint is a stage 1 half way
+        raise ConfigError(f"--stage align: stage 1 is still training ({busy}): wait for it to finish, or pass --init-from")
     found, searched = stage1_checkpoint(cfg.run.storage_path, cfg.run.name)
     if found is None:
         raise ConfigError(f"--stage align needs a stage-1 checkpoint and {searched} has none: run --stage mae first, "
                           "pass --init-from, or train from random init with --random-init")
-    print(f"stage 2 starts from stage 1's checkpoint {found}", file=sys.stderr)
+    print(f"stage 2 starts from stage 1's checkpoint {found}{stage1_progress(found)}", file=sys.stderr)
     return found
+
+
+def stage1_progress(checkpoint: str) -> str:
+    """`` (epoch E of N, step S)`` of a local stage-1 checkpoint, saying so when stage 1 stopped
+    before its last epoch: stage 2 from a partly trained MAE is not the recipe, and must not look
+    like it. Empty for a checkpoint in a bucket (its state file is not fetched to say this)."""
+    if is_uri(checkpoint):
+        return ""
+    from ppma_ray.train.checkpoint import CONFIG_FILE, train_progress
+
+    state = train_progress(checkpoint)
+    epochs = json.loads((Path(checkpoint) / CONFIG_FILE).read_text()).get("mae", {}).get("epochs")
+    done = int(state.get("epoch", 0))
+    unfinished = epochs is not None and done < epochs
+    return (f" (epoch {done} of {epochs}, step {state.get('step', 0)}"
+            + ("; stage 1 did not finish, so stage 2 starts from a partly trained MAE)" if unfinished else ")"))
 
 
 def probe_tasks(cfg: PretrainConfig, stages: dict, ablation: bool = False) -> list[dict]:
