@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         if "align" in stages:  # probed once stage 2 has ended
             check_tasks(cfg, cfg.eval.tasks)
         check_resume_config(cfg, stages)
-        check_not_running(cfg, [f"{cfg.run.name}-{stage}" for stage in (*stages, *(["align_only"] if args.ablation else []))])
         check_storage(cfg)
+        check_not_running(cfg, [f"{cfg.run.name}-{stage}" for stage in (*stages, *(["align_only"] if args.ablation else []))])
         if args.output_dir:
             check_writable("--output-dir", args.output_dir)
         if args.init_from:

@@ -41,4 +41,6 @@ def held(storage_path: str, run_names: list[str]) -> str | None:
                 pass
         except InUse as e:
             return str(e)
+        except OSError:  # storage that cannot be written: the storage check names it
+            return None
     return None
