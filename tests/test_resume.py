@@ -206,7 +206,18 @@ def test_a_run_folder_given_as_a_checkpoint_resolves_to_its_newest_whole_one(tmp
     run = tmp_path / "demo-align"
     older, newest = _checkpoints(run, 2)
     assert resolve_checkpoint(run) == newest / MODEL_FILE and weights_source("--stage1", str(run)) == str(newest / MODEL_FILE)
-    assert f"--stage1: {newest} (the newest whole checkpoint of {run})" in capsys.readouterr().err
+    assert f"--stage1: {newest} (the newest whole checkpoint of {run})\n" in capsys.readouterr().err
+    assert not (tmp_path / ".demo-align.lock").exists()  # asking whether it trains leaves nothing behind
+    holder = _hold_run(tmp_path, "demo-align")  # a run still training: its newest checkpoint is not its last
+    try:
+        weights_source("--stage1", str(run))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (f"--stage1: {newest} (the newest whole checkpoint of {run}; that run is still training: {run} is in use by "
+            f"another run (pid {holder.pid} ") in capsys.readouterr().err
+    weights_source("--stage1", str(run))
+    assert "still training" not in capsys.readouterr().err  # its process is gone
     (newest / MODEL_FILE).write_bytes((newest / MODEL_FILE).read_bytes()[:-10])  # a save cut short
     assert resolve_checkpoint(run) == older / MODEL_FILE
     assert f"WARNING: {newest} is not whole (model.safetensors has" in capsys.readouterr().err

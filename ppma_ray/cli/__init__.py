@@ -327,7 +327,11 @@ def weights_source(flag: str, source: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{flag} {source}: does not exist")
     if (newest := run_checkpoint(path)) is not None:
-        print(f"{flag}: {newest} (the newest whole checkpoint of {source})", file=sys.stderr)
+        from ppma_ray.train.runlock import training_now
+
+        busy = training_now(path)  # its newest checkpoint is not its last one
+        print(f"{flag}: {newest} (the newest whole checkpoint of {source}"
+              f"{f'; that run is still training: {busy}' if busy else ''})", file=sys.stderr)
         path = newest
     return str(resolve_checkpoint(path))
 

@@ -20,7 +20,7 @@ import os
 from ppma_ray.data import objectstore
 from ppma_ray.files import InUse, exclusive
 
-__all__ = ["InUse", "held", "run_lock"]
+__all__ = ["InUse", "held", "run_lock", "training_now"]
 
 
 def run_lock(storage_path: str, run_name: str):
@@ -44,3 +44,14 @@ def held(storage_path: str, run_names: list[str]) -> str | None:
         except OSError:  # storage that cannot be written: the storage check names it
             return None
     return None
+
+
+def training_now(run_folder: str | os.PathLike) -> str | None:
+    """Whether another process trains into a local run folder now (``InUse``'s message), for a job
+    that reads the folder's newest checkpoint. A folder no locking run ever used has no lock file,
+    and none is created in it for asking."""
+    folder = os.path.abspath(run_folder)
+    parent, name = os.path.split(folder)
+    if not os.path.isfile(os.path.join(parent, f".{name}.lock")):
+        return None
+    return held(parent, [name])
