@@ -28,6 +28,7 @@ from ppma_ray.train.config import AverageSpec, RunOptions, evaluation_run_name
 from ppma_ray.train.runlock import InUse, run_lock
 from ppma_ray.train.runner import StageFailed, decode_cpu_budget, resolve_paths, run_stage
 
+
 def config_for_checkpoint(cfg: PretrainConfig, weights: Path | None) -> PretrainConfig:
     """Take the architecture and clip geometry from the checkpoint's own config.json, if any (for
     a Hugging Face folder: the architecture from transformers' config.json)."""
