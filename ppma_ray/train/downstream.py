@@ -25,8 +25,7 @@ from ppma_ray.train.checkpoint import (CONFIG_FILE, checkpoint_dirs, count_model
 from ppma_ray.train.data import resolve_sources
 from ppma_ray.train.linear_probe import linear_probe_cached
 from ppma_ray.train.config import AverageSpec, RunOptions, evaluation_run_name
-from ppma_ray.train.runlock import InUse, run_lock
-from ppma_ray.train.runner import StageFailed, decode_cpu_budget, resolve_paths, run_stage
+from ppma_ray.train.runner import decode_cpu_budget, holding, resolve_paths, run_stage
 
 
 def config_for_checkpoint(cfg: PretrainConfig, weights: Path | None) -> PretrainConfig:
@@ -95,17 +94,14 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
     cached = protocol == "lp" and cache_features and not (learned_alpha and n_models > 1)  # no run, no folder to resume
     run_name = evaluation_run_name(cfg.run.name, model_name, name, protocol)
     t0 = time.perf_counter()
-    try:  # one job at a time in the run folder, from the averaged weights written there to the run's end
-        with run_lock(cfg.run.storage_path, run_name):
-            if not cached:
-                claim_run_folder(cfg, run_name, protocol, name, {
-                    "weights": weights_identity(given, weights), "alphas": alphas, "learned_alpha": learned_alpha,
-                    "per_layer": per_layer, "num_classes": n_classes, "seed": cfg.run.seed,
-                    "test_views": [cfg.eval.test_clips, cfg.eval.test_crops]})
-            top1, top5, videos, failed, extra = _run(cfg, protocol, run_name, src, n_classes, given, weights, n_models,
-                                                     alphas, learned_alpha, per_layer, cached, scratch, stop_flag)
-    except InUse as e:
-        raise StageFailed(str(e)) from None
+    with holding(cfg, run_name):  # one job at a time, from the averaged weights written there to the run's end
+        if not cached:
+            claim_run_folder(cfg, run_name, protocol, name, {
+                "weights": weights_identity(given, weights), "alphas": alphas, "learned_alpha": learned_alpha,
+                "per_layer": per_layer, "num_classes": n_classes, "seed": cfg.run.seed,
+                "test_views": [cfg.eval.test_clips, cfg.eval.test_crops]})
+        top1, top5, videos, failed, extra = _run(cfg, protocol, run_name, src, n_classes, given, weights, n_models,
+                                                 alphas, learned_alpha, per_layer, cached, scratch, stop_flag)
     return {"model": model_name, "task": name, "protocol": protocol, "top1": top1, "top5": top5, "videos": videos,
             "failed": failed, "num_classes": n_classes, "wall_s": time.perf_counter() - t0,
             "checkpoint": ",".join(given) or "random_init", **extra}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -143,6 +144,17 @@ class StageFailed(RuntimeError):
     line and the file in the run folder holding its traceback)."""
 
 
+@contextmanager
+def holding(cfg: PretrainConfig, run_name: str):
+    """Hold run ``run_name``'s folder (``train/runlock.py``) while the block runs; another job
+    holding it is a ``StageFailed``, which the jobs print as one line."""
+    try:
+        with run_lock(cfg.run.storage_path, run_name):
+            yield
+    except InUse as e:
+        raise StageFailed(str(e)) from None
+
+
 def failure_line(run_name: str, error: Exception) -> str:
     """``<run> failed: rank R: Type: first line (traceback: FILE)`` for Ray Train's error."""
     def first_line(e: BaseException) -> str:
@@ -167,11 +179,8 @@ def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None =
     one in the last checkpoint)."""
     options = replace(options, run_name=options.run_name or f"{cfg.run.name}-{options.stage}",
                       decode_cpus=decode_cpu_budget(cfg))
-    try:
-        with run_lock(cfg.run.storage_path, options.run_name):  # held from the resume decision to the end
-            return _run_stage(cfg, options, callbacks, output_dir)
-    except InUse as e:
-        raise StageFailed(str(e)) from None
+    with holding(cfg, options.run_name):  # held from the resume decision to the end
+        return _run_stage(cfg, options, callbacks, output_dir)
 
 
 def _run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None, output_dir: Path | None) -> dict:

@@ -21,8 +21,7 @@ from pathlib import Path
 from ppma_ray.config import PretrainConfig, to_dict
 from ppma_ray.train.checkpoint import is_remote
 from ppma_ray.train.config import RunOptions
-from ppma_ray.train.runlock import InUse, run_lock
-from ppma_ray.train.runner import StageFailed, resolve_paths, run_stage
+from ppma_ray.train.runner import holding, resolve_paths, run_stage
 from ppma_ray.tune import grid, pbt
 from ppma_ray.tune.checks import check, write_record
 from ppma_ray.tune.trial import Experiment, tuning_tasks
@@ -34,11 +33,8 @@ def run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None 
     """Stage 1 (unless given), then the experiment; its outputs go to ``out_dir``. One job at a time
     per run name (``<run.name>-tune`` held, ``StageFailed`` if another job holds it): two would
     restore and run the same trials into one Tune folder."""
-    try:
-        with run_lock(cfg.run.storage_path, f"{cfg.run.name}-tune"):
-            return _run_experiment(cfg, out_dir, stage1)
-    except InUse as e:
-        raise StageFailed(str(e)) from None
+    with holding(cfg, f"{cfg.run.name}-tune"):
+        return _run_experiment(cfg, out_dir, stage1)
 
 
 def _run_experiment(cfg: PretrainConfig, out_dir: str | Path, stage1: str | None) -> dict:
