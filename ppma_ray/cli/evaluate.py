@@ -39,9 +39,9 @@ def default_model_name(checkpoints: list[str], n_models: int, alphas: list[float
         return Path(checkpoints[0]).name
     if learned:
         return "avg-learned" + ("-per-layer" if per_layer else "")
-    if alphas is not None and len(alphas) == 1 and n_models == 2:
-        alphas = [alphas[0], 1.0 - alphas[0]]
-    return "avg-" + "-".join(f"{a:g}" for a in (alphas or [1.0 / n_models] * n_models))
+    from ppma_ray.train.config import coefficients
+
+    return "avg-" + "-".join(f"{a:g}" for a in coefficients(alphas, n_models))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             check_writable("--output-dir", args.output_dir)
 
     from ppma_ray.train.checkpoint import count_models  # no Ray yet: the checks below come first
-    from ppma_ray.train.config import evaluation_run_name
+    from ppma_ray.train.config import coefficients, evaluation_run_name
 
     with bad_input_exits(CheckpointError):  # unreadable files, and --alpha against the models they hold
         # Resolved once, here: a run folder's newest whole checkpoint is checked against its sums
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         for flag, given in (("--alpha", alphas is not None), ("--learned-alpha", args.learned_alpha)):
             if given and n_models < 2:
                 raise ConfigError(f"{flag}: weight averaging needs two or more models; the checkpoints hold {n_models}")
-        if alphas is not None and not (len(alphas) == n_models or (len(alphas) == 1 and n_models == 2)):
+        if alphas is not None and len(coefficients(alphas, n_models)) != n_models:
             raise ConfigError(f"--alpha: {len(alphas)} coefficients for {n_models} models")
         name = args.model_name or default_model_name(args.checkpoint, n_models, alphas, args.learned_alpha, args.per_layer)
         trains = not (args.protocol == "lp" and args.cache_features)  # on Ray Train, in a run folder

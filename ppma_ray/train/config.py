@@ -169,6 +169,16 @@ class AverageSpec:
     per_layer: bool = False
 
 
+def coefficients(alphas: list[float] | None, n_models: int) -> list[float]:
+    """The fixed averaging coefficients of ``n_models`` models: as given, one given for two (the
+    first model's; the second gets 1 - alpha), or equal ones when none are given."""
+    if alphas is None:
+        return [1.0 / n_models] * n_models
+    if len(alphas) == 1 and n_models == 2:
+        return [alphas[0], 1.0 - alphas[0]]
+    return list(alphas)
+
+
 @dataclass
 class RunOptions:
     """What the driver asks of one stage run: the worker's whole interface besides the config."""

@@ -24,7 +24,7 @@ from ppma_ray.train.checkpoint import (CONFIG_FILE, checkpoint_dirs, count_model
                                       upload_folder)
 from ppma_ray.train.data import resolve_sources
 from ppma_ray.train.linear_probe import linear_probe_cached
-from ppma_ray.train.config import AverageSpec, RunOptions, evaluation_run_name
+from ppma_ray.train.config import AverageSpec, RunOptions, coefficients, evaluation_run_name
 from ppma_ray.train.runner import decode_cpu_budget, holding, resolve_paths, run_stage
 
 
@@ -70,8 +70,8 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
     given = [c if is_remote(c) else str(w) for c, w in zip(checkpoints or [], weights)]
     cfg = config_for_checkpoint(cfg, weights[0] if weights else None)
     n_models = count_models([str(w) for w in weights])  # resolved above: a URI is not looked up twice
-    if alphas is not None and len(alphas) == 1 and n_models == 2:
-        alphas = [alphas[0], 1.0 - alphas[0]]
+    if alphas is not None:
+        alphas = coefficients(alphas, n_models)
     if alphas is not None and len(alphas) != n_models:
         raise ConfigError(f"--alpha: {len(alphas)} coefficients for {n_models} models")
     name = task_name(task)
@@ -90,7 +90,7 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
     if learned_alpha and n_models > 1 and protocol != "lp":
         raise ValueError("a learned averaging coefficient is trained with the linear probe (--protocol lp)")
     if n_models > 1 and not learned_alpha:
-        alphas = alphas or [1.0 / n_models] * n_models
+        alphas = coefficients(alphas, n_models)
     cached = protocol == "lp" and cache_features and not (learned_alpha and n_models > 1)  # no run, no folder to resume
     run_name = evaluation_run_name(cfg.run.name, model_name, name, protocol)
     t0 = time.perf_counter()
