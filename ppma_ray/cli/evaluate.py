@@ -26,6 +26,7 @@ from ppma_ray.cli import (bad_input_exits, check_epoch, check_not_running, check
 from ppma_ray.config import ConfigError, SourceConfig
 from ppma_ray.data.catalog import task_name
 from ppma_ray.models.errors import CheckpointError
+from ppma_ray.train.config import coefficients, evaluation_run_name
 
 
 def default_model_name(checkpoints: list[str], n_models: int, alphas: list[float] | None, learned: bool,
@@ -39,8 +40,6 @@ def default_model_name(checkpoints: list[str], n_models: int, alphas: list[float
         return Path(checkpoints[0]).name
     if learned:
         return "avg-learned" + ("-per-layer" if per_layer else "")
-    from ppma_ray.train.config import coefficients
-
     return "avg-" + "-".join(f"{a:g}" for a in coefficients(alphas, n_models))
 
 
@@ -89,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
             check_writable("--output-dir", args.output_dir)
 
     from ppma_ray.train.checkpoint import count_models  # no Ray yet: the checks below come first
-    from ppma_ray.train.config import coefficients, evaluation_run_name
 
     with bad_input_exits(CheckpointError):  # unreadable files, and --alpha against the models they hold
         # Resolved once, here: a run folder's newest whole checkpoint is checked against its sums
