@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from ppma_ray.data.config import ClipConfig, DataConfig, DecodeConfig, SourceConfig
+from ppma_ray.files import read_json
 from ppma_ray.models.config import PRESET_FIELDS, ModelConfig, vit_config
 from ppma_ray.schema import ConfigError, flatten, from_dict, to_dict
 from ppma_ray.train.config import EvalSettings, OptimConfig, RunSettings, ScalingSettings, StageConfig, StageKind
@@ -28,7 +29,8 @@ from ppma_ray.tune.config import TuneSettings
 
 __all__ = ["ConfigError", "PretrainConfig", "load_config", "from_dict", "to_dict", "apply_override", "dump_yaml",
            "SourceConfig", "ClipConfig", "DecodeConfig", "DataConfig", "ModelConfig", "OptimConfig", "StageConfig",
-           "StageKind", "ScalingSettings", "RunSettings", "EvalSettings", "TuneSettings", "config_diff", "absolute_paths"]
+           "StageKind", "ScalingSettings", "RunSettings", "EvalSettings", "TuneSettings", "config_diff", "differences", "read_record",
+           "absolute_paths"]
 
 TRAINED_STAGES = ("mae", "align")  # the pretraining stages; lp and ft take their mix from the task
 # what a stage's training depends on besides its own section: a run continued with another of these
@@ -189,6 +191,27 @@ def config_diff(saved: dict, now: dict, sections: tuple[str, ...], ignore: tuple
         diff += [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
                  if a.get(k) != b.get(k) and k not in ignore]
     return diff
+
+
+def differences(diff: list[str], first: int = 4) -> str:
+    """``config_diff``'s lines for a one-line error: the first few, then ``...``."""
+    return "; ".join(diff[:first]) + ("; ..." if len(diff) > first else "")
+
+
+def read_record(fs, path: str, shown: str, remedy: str) -> dict | None:
+    """A JSON record of the config a run started with (``{"config": {...}, ...}``; ``fs`` a pyarrow
+    filesystem), which a re-run is checked against with ``config_diff``. None when there is none;
+    one that cannot be read (cut short, not UTF-8, another file) is a ``ConfigError`` naming it,
+    then ``remedy``."""
+    try:
+        saved = read_json(fs, path)
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise ValueError("not a record")
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise ConfigError(f"{shown}: unreadable ({e}){remedy}") from None
+    return saved
 
 
 def _at(d: dict, dotted: str) -> dict:

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import ppma_ray
-from ppma_ray.config import (TRAINING_SECTIONS, ConfigError, PretrainConfig, SourceConfig, config_diff, dump_yaml,
-                             load_config)
+from ppma_ray.config import (TRAINING_SECTIONS, ConfigError, PretrainConfig, SourceConfig, config_diff, differences,
+                             dump_yaml, load_config)
 from ppma_ray.data import objectstore
 from ppma_ray.data.manifest import ManifestError, label_map_of, read_manifest
 from ppma_ray.schema import check_all
@@ -258,8 +258,8 @@ def check_resume_config(cfg: PretrainConfig, stages=("mae", "align")) -> None:
                 continue  # a damaged checkpoint: resume passes over it and says so
             diff = config_diff(saved, now, (*TRAINING_SECTIONS, stage))
             if diff:
-                raise ConfigError(f"{folder} holds a run of another config ({'; '.join(diff[:4])}"
-                                  f"{'; ...' if len(diff) > 4 else ''}): re-running continues that run, so use its config, "
+                raise ConfigError(f"{folder} holds a run of another config ({differences(diff)}): re-running "
+                                  "continues that run, so use its config, "
                                   "or start a new run with another run.name (or delete the folder)")
             break
 

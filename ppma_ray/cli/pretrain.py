@@ -21,7 +21,7 @@ from pathlib import Path
 from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_not_running, check_resume_config, check_storage,
                           check_tasks, check_weights, check_writable, finish_config, parser, read_config,
                           stage_failure_exits, start_ray, weights_source)
-from ppma_ray.config import TRAINING_SECTIONS, ConfigError, PretrainConfig, config_diff, to_dict
+from ppma_ray.config import TRAINING_SECTIONS, ConfigError, PretrainConfig, config_diff, differences, to_dict
 from ppma_ray.data.objectstore import is_uri
 from ppma_ray.files import write_text_atomic
 from ppma_ray.models.errors import CheckpointError
@@ -146,8 +146,8 @@ def resume_stage(cfg: PretrainConfig, args) -> str:
     diff = config_diff(json.loads((local / CONFIG_FILE).read_text()), json.loads(json.dumps(to_dict(cfg))),
                        (*TRAINING_SECTIONS, stage))
     if diff:
-        raise ConfigError(f"--resume-from {path} was trained with another config ({'; '.join(diff[:4])}"
-                          f"{'; ...' if len(diff) > 4 else ''}): continue it with its own config")
+        raise ConfigError(f"--resume-from {path} was trained with another config ({differences(diff)}): continue it "
+                          "with its own config")
     # a finished checkpoint in a bucket is found by its stage's run instead (``run_stage``: nothing
     # trains, and it is the stage's last checkpoint): its train state is most of the checkpoint
     done, epochs = (0 if remote else train_progress(local).get("epoch", 0)), getattr(cfg, stage).epochs

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ppma_ray.config import ClipConfig, ConfigError, ModelConfig, PretrainConfig, config_diff, from_dict, to_dict
+from ppma_ray.config import (ClipConfig, ConfigError, ModelConfig, PretrainConfig, config_diff, differences, from_dict,
+                             read_record, to_dict)
 from ppma_ray.data import objectstore
 from ppma_ray.data.catalog import task_name, task_source
-from ppma_ray.files import read_json, write_json
+from ppma_ray.files import write_json
 from ppma_ray.models import vit_config
 from ppma_ray.models.averaging import average_state_dicts
 from ppma_ray.models.checkpoint import load_trunks, read_state_dict
@@ -169,21 +170,17 @@ def claim_run_folder(cfg: PretrainConfig, run_name: str, protocol: str, task: st
     folder = f"{base.rstrip('/')}/{run_name}"
     record = json.loads(json.dumps({"config": to_dict(cfg), "init": init}))  # as the file holds it
     if checkpoint_dirs(fs, folder):
-        try:
-            saved = read_json(fs, f"{folder}/{RECORD_FILE}")
-        except FileNotFoundError:
-            saved = None
+        saved = read_record(fs, f"{folder}/{RECORD_FILE}", f"{shown}/{run_name}/{RECORD_FILE}",
+                            f"; delete {shown}/{run_name} to evaluate again")
+        if saved is None:
             print(f"warning: {shown}/{run_name} has no {RECORD_FILE} (an earlier version's run): continuing it "
                   "without checking that it evaluates the same weights and settings", file=sys.stderr, flush=True)
-        except ValueError as e:
-            raise ConfigError(f"{shown}/{run_name}/{RECORD_FILE}: unreadable ({e}); delete {shown}/{run_name} "
-                              "to evaluate again") from None
-        if saved is not None:
+        else:
             sections = ("init", "config.model", "config.data.clip", f"config.{protocol}", f"config.data.sources.{task}")
             diff = [d if len(d) <= 300 else d[:297] + "..." for d in config_diff(saved, record, sections)]
             if diff:
-                raise ConfigError(f"{shown}/{run_name} holds the run of another evaluation ({'; '.join(diff[:3])}"
-                                  f"{'; ...' if len(diff) > 3 else ''}): re-running continues that run, so give this one "
-                                  f"its own --model-name, or delete the folder to evaluate again")
+                raise ConfigError(f"{shown}/{run_name} holds the run of another evaluation ({differences(diff, 3)}): "
+                                  "re-running continues that run, so give this one its own --model-name, or delete the "
+                                  "folder to evaluate again")
     fs.create_dir(folder)
     write_json(fs, f"{folder}/{RECORD_FILE}", record)

@@ -13,9 +13,10 @@ import sys
 
 import pyarrow.fs as pafs
 
-from ppma_ray.config import TRAINING_SECTIONS, ConfigError, PretrainConfig, absolute_paths, config_diff, to_dict
+from ppma_ray.config import (TRAINING_SECTIONS, ConfigError, PretrainConfig, absolute_paths, config_diff, differences,
+                             read_record, to_dict)
 from ppma_ray.data import objectstore
-from ppma_ray.files import read_json, write_json
+from ppma_ray.files import write_json
 
 # what the trials of a restored experiment depend on (run.* and scaling.* may change between runs)
 RECORDED = (*TRAINING_SECTIONS, "data.sources", "align", "tune", "eval")
@@ -63,26 +64,20 @@ def check_restore(cfg: PretrainConfig, stage1: str | None) -> None:
     base = path.rsplit("/", 1)[0]
     if all(fs.get_file_info(f"{base}/{experiment_name(cfg, k)}").type == pafs.FileType.NotFound for k in EXPERIMENTS):
         return  # nothing to restore (never run, or its folders deleted to start over)
-    try:
-        saved = read_json(fs, path)
-        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
-            raise ValueError("not a record")
-    except FileNotFoundError:
-        # experiments from before records were kept, or a deleted record: nothing to check against
+    saved = read_record(fs, path, shown, ", so this re-run cannot be checked against the config its Tune experiments "
+                        "started with: delete the file to restore them unchecked, or delete "
+                        f"{shown.rsplit('/', 1)[0]}/{cfg.run.name}-tune-* to start over")
+    if saved is None:  # experiments from before records were kept, or a deleted record
         print(f"warning: {shown} is missing, so the Tune experiments of run.name {cfg.run.name!r} that this run "
               "restores are not checked against the config they started with", file=sys.stderr)
         return
-    except ValueError as e:  # torn JSON, bytes that are not UTF-8, another file
-        raise ConfigError(f"{shown}: unreadable ({e}), so this re-run cannot be checked against the "
-                          f"config its Tune experiments started with: delete the file to restore them unchecked, or "
-                          f"delete {shown.rsplit('/', 1)[0]}/{cfg.run.name}-tune-* to start over") from None
     now = json.loads(json.dumps(_entry(cfg, stage1)))  # as the file holds it
     diff = config_diff(saved["config"], now["config"], RECORDED, NOT_RECORDED)
     if saved.get("stage1") != now["stage1"]:
         diff.append(f"stage 1: {saved.get('stage1')!r} there, {now['stage1']!r} now")
     if diff:
         raise ConfigError(f"{shown}: the Tune experiments of run.name {cfg.run.name!r} ran with another config "
-                          f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}): re-running restores them, so "
+                          f"({differences(diff)}): re-running restores them, so "
                           f"use that config, another run.name, or delete {shown.rsplit('/', 1)[0]}/{cfg.run.name}-tune-* "
                           "to start over")
 
