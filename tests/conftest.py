@@ -8,6 +8,7 @@ the local S3 server; every other test is marked ``unit`` here and runs in well u
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -290,14 +291,20 @@ def agent_ports() -> list[str]:
             f"--runtime-env-agent-port={unclaimed_port()}", f"--metrics-export-port={unclaimed_port()}"]
 
 
-def hold_lock(lock: Path) -> subprocess.Popen:
+@contextlib.contextmanager
+def hold_lock(lock: Path):
     """Another process holding ``lock`` (``files.exclusive``: what a running job holds on its run or
-    output folder) until the caller kills it."""
+    output folder) while the block runs; yields that process, which is killed (SIGKILL) at the end."""
     code = ("import sys, time\nfrom ppma_ray.files import exclusive\nwith exclusive(sys.argv[1], 'x'):\n"
             "    print('held', flush=True)\n    time.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    return holder
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
 
 
 def make_clip(num_frames: int = 24, h: int = 64, w: int = 80, seed: int = 0) -> np.ndarray:

@@ -149,9 +149,6 @@ def test_a_removal_that_would_lose_or_damage_videos_is_refused_before_ray(tmp_pa
 
 def test_a_removal_into_an_output_folder_another_removal_writes_is_refused_before_ray(tmp_path, capsys):
     """Two removals into one --out would write the same .part files and records at once."""
-    import os
-    import signal
-
     from conftest import hold_lock
 
     from ppma_ray.cli.remove_humans import main
@@ -159,14 +156,9 @@ def test_a_removal_into_an_output_folder_another_removal_writes_is_refused_befor
     (tmp_path / "v").mkdir()
     (tmp_path / "v" / "list.csv").write_text("walk.mp4;1")
     out = tmp_path / "out"
-    holder = hold_lock(out / ".removal.lock")
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main([str(tmp_path / "v" / "list.csv"), "--root", str(tmp_path / "v"), "--out", str(out),
-                  "--segmenter", "colorkey:255,0,255"])
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.wait()
+    with hold_lock(out / ".removal.lock") as holder, pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "v" / "list.csv"), "--root", str(tmp_path / "v"), "--out", str(out),
+              "--segmenter", "colorkey:255,0,255"])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: --out {out} is in use by another run (pid {holder.pid} on "), err

@@ -208,12 +208,8 @@ def test_a_run_folder_given_as_a_checkpoint_resolves_to_its_newest_whole_one(tmp
     assert resolve_checkpoint(run) == newest / MODEL_FILE and weights_source("--stage1", str(run)) == str(newest / MODEL_FILE)
     assert f"--stage1: {newest} (the newest whole checkpoint of {run})\n" in capsys.readouterr().err
     assert not (tmp_path / ".demo-align.lock").exists()  # asking whether it trains leaves nothing behind
-    holder = _hold_run(tmp_path, "demo-align")  # a run still training: its newest checkpoint is not its last
-    try:
+    with _hold_run(tmp_path, "demo-align") as holder:  # a run still training: its newest checkpoint is not its last
         weights_source("--stage1", str(run))
-    finally:
-        holder.kill()
-        holder.wait()
     assert (f"--stage1: {newest} (the newest whole checkpoint of {run}; that run is still training: {run} is in use by "
             f"another run (pid {holder.pid} ") in capsys.readouterr().err
     weights_source("--stage1", str(run))
@@ -474,8 +470,8 @@ def _sigterm_as_it_resumes(ray_session, tmp_path: Path, sets: list[str], gone: s
     return checkpoint
 
 
-def _hold_run(storage: Path, run_name: str) -> subprocess.Popen:
-    """Another process that trains into ``storage/run_name``: it holds the run's lock until killed."""
+def _hold_run(storage: Path, run_name: str):
+    """Another process that trains into ``storage/run_name`` while the block runs (``hold_lock``)."""
     from conftest import hold_lock
 
     return hold_lock(storage / f".{run_name}.lock")
@@ -486,8 +482,6 @@ def test_a_run_folder_another_process_trains_into_is_refused_until_that_process_
     (and the second's resume would delete the first's checkpoint in progress): the second is refused,
     by the job's check and by the stage itself (a job that started in between), naming the holder.
     A killed holder leaves nothing held."""
-    import os
-    import signal
     import socket
 
     from conftest import DEMO_CONFIG, TINY
@@ -498,8 +492,7 @@ def test_a_run_folder_another_process_trains_into_is_refused_until_that_process_
     from ppma_ray.train.runner import StageFailed
 
     cfg = load_config(DEMO_CONFIG, [*TINY, f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])
-    holder = _hold_run(tmp_path / "runs", "r-mae")
-    try:
+    with _hold_run(tmp_path / "runs", "r-mae") as holder:
         expected = (rf"{tmp_path}/runs/r-mae is in use by another run \(pid {holder.pid} on {socket.gethostname()} since "
                     rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d; lock {tmp_path}/runs/.r-mae.lock\)")
         with pytest.raises(ConfigError, match=expected + ": wait for it to finish, or use another run.name"):
@@ -509,9 +502,6 @@ def test_a_run_folder_another_process_trains_into_is_refused_until_that_process_
         monkeypatch.setattr(runner, "own_resume", lambda *a: pytest.fail("resumed a run another process holds"))
         with pytest.raises(StageFailed, match=expected):
             run_stage(cfg, RunOptions("mae"))
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.wait()
     check_not_running(cfg, ["r-mae"])  # the kernel released the lock of the killed process
 
 
@@ -519,22 +509,15 @@ def test_a_run_folder_another_process_trains_into_is_refused_until_that_process_
                                            ("evaluate", "r-random_init-motion-ft")])
 def test_a_job_into_a_run_folder_in_use_exits_2_before_ray(tmp_path, capsys, monkeypatch, job_name, held):
     import importlib
-    import os
-    import signal
 
     from conftest import DEMO_CONFIG, TINY
 
     job = importlib.import_module(f"ppma_ray.cli.{job_name}")
     monkeypatch.setattr(job, "start_ray", lambda *a: pytest.fail("Ray started"))
-    holder = _hold_run(tmp_path / "runs", held)
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            job.main(["--config", str(DEMO_CONFIG), *[a for s in [*TINY, f"run.storage_path={tmp_path / 'runs'}", "run.name=r"]
-                                                     for a in ("--set", s)],
-                      *(["--task", "demo:motion", "--protocol", "ft"] if job_name == "evaluate" else [])])
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.wait()
+    with _hold_run(tmp_path / "runs", held) as holder, pytest.raises(SystemExit) as exit_:
+        job.main(["--config", str(DEMO_CONFIG), *[a for s in [*TINY, f"run.storage_path={tmp_path / 'runs'}", "run.name=r"]
+                                                 for a in ("--set", s)],
+                  *(["--task", "demo:motion", "--protocol", "ft"] if job_name == "evaluate" else [])])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: {tmp_path}/runs/{held} is in use by another run (pid {holder.pid} "), err
@@ -544,9 +527,6 @@ def test_stage_2_alone_says_how_far_stage_1_got_and_waits_for_a_stage_1_still_tr
     """``--stage align`` takes stage 1's newest whole checkpoint: one from an interrupted stage 1 is
     named as such (a partly trained MAE is not the recipe), and a stage 1 that another job is
     still training is refused (its newest checkpoint is a stage 1 half way)."""
-    import os
-    import signal
-
     from conftest import DEMO_CONFIG, TINY
 
     from ppma_ray.cli import pretrain as job
@@ -569,13 +549,8 @@ def test_stage_2_alone_says_how_far_stage_1_got_and_waits_for_a_stage_1_still_tr
         job.main(argv)
     assert (f"stage 2 starts from stage 1's checkpoint {ckpt} (epoch 2 of 4, step 8; stage 1 did not finish, so "
             "stage 2 starts from a partly trained MAE)") in capsys.readouterr().err
-    holder = _hold_run(tmp_path / "runs", "r-mae")
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            job.main(argv)
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.wait()
+    with _hold_run(tmp_path / "runs", "r-mae") as holder, pytest.raises(SystemExit) as exit_:
+        job.main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: --stage align: stage 1 is still training ({tmp_path}/runs/r-mae is in use by another "
