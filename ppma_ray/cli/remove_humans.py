@@ -58,42 +58,46 @@ def main(argv: list[str] | None = None) -> int:
                 held.enter_context(exclusive(Path(args.out) / ".removal.lock", str(Path(args.out).resolve())))
             except InUse as e:
                 raise ConfigError(f"--out {e}: wait for it to finish, or use another --out") from None
-            from ppma_ray.privacy.job import RECORDS, fetch_weights, finished_rows, output_paths, removal_settings
+            from ppma_ray.privacy.job import fetch_weights, finished_rows, output_paths, removal_settings
 
             rels = output_paths(table, args.root, args.out)
             done = finished_rows(args.out, table.column("path").to_pylist(), rels,
                                  removal_settings(args.segmenter, args.threshold, args.dilate, args.fps))
             if len(done) < len(rels):
                 fetch_weights(args.segmenter)
-        out = Path(args.out)
-        if done:
-            print(f"{len(done)} of {len(rels)} videos were finished by an earlier run into {out} "
-                  f"(records in {out / RECORDS}): kept, not redone")
-        t0 = time.perf_counter()
-        rows = [{**r, **done[rel]} for r, rel in zip(table.select(["path", "label", "line"]).to_pylist(), rels) if rel in done]
-        todo = table.filter(pa.array([rel not in done for rel in rels]))
-        if todo.num_rows:
-            from ppma_ray.privacy.job import remove_humans
-            from ppma_ray.ray_env import init_ray
+        return _remove(args, table, rels, done)
 
-            init_ray(verbose=args.verbose)
-            rows += remove_humans(todo, out, args.root, args.segmenter, args.threshold, args.dilate, args.fps, args.actors,
-                                  args.gpus_per_actor).to_pylist()
-        wall = time.perf_counter() - t0
-        rows.sort(key=lambda r: r["line"])
-        # replaced in one step: a torn manifest.csv would be a smaller dataset that looks whole
-        write_text_atomic(out / "manifest.csv", "".join(f"{r['out_path']};{r['label']}\n" for r in rows if not r["error"]))
-        write_csv_atomic(out / "report.csv", ["line", "path", "out_path", "label", "frames", "person_frac_before",
-                                              "person_frac_after", "seconds", "error"], rows)
-        failed = [r for r in rows if r["error"]]
-        frames = sum(r["frames"] for r in rows)
-        from ppma_ray.privacy.job import segmenter_family
 
-        write_text_atomic(out / REMOVAL_FILE, json.dumps({
-            "segmenter": args.segmenter, "family": segmenter_family(args.segmenter), "threshold": args.threshold,
-            "dilate": args.dilate, "manifest": str(Path(args.manifest).resolve()), "videos": len(rows) - len(failed)}, indent=2))
-        print(f"{len(rows) - len(failed)} of {len(rows)} videos written to {out} ({frames} frames, {wall:.1f} s)")
-        for r in failed:
-            print(f"  failed line {r['line']}: {r['path']}: {r['error']}")
-        print(f"wrote {out / 'manifest.csv'}, {out / 'report.csv'} and {out / REMOVAL_FILE}")
-        return 1 if failed else 0
+def _remove(args, table: pa.Table, rels: list[str], done: dict) -> int:
+    """The removal of the videos not ``done`` by an earlier run, then the dataset's files."""
+    from ppma_ray.privacy.job import RECORDS, remove_humans, segmenter_family
+
+    out = Path(args.out)
+    if done:
+        print(f"{len(done)} of {len(rels)} videos were finished by an earlier run into {out} "
+              f"(records in {out / RECORDS}): kept, not redone")
+    t0 = time.perf_counter()
+    rows = [{**r, **done[rel]} for r, rel in zip(table.select(["path", "label", "line"]).to_pylist(), rels) if rel in done]
+    todo = table.filter(pa.array([rel not in done for rel in rels]))
+    if todo.num_rows:
+        from ppma_ray.ray_env import init_ray
+
+        init_ray(verbose=args.verbose)
+        rows += remove_humans(todo, out, args.root, args.segmenter, args.threshold, args.dilate, args.fps, args.actors,
+                              args.gpus_per_actor).to_pylist()
+    wall = time.perf_counter() - t0
+    rows.sort(key=lambda r: r["line"])
+    # replaced in one step: a torn manifest.csv would be a smaller dataset that looks whole
+    write_text_atomic(out / "manifest.csv", "".join(f"{r['out_path']};{r['label']}\n" for r in rows if not r["error"]))
+    write_csv_atomic(out / "report.csv", ["line", "path", "out_path", "label", "frames", "person_frac_before",
+                                          "person_frac_after", "seconds", "error"], rows)
+    failed = [r for r in rows if r["error"]]
+    frames = sum(r["frames"] for r in rows)
+    write_text_atomic(out / REMOVAL_FILE, json.dumps({
+        "segmenter": args.segmenter, "family": segmenter_family(args.segmenter), "threshold": args.threshold,
+        "dilate": args.dilate, "manifest": str(Path(args.manifest).resolve()), "videos": len(rows) - len(failed)}, indent=2))
+    print(f"{len(rows) - len(failed)} of {len(rows)} videos written to {out} ({frames} frames, {wall:.1f} s)")
+    for r in failed:
+        print(f"  failed line {r['line']}: {r['path']}: {r['error']}")
+    print(f"wrote {out / 'manifest.csv'}, {out / 'report.csv'} and {out / REMOVAL_FILE}")
+    return 1 if failed else 0
