@@ -26,7 +26,7 @@ from ppma_ray.cli import (bad_input_exits, check_epoch, check_not_running, check
 from ppma_ray.config import ConfigError, SourceConfig
 from ppma_ray.data.catalog import task_name
 from ppma_ray.models.errors import CheckpointError
-from ppma_ray.train.config import coefficients, evaluation_run_name
+from ppma_ray.train.config import coefficients, evaluation_run_name, probe_on_cached_features
 
 
 def default_model_name(checkpoints: list[str], n_models: int, alphas: list[float] | None, learned: bool,
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if alphas is not None and len(coefficients(alphas, n_models)) != n_models:
             raise ConfigError(f"--alpha: {len(alphas)} coefficients for {n_models} models")
         name = args.model_name or default_model_name(args.checkpoint, n_models, alphas, args.learned_alpha, args.per_layer)
-        trains = not (args.protocol == "lp" and args.cache_features)  # on Ray Train, in a run folder
+        trains = not probe_on_cached_features(args.protocol, args.cache_features, args.learned_alpha, n_models)
         if trains:
             check_not_running(cfg, [evaluation_run_name(cfg.run.name, name, task_name(args.task), args.protocol)])
 

@@ -169,6 +169,12 @@ class AverageSpec:
     per_layer: bool = False
 
 
+def probe_on_cached_features(protocol: str, cache_features: bool, learned_alpha: bool, n_models: int) -> bool:
+    """Whether an evaluation is the linear probe on cached features (no Ray Train run, no run folder
+    to resume) rather than a probe or fine-tuning on Ray Train: a learned alpha trains with the head."""
+    return protocol == "lp" and cache_features and not (learned_alpha and n_models > 1)
+
+
 def coefficients(alphas: list[float] | None, n_models: int) -> list[float]:
     """The fixed averaging coefficients of ``n_models`` models: as given, one given for two (the
     first model's; the second gets 1 - alpha), or equal ones when none are given."""

@@ -25,7 +25,8 @@ from ppma_ray.train.checkpoint import (CONFIG_FILE, checkpoint_dirs, count_model
                                       upload_folder)
 from ppma_ray.train.data import resolve_sources
 from ppma_ray.train.linear_probe import linear_probe_cached
-from ppma_ray.train.config import AverageSpec, RunOptions, coefficients, evaluation_run_name
+from ppma_ray.train.config import (AverageSpec, RunOptions, coefficients, evaluation_run_name,
+                                   probe_on_cached_features)
 from ppma_ray.train.runner import decode_cpu_budget, holding, resolve_paths, run_stage
 
 
@@ -92,7 +93,7 @@ def _evaluate(cfg: PretrainConfig, task: str, protocol: str, model_name: str, ch
         raise ValueError("a learned averaging coefficient is trained with the linear probe (--protocol lp)")
     if n_models > 1 and not learned_alpha:
         alphas = coefficients(alphas, n_models)
-    cached = protocol == "lp" and cache_features and not (learned_alpha and n_models > 1)  # no run, no folder to resume
+    cached = probe_on_cached_features(protocol, cache_features, learned_alpha, n_models)
     run_name = evaluation_run_name(cfg.run.name, model_name, name, protocol)
     t0 = time.perf_counter()
     with holding(cfg, run_name):  # one job at a time, from the averaged weights written there to the run's end
