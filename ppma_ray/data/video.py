@@ -13,7 +13,10 @@ A path may be a bucket URI (``s3://``, ``gs://``; ``ppma_ray.data.objectstore``)
 whole into memory, with retries, and decoded from there; a frame folder may be a bucket prefix.
 
 Backends (``backend=``, config ``data.decode.backend``), all returning the same layout and the same
-frame for the same index (frame ``i`` is the ``i``-th in presentation order):
+frame for the same index (frame ``i`` is the ``i``-th in presentation order), upright: a phone
+stores a portrait video as landscape frames plus a display rotation in the container, and every
+backend applies it (decord and torchcodec do so themselves, the PyAV reader here), so one file
+gives the same pixels on a laptop decoding with PyAV and on a cluster decoding with decord:
 
 * ``decord``: the default where it installs (its wheels are Linux x86_64 and Windows only);
 * ``pyav``: PyAV, which bundles FFmpeg on every platform: it demuxes the packet index once (no
@@ -246,13 +249,22 @@ class _PyAVReader:
                     continue
                 if frame.pts > targets[k]:
                     raise VideoDecodeError(self.path, f"frame {indices[k]} (pts {targets[k]}) is missing after a seek")
-                out.append(frame.to_ndarray(format="rgb24"))
+                out.append(_upright(frame))
                 k += 1
                 if k == len(targets) or self._key_before(targets[k]) > frame.pts:
                     break  # done, or the next wanted frame is faster reached by seeking to its keyframe
             else:
                 raise VideoDecodeError(self.path, f"the stream ended before frame {indices[min(k, len(indices) - 1)]}")
         return np.stack(out)
+
+
+def _upright(frame) -> np.ndarray:
+    """A decoded PyAV frame as players show it -> ``(H, W, 3)`` uint8: the container's display
+    rotation applied (counter-clockwise degrees, as decord and torchcodec apply it; a 90-degree
+    turn swaps height and width). PyAV leaves it to the caller."""
+    array = frame.to_ndarray(format="rgb24")
+    turns = round(frame.rotation / 90) % 4
+    return np.rot90(array, turns) if turns else array
 
 
 class _TorchCodecReader:
