@@ -342,6 +342,36 @@ def video_dir(tmp_path_factory) -> Path:
     return root
 
 
+AV1_ENCODE = """
+import sys
+import av, numpy as np
+frames = np.load(sys.argv[2])
+with av.open(sys.argv[1], "w") as c:
+    stream = c.add_stream("libsvtav1", rate=25)
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    stream.options = {"svtav1-params": "lp=1"}
+    for f in frames:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+            c.mux(packet)
+    for packet in stream.encode():
+        c.mux(packet)
+"""
+
+
+@pytest.fixture(scope="session")
+def av1_video(tmp_path_factory) -> Path:
+    """An AV1 .mp4 (24 frames, 64x80), the codec YouTube serves and decord 0.6's FFmpeg cannot
+    decode. Encoded with PyAV's SVT-AV1 in a fresh process: once decord is imported, PyAV's
+    encoders may fail to open (both bundle FFmpeg)."""
+    root = tmp_path_factory.mktemp("av1")
+    np.save(root / "frames.npy", make_clip(seed=5))
+    r = subprocess.run([sys.executable, "-c", AV1_ENCODE, str(root / "av1.mp4"), str(root / "frames.npy")],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode:
+        pytest.skip(f"PyAV here cannot encode AV1: {r.stderr.strip().splitlines()[-1:]}")
+    return root / "av1.mp4"
+
+
 def as_saved_on_gpu(path: Path) -> None:
     """Rewrite a ``torch.save`` file so that its tensors are recorded as ``cuda:0`` storages, exactly
     as a GPU worker writes them (the storage location is a string in ``data.pkl``)."""

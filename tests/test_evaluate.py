@@ -62,19 +62,40 @@ class _ConstModel(torch.nn.Module):
         return torch.stack([m, -m, torch.zeros_like(m)], dim=1)
 
 
-def test_every_test_video_counts_once_and_a_broken_one_is_excluded_and_named(ray_session, video_dir):
-    paths = [str(video_dir / f"good{i}.mp4") for i in range(3)] + [str(video_dir / "text.mp4"), str(video_dir / "frames_ok")]
-    src = Source("t", pa.table({"path": paths, "label": [0, 1, 0, 1, 2]}))
+def test_every_test_video_counts_once_and_a_broken_one_is_excluded_and_named(ray_session, video_dir, av1_video):
+    """... and a video decord cannot decode (AV1) is evaluated, decoded with PyAV, and counted."""
+    from ppma_ray.data.video import backend_problem
+
+    paths = [str(video_dir / f"good{i}.mp4") for i in range(3)] + [str(video_dir / "text.mp4"), str(video_dir / "frames_ok"),
+                                                                   str(av1_video)]
+    src = Source("t", pa.table({"path": paths, "label": [0, 1, 0, 1, 2, 0]}))
     res = DecodeConfig(rows_per_task=2)
     seen = []
     for rank in range(2):  # two ranks split the list without overlap
         for b in eval_stream(src, CLIP, res, world=2, rank=rank, num_clips=2, num_crops=3):
             assert b["video"].shape[1:3] == (6, 4)  # 2 clips x 3 crops, 4 frames
             seen += b["row"].tolist()
-    assert sorted(seen) == [0, 1, 2, 3, 4]
+    assert sorted(seen) == [0, 1, 2, 3, 4, 5]
     out = multiview_test(_ConstModel(), src, WorkerContext(rank=0, world=1, device=torch.device("cpu"), clip=CLIP, decode=res))
-    assert out["videos"] == 4 and out["failed"] == 1 and out["failed_rows"] == [3]
+    assert out["videos"] == 5 and out["failed"] == 1 and out["failed_rows"] == [3]
+    assert out["decoded_by_pyav"] == (0 if backend_problem("decord") else 1)
     assert out["top5"] == 1.0  # 3 classes: the true class is always in the top 5
+
+
+def test_a_cached_feature_probe_says_how_many_videos_pyav_decoded(ray_session, video_dir, av1_video, capsys):
+    from ppma_ray.data.video import backend_problem
+    from ppma_ray.models.config import ViTConfig
+    from ppma_ray.train.linear_probe import linear_probe_cached
+
+    if backend_problem("decord"):
+        pytest.skip("without decord, auto is PyAV already")
+    cfg = ViTConfig(img_size=32, num_frames=4, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    train = Source("t", pa.table({"path": [str(video_dir / "good0.mp4"), str(av1_video)], "label": [0, 1]}))
+    test = Source("t", pa.table({"path": [str(av1_video), str(video_dir / "good1.mp4")], "label": [1, 0]}))
+    result = linear_probe_cached(cfg, None, train, test, 2, CLIP, DecodeConfig(rows_per_task=2), num_crops=1, epochs=2)
+    assert result["videos"] == 2 and result["failed"] == 0
+    assert "note: videos of t decord could not decode were decoded with PyAV (data.decode.backend auto): 1 train, 1 test" \
+        in capsys.readouterr().out
 
 
 def _clf(seed):
@@ -208,7 +229,8 @@ def test_a_random_init_probe_uses_one_seeded_trunk_in_every_extractor_process():
     assert trunk_weights(cfg, given, seed=0) is given
     # two extractor processes built from those weights compute the same features
     batch = {"video": np.random.default_rng(0).integers(0, 255, (2, 1, 4, 32, 32, 3), dtype=np.uint8),
-             "label": np.zeros(2), "source": np.zeros(2), "row": np.arange(2), "ok": np.ones(2, dtype=bool)}
+             "label": np.zeros(2), "source": np.zeros(2), "row": np.arange(2), "ok": np.ones(2, dtype=bool),
+             "fallback": np.zeros(2, dtype=np.int64)}
     f1 = FeatureExtractor(cfg.to_dict(), None)
     f1.model.load_state_dict(a, strict=False)
     torch.manual_seed(3)

@@ -10,7 +10,7 @@ from ppma_ray.data.mixing import plan_epoch
 from ppma_ray.data.config import ClipConfig, DecodeConfig
 from ppma_ray.data.pipeline import DataFailureError, FailureTracker, Source, build_dataset, plan_to_table
 from ppma_ray.data.transforms import EvalTransform, TrainTransform
-from ppma_ray.data.video import sample_clip
+from ppma_ray.data.video import backend_problem, sample_clip
 
 CLIP = ClipConfig(num_frames=8, clip_seconds=1.2, img_size=32, short_side=40)
 DECODE = DecodeConfig()
@@ -89,6 +89,41 @@ def test_corrupt_videos_are_skipped_counted_and_the_threshold_stops_the_run(ray_
     with pytest.raises(DataFailureError, match="failed to decode"):
         for b in ds.iter_torch_batches(batch_size=4):
             strict.update({k: v.numpy() for k, v in b.items()})
+
+
+@pytest.mark.skipif(bool(backend_problem("decord")), reason="without decord, auto is PyAV already")
+def test_videos_decord_cannot_decode_train_with_pyav_and_are_counted(demo, av1_video):
+    """Under ``auto`` an AV1 video (decord cannot open it) is decoded with PyAV, not rejected; the
+    batch marks its clips (``fallback``), the tracker counts it per video, keeps it through a
+    checkpoint, and gives one note naming the video and decord's error."""
+    import pyarrow as pa
+
+    from ppma_ray.data.pipeline import decode_batch, decode_eval_batch
+
+    root, m = demo
+    h264 = str(root / "nohuman" / read_manifest(m["nohuman"]["train"]).column("path")[0].as_py())
+    table = pa.table({"path": [h264, str(av1_video)], "label": [0, 1]})
+    sources = [Source("mine", table)]
+    rows = plan_to_table(sources, np.array([[0, 0], [0, 1]], dtype=np.int64)).to_pydict()
+    batch = {k: np.asarray(v, dtype=object if k == "path" else None) for k, v in rows.items()}
+    out = decode_batch(batch, CLIP, seed=0, repeats=2)
+    assert out["ok"].tolist() == [1, 1, 1, 1] and out["fallback"].tolist() == [0, 0, 1, 1]
+    assert out["video"][2:].std() > 10  # real pixels, not the zeros of a failed clip
+    strict = decode_batch(batch, CLIP, seed=0, repeats=2, backend="decord")
+    assert strict["ok"].tolist() == [1, 1, 0, 0] and not strict["fallback"].any()
+    views = decode_eval_batch(batch, CLIP, num_clips=2, num_crops=1)
+    assert views["ok"].tolist() == [1, 1] and views["fallback"].tolist() == [0, 1]
+
+    tracker = FailureTracker(sources)
+    kept = tracker.update(out)
+    assert len(kept["ok"]) == 4 and tracker.summary() == {"mine": {"videos": 2, "failed": 0, "decoded_by_pyav": 1}}
+    tracker.update(out)  # the same video again (another epoch): still one
+    note = tracker.fallback_note()
+    assert note.startswith(f"note: {av1_video}: decord failed on this av1 video: cannot open video") and "1 so far" in note
+    assert tracker.fallback_note() is None  # said once; counted from then on
+    restored = FailureTracker(sources)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.summary() == tracker.summary()
 
 
 def _batch(source: int, rows, ok, repeats: int = 4) -> dict:

@@ -58,6 +58,27 @@ def clips_with_people(tmp_path):
     return root
 
 
+def test_remove_humans_says_which_videos_pyav_decoded(av1_video, tmp_path, ray_session, capsys):
+    """An AV1 input (decord cannot open it) is decoded with PyAV under ``auto``: the No-Human
+    video is written, and the console and report.csv say that PyAV decoded it, and why."""
+    from ppma_ray.cli.remove_humans import main
+    from ppma_ray.data.video import backend_problem
+
+    if backend_problem("decord"):
+        pytest.skip("without decord, auto is PyAV already")
+    (tmp_path / "list.csv").write_text(f"{av1_video};2\n")
+    out = tmp_path / "nohuman"
+    assert main([str(tmp_path / "list.csv"), "--out", str(out), "--segmenter", "colorkey:255,0,255"]) == 0
+    stdout = capsys.readouterr().out
+    assert "1 of 1 videos written" in stdout
+    assert f"decord could not decode 1 of the videos; PyAV decoded them (report.csv, pyav_fallback), e.g. line 1: {av1_video}: " \
+           "decord failed on this av1 video" in stdout, stdout
+    with open(out / "report.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert row["out_path"] == "av1.mp4" and row["pyav_fallback"].startswith("decord failed on this av1 video")
+    assert sample_clip(out / "av1.mp4", num_frames=4, seed=0).shape == (4, 64, 80, 3)
+
+
 def test_remove_humans_job_writes_videos_manifest_and_report(clips_with_people, tmp_path, ray_session, capsys):
     from ppma_ray.cli.remove_humans import main
 
@@ -71,6 +92,7 @@ def test_remove_humans_job_writes_videos_manifest_and_report(clips_with_people, 
     with open(out / "report.csv") as f:
         rows = {Path(row["path"]).name: row for row in csv.DictReader(f)}
     assert rows["broken.mp4"]["error"] and not rows["walk0.mp4"]["error"]
+    assert not any(r["pyav_fallback"] for r in rows.values()) and "PyAV decoded" not in stdout  # H.264: decord's
     assert float(rows["walk0.mp4"]["person_frac_before"]) > 0.03 and float(rows["walk0.mp4"]["person_frac_after"]) == 0.0
     clip = sample_clip(out / "walk0.mp4", num_frames=16, clip_seconds=1.0, seed=0)
     assert clip.shape == (16, 64, 96, 3)

@@ -38,3 +38,22 @@ def test_validate_data_job_writes_clean_manifest_and_reject_list(video_dir, mixe
     with open(out / "rejects.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["path"] for r in rows) == sorted(BAD) and all(r["reason"] for r in rows)
+
+
+def test_validate_data_keeps_videos_only_pyav_decodes_and_says_so(video_dir, av1_video, tmp_path, ray_session, capsys):
+    """An AV1 video is clean under ``--backend auto`` (training decodes it with PyAV), and the
+    summary says how many videos need PyAV and why; under ``--backend decord`` it is rejected."""
+    from ppma_ray.cli.validate_data import main
+    from ppma_ray.data.video import backend_problem
+
+    if backend_problem("decord"):
+        pytest.skip("without decord, auto is PyAV already")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"{video_dir / 'good0.mp4'};0\n{av1_video};1\n")
+    assert main([str(manifest), "--out", str(tmp_path / "auto")]) == 0
+    out = capsys.readouterr().out
+    assert "2 rows, 2 ok, 0 rejected" in out
+    assert f"decord cannot decode 1 of the ok rows; --backend auto decodes those with PyAV (in training too), e.g. line 2: {av1_video}: " \
+           "decord failed on this av1 video" in out, out
+    assert main([str(manifest), "--out", str(tmp_path / "decord"), "--backend", "decord"]) == 1
+    assert "2 rows, 1 ok, 1 rejected" in capsys.readouterr().out

@@ -180,6 +180,27 @@ def test_every_backend_turns_rotated_footage_upright(containers, name, turns, ba
     assert (info["height"], info["width"]) == (96, 64)
 
 
+@pytest.mark.skipif(bool(backend_problem("decord")), reason="without decord, auto is PyAV already")
+def test_auto_gives_pyav_the_videos_decord_cannot_decode_and_says_so(av1_video, video_dir):
+    """decord 0.6's FFmpeg predates AV1 (what YouTube serves): asked for by name, decord fails on
+    such a file; ``auto`` decodes it with PyAV and records why (``fallback``), so the pipeline can
+    count it. The frames are PyAV's own: those of a plain decode."""
+    with pytest.raises(VideoDecodeError, match="cannot open video"):
+        VideoSource(av1_video, backend="decord")
+    indices = np.array([23, 0, 9, 9])
+    with VideoSource(av1_video) as src:
+        got = src.get(indices)
+        assert src.backend == "pyav" and src.num_frames == 24
+        assert src.fallback.startswith("decord failed on this av1 video: cannot open video (DECORDError: ")
+        assert "[" not in src.fallback.split("DECORDError: ")[1][:1]  # decord's time and source line dropped
+    assert np.abs(got.astype(int) - _pyav_frames(av1_video, indices).astype(int)).max() == 0
+    info = probe_video(av1_video)
+    assert info["backend"] == "pyav" and info["fallback"] and info["num_frames"] == 24
+    with VideoSource(av1_video, backend="pyav") as src:  # asked for by name: nothing fell back
+        assert src.backend == "pyav" and src.fallback is None
+    assert probe_video(video_dir / "good0.mp4")["backend"] == "decord"  # H.264: decord's, as always
+
+
 def test_without_decord_the_package_imports_and_auto_decodes_with_pyav(sample_videos):
     """As on macOS arm64 or Linux aarch64, where decord has no wheel."""
     import subprocess

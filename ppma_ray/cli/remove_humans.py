@@ -6,7 +6,8 @@ Ray Data streams the videos through a pool of segmenter actors (GPU or CPU); mas
 (--threshold 0.5) and dilated (3x3 cross, --dilate 4 iterations, as HAT); the people are removed by
 temporal background propagation with global alignment, then spatial inpainting. Writes the mp4s
 under OUT (same relative paths), OUT/manifest.csv (same labels), OUT/report.csv (person-pixel
-fraction before/after, frames, seconds, error) and OUT/removal.json (which model removed the people:
+fraction before/after, frames, seconds, error, and pyav_fallback: decord's error for a video it could
+not decode, which PyAV decoded) and OUT/removal.json (which model removed the people:
 ``jobs/audit_privacy.py`` then audits with another family). A video that cannot be read is
 reported; the rest go on.
 
@@ -90,7 +91,7 @@ def _remove(args, table: pa.Table, rels: list[str], done: dict) -> int:
     # replaced in one step: a torn manifest.csv would be a smaller dataset that looks whole
     write_text_atomic(out / "manifest.csv", "".join(f"{r['out_path']};{r['label']}\n" for r in rows if not r["error"]))
     write_csv_atomic(out / "report.csv", ["line", "path", "out_path", "label", "frames", "person_frac_before",
-                                          "person_frac_after", "seconds", "error"], rows)
+                                          "person_frac_after", "seconds", "error", "pyav_fallback"], rows)
     failed = [r for r in rows if r["error"]]
     frames = sum(r["frames"] for r in rows)
     write_text_atomic(out / REMOVAL_FILE, json.dumps({
@@ -99,5 +100,8 @@ def _remove(args, table: pa.Table, rels: list[str], done: dict) -> int:
     print(f"{len(rows) - len(failed)} of {len(rows)} videos written to {out} ({frames} frames, {wall:.1f} s)")
     for r in failed:
         print(f"  failed line {r['line']}: {r['path']}: {r['error']}")
+    if pyav := [r for r in rows if r.get("pyav_fallback")]:  # records of earlier runs may lack the key
+        print(f"  decord could not decode {len(pyav)} of the videos; PyAV decoded them (report.csv, pyav_fallback), "
+              f"e.g. line {pyav[0]['line']}: {pyav[0]['path']}: {pyav[0]['pyav_fallback']}")
     print(f"wrote {out / 'manifest.csv'}, {out / 'report.csv'} and {out / REMOVAL_FILE}")
     return 1 if failed else 0

@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.manifest}: {table.num_rows} rows, {clean.num_rows} ok, {rejected.num_rows} rejected")
     if frames:
         print(f"  frames per video: min {min(frames)}, median {sorted(frames)[len(frames) // 2]}, max {max(frames)}")
+    if fallbacks := [r for r in clean.select(["line", "path", "fallback"]).to_pylist() if r["fallback"]]:
+        first = fallbacks[0]
+        print(f"  decord cannot decode {len(fallbacks)} of the ok rows; --backend auto decodes those with PyAV (in training too), "
+              f"e.g. line {first['line']}: {first['path']}: {first['fallback']}")
     for row in rejected.select(["line", "path", "reason"]).to_pylist()[:20]:
         print(f"  rejected line {row['line']}: {row['path']}: {row['reason']}")
     if rejected.num_rows > 20:

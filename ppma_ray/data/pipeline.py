@@ -22,7 +22,7 @@ import ray
 
 from ppma_ray.data.config import ClipConfig, DecodeConfig
 from ppma_ray.data.transforms import EvalTransform, TrainTransform
-from ppma_ray.data.video import VideoDecodeError, probe_video, sample_clip, sample_clips
+from ppma_ray.data.video import VideoDecodeError, VideoSource, even_windows, probe_video, random_window
 
 
 @dataclass
@@ -70,23 +70,26 @@ def plan_to_table(sources: list[Source], plan: np.ndarray, slots: np.ndarray | N
 
 def decode_batch(batch: dict[str, np.ndarray], clip: ClipConfig, seed: int, repeats: int = 1, max_retries: int = 2,
                  randaug_ops: int = 0, randaug_magnitude: float = 7, backend: str = "auto") -> dict[str, np.ndarray]:
-    """``map_batches`` UDF: n slots -> n * repeats clips ``video: (n*k, T, S, S, C)`` uint8."""
+    """``map_batches`` UDF: n slots -> n * repeats clips ``video: (n*k, T, S, S, C)`` uint8.
+
+    ``ok``: 0 for the clips of a video that failed; ``fallback``: 1 for those of a video that
+    ``auto`` decoded with PyAV because decord could not (``VideoSource.fallback``)."""
     transform = TrainTransform(clip, randaug_ops, randaug_magnitude)
     k, s = repeats, clip.img_size
     n = len(batch["slot"])
     video = np.zeros((n * k, clip.num_frames, s, s, 3), dtype=np.uint8)
     ok = np.ones(n * k, dtype=np.int64)
+    fallback = np.zeros(n * k, dtype=np.int64)
     for i in range(n):
         slot = int(batch["slot"][i])
         rng = np.random.default_rng([seed, slot])
         frames = None
         for _ in range(1 + max_retries):
             try:
-                frames = sample_clip(
-                    batch["path"][i], clip.num_frames, clip.clip_seconds, rng=rng,
-                    fps=_opt(batch["fps"][i]), start_s=_opt(batch["start_s"][i]), end_s=_opt(batch["end_s"][i]),
-                    backend=backend,
-                )
+                with VideoSource(batch["path"][i], _opt(batch["fps"][i]), backend) as src:
+                    frames = random_window(src, clip.num_frames, clip.clip_seconds, rng,
+                                           _opt(batch["start_s"][i]), _opt(batch["end_s"][i]))
+                    fallback[i * k:(i + 1) * k] = src.fallback is not None
                 break
             except VideoDecodeError:
                 continue
@@ -98,7 +101,7 @@ def decode_batch(batch: dict[str, np.ndarray], clip: ClipConfig, seed: int, repe
             transform.augment(resized, seed=int(rng.integers(2**62)), out=video[i * k + r])
     rep = lambda col: np.repeat(np.asarray(batch[col], dtype=np.int64), k)  # noqa: E731
     return {"video": video, "label": rep("label"), "source": rep("source"), "row": rep("row"),
-            "slot": rep("slot"), "ok": ok}
+            "slot": rep("slot"), "ok": ok, "fallback": fallback}
 
 
 def _opt(x) -> float | None:
@@ -110,22 +113,25 @@ def decode_eval_batch(batch: dict[str, np.ndarray], clip: ClipConfig, num_clips:
     """Deterministic test views of each video: ``video: (n, num_clips * num_crops, T, S, S, C)``.
 
     A video that cannot be decoded is flagged ``ok == 0``: evaluation excludes and reports it,
-    it is never replaced by another clip."""
+    it is never replaced by another clip. ``fallback`` as in ``decode_batch``."""
     s, n = clip.img_size, len(batch["row"])
     views = EvalTransform(crop_size=s, num_crops=num_crops)
     video = np.zeros((n, num_clips * num_crops, clip.num_frames, s, s, 3), dtype=np.uint8)
     ok = np.ones(n, dtype=np.int64)
+    fallback = np.zeros(n, dtype=np.int64)
     for i in range(n):
         try:
-            clips = sample_clips(batch["path"][i], num_clips, clip.num_frames, clip.clip_seconds,
-                                 fps=_opt(batch["fps"][i]), start_s=_opt(batch["start_s"][i]), end_s=_opt(batch["end_s"][i]),
-                                 backend=backend)
+            with VideoSource(batch["path"][i], _opt(batch["fps"][i]), backend) as src:
+                clips = even_windows(src, num_clips, clip.num_frames, clip.clip_seconds,
+                                     _opt(batch["start_s"][i]), _opt(batch["end_s"][i]))
+                fallback[i] = src.fallback is not None
         except VideoDecodeError:
             ok[i] = 0
             continue
         video[i] = np.concatenate([views(c) for c in clips])
     return {"video": video, "label": np.asarray(batch["label"], dtype=np.int64),
-            "source": np.asarray(batch["source"], dtype=np.int64), "row": np.asarray(batch["row"], dtype=np.int64), "ok": ok}
+            "source": np.asarray(batch["source"], dtype=np.int64), "row": np.asarray(batch["row"], dtype=np.int64), "ok": ok,
+            "fallback": fallback}
 
 
 def _configure(decode: DecodeConfig) -> None:
@@ -202,7 +208,9 @@ class FailureTracker:
         self.backend = backend
         self.seen = [np.zeros(s.table.num_rows, dtype=bool) for s in sources]
         self.rejects: dict[tuple[int, int], str] = {}  # (source, row) -> reason
+        self.fallbacks: set[tuple[int, int]] = set()  # (source, row) that ``auto`` decoded with PyAV
         self.failed_clips = 0
+        self._noted = False
 
     def update(self, batch: dict) -> dict:
         """Count a batch and return it without its failed clips."""
@@ -210,6 +218,9 @@ class FailureTracker:
         src, row = np.asarray(batch["source"]), np.asarray(batch["row"])
         for k in np.unique(src).tolist():
             self.seen[k][row[src == k]] = True
+        if "fallback" in batch:
+            for i in np.flatnonzero(np.asarray(batch["fallback"]).astype(bool) & ok).tolist():
+                self.fallbacks.add((int(src[i]), int(row[i])))
         if ok.all():
             return batch
         bad = np.flatnonzero(~ok)
@@ -244,13 +255,31 @@ class FailureTracker:
         return self.sources[source].table.column("path")[row].as_py()
 
     def summary(self) -> dict[str, dict[str, int]]:
-        """``{source: {"videos": seen, "failed": failed}}``, videos counted once."""
+        """``{source: {"videos": seen, "failed": failed}}``, videos counted once; with
+        ``"decoded_by_pyav"`` where ``auto`` decoded some of them with PyAV."""
         failed = np.bincount([s for s, _ in self.rejects], minlength=len(self.sources))
-        return {s.name: {"videos": int(seen.sum()), "failed": int(f)} for s, seen, f in zip(self.sources, self.seen, failed)}
+        pyav = np.bincount([s for s, _ in self.fallbacks], minlength=len(self.sources))
+        return {s.name: {"videos": int(seen.sum()), "failed": int(f), **({"decoded_by_pyav": int(p)} if p else {})}
+                for s, seen, f, p in zip(self.sources, self.seen, failed, pyav)}
+
+    def fallback_note(self) -> str | None:
+        """One line, the first time a video needed ``auto``'s fallback to PyAV (then it is only
+        counted): which video, and decord's error (from one more probe, as for the rejects)."""
+        if self._noted or not self.fallbacks:
+            return None
+        self._noted = True
+        s, r = min(self.fallbacks)
+        try:
+            why = probe_video(self.path(s, r), self.sources[s].fps, self.backend)["fallback"]
+        except VideoDecodeError as e:
+            why = e.reason
+        return (f"note: {self.path(s, r)}: {why}; data.decode.backend auto decodes such videos with PyAV "
+                f"({len(self.fallbacks)} so far; counted as decoded_by_pyav in data_failures.json)")
 
     def state_dict(self) -> dict:
         return {"seen": [np.flatnonzero(s).tolist() for s in self.seen],
                 "rejects": [[s, r, reason] for (s, r), reason in sorted(self.rejects.items())],
+                "fallbacks": sorted([s, r] for s, r in self.fallbacks),
                 "failed_clips": self.failed_clips}
 
     def load_state_dict(self, state: dict) -> None:
@@ -265,6 +294,7 @@ class FailureTracker:
                 self.seen[k][np.asarray(rows, dtype=np.int64)] = True
             for s, r, reason in state["rejects"]:
                 self.rejects.setdefault((int(s), int(r)), reason)
+            self.fallbacks.update((int(s), int(r)) for s, r in state.get("fallbacks", []))  # older checkpoints: none
 
     def rejects_csv(self) -> str:
         """``source,row,path,reason`` of every rejected video (a header only when there is none)."""

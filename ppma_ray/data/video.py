@@ -24,7 +24,9 @@ gives the same pixels on a laptop decoding with PyAV and on a cluster decoding w
   forward, seeking again only when the next wanted frame lies beyond another keyframe;
 * ``torchcodec``: exact-seek mode; it needs a system FFmpeg, so it is used only after a probe
   decode succeeds in the process (``backend_problem``), else a clear error, never a decode failure;
-* ``auto``: decord if it imports, else PyAV.
+* ``auto``: decord if it imports, else PyAV; and PyAV for a file decord cannot open or decode but
+  PyAV can (decord 0.6's FFmpeg predates AV1, which YouTube serves). ``VideoSource.fallback``
+  says so, and the pipeline counts such videos (``FailureTracker``), never silently.
 """
 
 from __future__ import annotations
@@ -119,6 +121,9 @@ class VideoSource:
         self.path = str(path)
         self._frames: list[str] | None = None
         self._reader = None
+        self._auto = backend == "auto"
+        self.backend: str | None = None  # the decoder of this file (None: a frame folder)
+        self.fallback: str | None = None  # why decord could not decode it, when ``auto`` gave it to PyAV
         if objectstore.is_uri(self.path):
             self._open_object(backend)
         else:
@@ -130,7 +135,7 @@ class VideoSource:
             elif p.stat().st_size == 0:
                 raise VideoDecodeError(p, "file is empty (0 bytes)")
             else:
-                self._reader = READERS[resolve_backend(backend)](self.path, self.path)
+                self._open_reader(self.path, backend)
         if self._reader is not None:
             self.fps = float(fps or self._reader.fps or DEFAULT_FRAME_FPS)
             self.num_frames = self._reader.num_frames
@@ -157,7 +162,32 @@ class VideoSource:
             raise VideoDecodeError(self.path, f"cannot read the object ({_short(e)})") from None
         if not data:
             raise VideoDecodeError(self.path, "file is empty (0 bytes)")
-        self._reader = READERS[resolve_backend(backend)](io.BytesIO(data), self.path)
+        self._open_reader(data, backend)
+
+    def _open_reader(self, source: str | bytes, backend: str) -> None:
+        """The decoder for a local path or an object's bytes. Under ``auto``, a file decord cannot
+        open (e.g. AV1: its FFmpeg predates the codec) is opened with PyAV instead."""
+        self._source = source  # a fallback at decode time opens it again
+        chosen = resolve_backend(backend)
+        try:
+            self._reader, self.backend = READERS[chosen](self._fresh(), self.path), chosen
+        except VideoDecodeError as e:
+            if not (self._auto and chosen == "decord"):
+                raise
+            self._reader = self._pyav_instead(e)
+
+    def _fresh(self) -> str | io.BytesIO:
+        return self._source if isinstance(self._source, str) else io.BytesIO(self._source)
+
+    def _pyav_instead(self, error: VideoDecodeError) -> "_PyAVReader":
+        """``auto``'s fallback: PyAV for a file decord failed on; decord's error if PyAV fails too.
+        Recorded in ``backend``/``fallback`` for the caller to count and report (never silent)."""
+        try:
+            reader = _PyAVReader(self._fresh(), self.path)
+        except VideoDecodeError:
+            raise error from None
+        self.backend, self.fallback = "pyav", f"decord failed on this {reader.codec} video: {error.reason}"
+        return reader
 
     def close(self) -> None:
         """Free the decoder now (FFmpeg's buffers), not whenever the garbage collector gets to it."""
@@ -177,6 +207,15 @@ class VideoSource:
             return np.stack([_read_image(self._frames[i]) for i in indices.tolist()])
         unique, inverse = np.unique(indices, return_inverse=True)  # decode each frame once
         try:
+            frames = self._decode(unique)
+        except VideoDecodeError as e:
+            if not (self._auto and self.backend == "decord"):
+                raise
+            frames = self._decode_with_pyav(unique, e)
+        return frames[inverse.reshape(-1)]
+
+    def _decode(self, unique: np.ndarray) -> np.ndarray:
+        try:
             frames = self._reader.get(unique)
         except VideoDecodeError:
             raise
@@ -184,7 +223,22 @@ class VideoSource:
             raise VideoDecodeError(self.path, f"decoding frames failed ({_short(e)})") from None
         if frames.ndim != 4 or frames.shape[0] != len(unique) or frames.shape[-1] != 3:
             raise VideoDecodeError(self.path, f"decoder returned frames of shape {frames.shape}")
-        return frames[inverse.reshape(-1)]
+        return frames
+
+    def _decode_with_pyav(self, unique: np.ndarray, error: VideoDecodeError) -> np.ndarray:
+        """``auto``: frames decord opened but could not decode, from PyAV, if PyAV counts the same
+        frames (the window was drawn from decord's count); else decord's error."""
+        reader = self._pyav_instead(error)
+        if reader.num_frames != self.num_frames:
+            reader.close()
+            self.backend, self.fallback = "decord", None
+            raise error
+        self._reader.close()
+        self._reader = reader
+        try:
+            return self._decode(unique)
+        except VideoDecodeError:
+            raise error from None
 
 
 # The readers take ``(source, name)``: a local path, or an object's bytes in a ``BytesIO`` (every
@@ -231,6 +285,7 @@ class _PyAVReader:
         self._keys = np.sort(np.asarray(keys or pts[:1], dtype=np.int64))
         rate = self._stream.average_rate or self._stream.guessed_rate
         self.num_frames, self.fps = len(self._pts), float(rate) if rate else None
+        self.codec = self._stream.codec_context.codec.canonical_name  # "av1", not its decoder "libdav1d"
 
     def close(self) -> None:
         self._container.close()
@@ -310,11 +365,17 @@ def sample_clip(
         backend: ``auto``, ``decord``, ``pyav`` or ``torchcodec`` (module docstring).
     """
     with VideoSource(path, fps, backend) as src:
-        lo, hi = _segment(src, start_s, end_s)
-        span = window_span(hi - lo, src.fps, clip_seconds)
-        rng = rng if rng is not None else np.random.default_rng(seed)
-        start = lo + int(rng.integers(0, hi - lo - span + 1))
-        return src.get(window_indices(hi - lo, src.fps, num_frames, clip_seconds, start))
+        return random_window(src, num_frames, clip_seconds, rng if rng is not None else np.random.default_rng(seed),
+                             start_s, end_s)
+
+
+def random_window(src: VideoSource, num_frames: int, clip_seconds: float, rng: np.random.Generator,
+                  start_s: float | None = None, end_s: float | None = None) -> np.ndarray:
+    """``sample_clip`` on an open ``VideoSource`` -> ``(num_frames, H, W, C)`` uint8."""
+    lo, hi = _segment(src, start_s, end_s)
+    span = window_span(hi - lo, src.fps, clip_seconds)
+    start = lo + int(rng.integers(0, hi - lo - span + 1))
+    return src.get(window_indices(hi - lo, src.fps, num_frames, clip_seconds, start))
 
 
 def sample_clips(
@@ -330,22 +391,30 @@ def sample_clips(
     """``num_clips`` evenly spaced windows (deterministic, for evaluation) ->
     ``(num_clips, num_frames, H, W, C)`` uint8. Frames shared by windows are decoded once."""
     with VideoSource(path, fps, backend) as src:
-        lo, hi = _segment(src, start_s, end_s)
-        span = window_span(hi - lo, src.fps, clip_seconds)
-        starts = np.linspace(lo, hi - span, num_clips).round().astype(np.int64)
-        idx = np.stack([window_indices(hi - lo, src.fps, num_frames, clip_seconds, int(s)) for s in starts])
-        frames = src.get(idx.reshape(-1))
+        return even_windows(src, num_clips, num_frames, clip_seconds, start_s, end_s)
+
+
+def even_windows(src: VideoSource, num_clips: int, num_frames: int, clip_seconds: float,
+                 start_s: float | None = None, end_s: float | None = None) -> np.ndarray:
+    """``sample_clips`` on an open ``VideoSource`` -> ``(num_clips, num_frames, H, W, C)`` uint8."""
+    lo, hi = _segment(src, start_s, end_s)
+    span = window_span(hi - lo, src.fps, clip_seconds)
+    starts = np.linspace(lo, hi - span, num_clips).round().astype(np.int64)
+    idx = np.stack([window_indices(hi - lo, src.fps, num_frames, clip_seconds, int(s)) for s in starts])
+    frames = src.get(idx.reshape(-1))
     return frames.reshape(num_clips, num_frames, *frames.shape[1:])
 
 
 def probe_video(path: str | os.PathLike, fps: float | None = None, backend: Backend = "auto") -> dict:
     """Open a video, count its frames and decode its first and last frame (the validator's check).
 
-    Returns ``{"num_frames", "fps", "height", "width"}``; raises ``VideoDecodeError``.
+    Returns ``{"num_frames", "fps", "height", "width", "backend", "fallback"}`` (``VideoSource``'s
+    ``backend`` and ``fallback``); raises ``VideoDecodeError``.
     """
     with VideoSource(path, fps, backend) as src:
         frames = src.get(np.array([0, src.num_frames - 1]))
-        return {"num_frames": src.num_frames, "fps": src.fps, "height": frames.shape[1], "width": frames.shape[2]}
+        return {"num_frames": src.num_frames, "fps": src.fps, "height": frames.shape[1], "width": frames.shape[2],
+                "backend": src.backend, "fallback": src.fallback}
 
 
 def _segment(src: VideoSource, start_s: float | None, end_s: float | None) -> tuple[int, int]:
@@ -385,9 +454,13 @@ def _read_image(path: str) -> np.ndarray:
         raise VideoDecodeError(path, f"cannot read frame image ({_short(e)})") from None
 
 
+# decord's errors start with the time and its source line: "[20:10:19] /github/.../video_reader.cc:151: "
+_DECORD_PREFIX = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
 def _short(e: Exception) -> str:
     msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
+    return f"{type(e).__name__}: {_DECORD_PREFIX.sub('', msg[0])[:200] if msg else ''}"
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 25.0, crf: int = 23) -> None:

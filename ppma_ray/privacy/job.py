@@ -99,9 +99,12 @@ def segmenter_family(spec: str) -> str:
             "colorkey": "colour key"}.get(kind, spec)
 
 
-def read_all_frames(path: str, fps: float | None = None) -> tuple[np.ndarray, float]:
+def read_all_frames(path: str, fps: float | None = None) -> tuple[np.ndarray, float, str]:
+    """Every frame, the frame rate, and why decord could not decode the file when ``auto`` gave it
+    to PyAV (``VideoSource.fallback``; empty otherwise)."""
     with VideoSource(path, fps) as src:
-        return src.get(np.arange(src.num_frames)), src.fps
+        frames = src.get(np.arange(src.num_frames))
+        return frames, src.fps, src.fallback or ""
 
 
 class RemoveHumans:
@@ -120,15 +123,15 @@ class RemoveHumans:
     def __call__(self, batch: dict) -> dict:
         rows = [self._one(str(p), str(o)) for p, o in zip(batch["path"], batch["out_path"])]
         return {**{k: np.asarray(v) for k, v in batch.items() if k != "out_path"},
-                **{k: np.asarray([r[k] for r in rows], dtype=object if k in ("out_path", "error") else None)
+                **{k: np.asarray([r[k] for r in rows], dtype=object if k in ("out_path", "error", "pyav_fallback") else None)
                    for k in rows[0]}}
 
     def _one(self, path: str, rel: str) -> dict:
         t0 = time.perf_counter()
         row = {"out_path": "", "frames": 0, "person_frac_before": np.nan, "person_frac_after": np.nan,
-               "seconds": 0.0, "error": ""}
+               "seconds": 0.0, "error": "", "pyav_fallback": ""}
         try:
-            frames, fps = read_all_frames(path, self.fps)
+            frames, fps, row["pyav_fallback"] = read_all_frames(path, self.fps)
             mask = person_mask(self.segment(frames), self.threshold, self.dilate)
             clean = inpaint_video(frames, mask)
             after = self.segment(clean) > self.threshold

@@ -28,14 +28,16 @@ def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> int:
 @torch.no_grad()
 def multiview_test(model, source: Source, ctx: WorkerContext, head: str | None = None, num_clips: int = 2,
                    num_crops: int = 3, batch_size: int = 4) -> dict:
-    """-> ``{"top1", "top5", "videos", "failed", "failed_rows"}`` over the whole list (all ranks)."""
+    """-> ``{"top1", "top5", "videos", "failed", "failed_rows", "decoded_by_pyav"}`` over the whole
+    list (all ranks); ``decoded_by_pyav``: videos decord could not decode that ``auto`` gave to PyAV."""
     model.eval()
-    counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, evaluated, failed
+    counts = torch.zeros(5, dtype=torch.float64)  # top-1 hits, top-5 hits, evaluated, failed, decoded by PyAV
     failed_rows: list[int] = []
     for batch in eval_stream(source, ctx.clip, ctx.decode, ctx.world, ctx.rank, num_clips, num_crops, batch_size):
         ok = batch["ok"].bool()
         failed_rows += batch["row"][~ok].tolist()
         counts[3] += int((~ok).sum())
+        counts[4] += int((batch["fallback"].bool() & ok).sum())
         if not ok.any():
             continue
         video = batch["video"][ok].to(ctx.device)  # (b, V, T, H, W, C)
@@ -56,4 +58,4 @@ def multiview_test(model, source: Source, ctx: WorkerContext, head: str | None =
         failed_rows = sorted(r for part in gathered for r in part)
     n = max(1.0, float(counts[2]))
     return {"top1": float(counts[0]) / n, "top5": float(counts[1]) / n, "videos": int(counts[2]),
-            "failed": int(counts[3]), "failed_rows": sorted(failed_rows)}
+            "failed": int(counts[3]), "failed_rows": sorted(failed_rows), "decoded_by_pyav": int(counts[4])}

@@ -51,7 +51,7 @@ class FeatureExtractor:
                 f = self.model.features(x)
             feats[ok] = f.reshape(int(ok.sum()), v, -1).float().cpu().numpy()
         return {"features": feats, "label": batch["label"], "source": batch["source"], "row": batch["row"],
-                "ok": batch["ok"]}
+                "ok": batch["ok"], "fallback": batch["fallback"]}
 
 
 _HELD: dict = {}  # this process's FeatureExtractor, reused by the CPU tasks of one extraction
@@ -70,8 +70,9 @@ def extract_batch(batch: dict, cfg: dict, weights_ref) -> dict:
 def extract_features(model_cfg: ViTConfig, weights: dict | None, sources: list[Source], clip: ClipConfig,
                      num_clips: int, num_crops: int, decode: DecodeConfig, num_gpus: int | None = None) -> list[dict]:
     """Features of every row of each source, in one pass:
-    ``[{"features": (N, V, D), "label": (N,), "failed_rows"}, ...]``; rows that cannot be decoded
-    are dropped and listed.
+    ``[{"features": (N, V, D), "label": (N,), "failed_rows", "decoded_by_pyav"}, ...]``; rows that
+    cannot be decoded are dropped and listed; ``decoded_by_pyav`` counts the rows decord could not
+    decode that ``auto`` gave to PyAV.
 
     With GPUs in the cluster (``num_gpus``, default: the cluster's), a pool of 1 to ``num_gpus`` actors
     that each reserve one GPU (as they come free of trainers); otherwise CPU tasks fused with the decode. Either way the model runs only
@@ -90,12 +91,13 @@ def extract_features(model_cfg: ViTConfig, weights: dict | None, sources: list[S
         ds = ds.map_batches(extract_batch, fn_kwargs=kwargs, batch_size=decode.rows_per_task, batch_format="numpy",
                             num_cpus=decode.num_cpus_per_task)
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    cat = {key: np.concatenate([p[key] for p in parts]) for key in ("features", "label", "source", "row", "ok")}
+    cat = {key: np.concatenate([p[key] for p in parts]) for key in ("features", "label", "source", "row", "ok", "fallback")}
     out = []
     for k in range(len(sources)):
         mine = cat["source"] == k
         ok, bad = mine & cat["ok"].astype(bool), mine & ~cat["ok"].astype(bool)
-        out.append({"features": cat["features"][ok], "label": cat["label"][ok], "failed_rows": cat["row"][bad].tolist()})
+        out.append({"features": cat["features"][ok], "label": cat["label"][ok], "failed_rows": cat["row"][bad].tolist(),
+                    "decoded_by_pyav": int(cat["fallback"][ok].sum())})
     return out
 
 
@@ -154,4 +156,7 @@ def linear_probe_cached(model_cfg: ViTConfig, weights: dict | None, train: Sourc
     if te["failed_rows"]:
         print(f"WARNING: {len(te['failed_rows'])} test videos of {test.name} could not be decoded and were excluded "
               f"(rows {te['failed_rows'][:20]})", flush=True)
+    if pyav := {name: part["decoded_by_pyav"] for name, part in (("train", tr), ("test", te)) if part["decoded_by_pyav"]}:
+        print(f"note: videos of {test.name} decord could not decode were decoded with PyAV (data.decode.backend auto): "
+              + ", ".join(f"{n} {name}" for name, n in pyav.items()), flush=True)
     return result

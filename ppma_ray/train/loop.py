@@ -253,6 +253,8 @@ def train_loop(loop_config: dict) -> None:
                 torch.distributed.all_gather_object(states, tracker.state_dict())
                 tracker.merge(states)
             state.data_failures = tracker.state_dict()
+            if ctx.rank == 0 and (note := tracker.fallback_note()):
+                console(f"  {note}")
             metrics.update(progress.totals(), step=state.step, epoch=state.epoch, failed_clips=tracker.failed_clips,
                            data_failures=tracker.summary())
             state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, list))}
@@ -311,6 +313,9 @@ def final_test(model, source: ResolvedSource, head: str, ctx: WorkerContext, vie
             if run_dir is not None:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(run_dir / "test_failed_rows.json", json.dumps(res["failed_rows"]))
+        if res["decoded_by_pyav"]:
+            console(f"  note: {res['decoded_by_pyav']} test videos decord could not decode were decoded with PyAV "
+                    "(data.decode.backend auto)")
         console(f"  test ({views[0]}x{views[1]} views): top-1 {res['top1']:.4f} top-5 {res['top5']:.4f} "
                 f"on {res['videos']} videos")
     return {"test_top1": res["top1"], "test_top5": res["top5"], "test_videos": res["videos"], "test_failed": res["failed"]}
