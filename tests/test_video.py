@@ -109,6 +109,16 @@ for name, codec, vfr in (("h264_bframes.mp4", "libx264", False), ("vp9.webm", "l
                 c.mux(packet)
         for packet in stream.encode():
             c.mux(packet)
+# 48 wide once turned: decord 0.6 opens it but fails to decode it (get_batch: "The size must exactly match")
+with av.open(f"{d}/narrow_rotated.mp4", "w") as c:
+    stream = c.add_stream("libx264", rate=25)
+    stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+    stream.set_display_rotation(90)
+    for f in frames[:12]:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+            c.mux(packet)
+    for packet in stream.encode():
+        c.mux(packet)
 # a phone's portrait footage: frames stored sideways, a display rotation in the container
 # (counter-clockwise degrees); PyAV writes one from version 18. 96x64 stored: decord 0.6 fails on
 # turned frames under 64 wide (get_batch: "The size must exactly match"), phones' are 360 and wider
@@ -199,6 +209,24 @@ def test_auto_gives_pyav_the_videos_decord_cannot_decode_and_says_so(av1_video, 
     with VideoSource(av1_video, backend="pyav") as src:  # asked for by name: nothing fell back
         assert src.backend == "pyav" and src.fallback is None
     assert probe_video(video_dir / "good0.mp4")["backend"] == "decord"  # H.264: decord's, as always
+
+
+@pytest.mark.skipif(bool(backend_problem("decord")), reason="without decord, auto is PyAV already")
+def test_auto_gives_pyav_a_video_decord_opens_but_cannot_decode(containers):
+    """The fallback at decode time: decord opens this file (a rotation that leaves it 48 wide) and
+    counts its frames, then fails to decode them; ``auto`` decodes them with PyAV, which counts the
+    same frames, and records decord's error."""
+    path = containers["narrow_rotated.mp4"]
+    with pytest.raises(VideoDecodeError, match="size must exactly match"):
+        VideoSource(path, backend="decord").get(np.array([0, 5]))
+    indices = np.array([11, 0, 5])
+    with VideoSource(path) as src:
+        assert src.backend == "decord" and src.fallback is None  # opened by decord
+        got = src.get(indices)
+        assert src.backend == "pyav" and src.fallback.startswith("decord failed on this h264 video: decoding frames failed")
+    reference = np.rot90(_pyav_frames(path, indices), 1, axes=(1, 2))
+    assert got.shape == reference.shape == (3, 64, 48, 3)
+    assert np.abs(got.astype(int) - reference.astype(int)).mean(axis=(1, 2, 3)).max() < 1.0
 
 
 def test_without_decord_the_package_imports_and_auto_decodes_with_pyav(sample_videos):
