@@ -109,6 +109,19 @@ for name, codec, vfr in (("h264_bframes.mp4", "libx264", False), ("vp9.webm", "l
                 c.mux(packet)
         for packet in stream.encode():
             c.mux(packet)
+# AVI stores no presentation timestamps: with B-frames, decord's and torchcodec's seeks went wrong
+for name, codec, options in (("mpeg4_bframes.avi", "mpeg4", {"bf": "2", "qscale": "2"}),
+                             ("h264_bframes.avi", "libx264", {"bf": "2"})):
+    with av.open(f"{d}/{name}", "w") as c:
+        stream = c.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.gop_size = 8
+        stream.options = options
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
 # 48 wide once turned: decord 0.6 opens it but fails to decode it (get_batch: "The size must exactly match")
 with av.open(f"{d}/narrow_rotated.mp4", "w") as c:
     stream = c.add_stream("libx264", rate=25)
@@ -170,6 +183,28 @@ def test_every_backend_gives_the_same_frames_for_the_same_indices(containers, na
     assert got.shape == reference.shape and got.dtype == np.uint8
     assert np.abs(got.astype(int) - reference.astype(int)).mean(axis=(1, 2, 3)).max() < 1.0
     assert probe_video(path, backend=backend)["num_frames"] == 30
+
+
+@pytest.mark.parametrize("backend", DECODERS)
+@pytest.mark.parametrize("name", ["mpeg4_bframes.avi", "h264_bframes.avi"])
+def test_an_avi_with_b_frames_gives_the_frames_asked_for(containers, name, backend):
+    """AVI (UCF101's and HMDB51's container) keeps no presentation timestamps. With B-frames,
+    decord's seeks returned frames 0, 3, 0, 1, 9, 12, 23, 28 of the MPEG-4 file when asked for
+    0, 3, 7, 8, 13, 16, 21, 29 (and PyAV's seek failed on the H.264 one): such a file is decoded
+    from its first frame on. torchcodec, which indexes by timestamps, refuses it by name."""
+    path = containers[name]
+    indices = np.array([29, 0, 13, 7, 8, 7, 21, 16, 3])
+    src = VideoSource(path, backend=backend)
+    assert src.sequential and src.num_frames == 30
+    if backend == "torchcodec":
+        with pytest.raises(VideoDecodeError, match="torchcodec cannot find the frames of an AVI file with B-frames"):
+            src.get(indices)
+        return
+    reference = _pyav_frames(path, indices)
+    got = src.get(indices)
+    assert np.abs(got.astype(int) - reference.astype(int)).mean(axis=(1, 2, 3)).max() < 1.0
+    assert np.array_equal(src.get(np.array([16, 3])), got[[7, 8]])  # again, from a reader left mid-file
+    assert not VideoSource(containers["mpeg4.avi"], backend=backend).sequential  # without B-frames: seeks as usual
 
 
 @pytest.mark.parametrize("backend", DECODERS)

@@ -50,6 +50,7 @@ os.environ.setdefault("DECORD_LOG_LEVEL", "quiet")
 BACKENDS: tuple[str, ...] = get_args(Backend)
 FRAME_RE = re.compile(r"(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
 DEFAULT_FRAME_FPS = 25.0  # what the PPMA loader assumes for a frame folder
+SEQUENTIAL_CHUNK = 32  # frames decord decodes at a time when it decodes a file from the start
 
 
 class VideoDecodeError(RuntimeError):
@@ -121,6 +122,7 @@ class VideoSource:
         self.path = str(path)
         self._frames: list[str] | None = None
         self._reader = None
+        self.sequential = False  # decoded from the first frame on, never seeking (``_avi_with_b_frames``)
         self._auto = backend == "auto"
         self.backend: str | None = None  # the decoder of this file (None: a frame folder)
         self.fallback: str | None = None  # why decord could not decode it, when ``auto`` gave it to PyAV
@@ -168,9 +170,10 @@ class VideoSource:
         """The decoder for a local path or an object's bytes. Under ``auto``, a file decord cannot
         open (e.g. AV1: its FFmpeg predates the codec) is opened with PyAV instead."""
         self._source = source  # a fallback at decode time opens it again
+        self.sequential = _avi_with_b_frames(self.path, self._fresh())
         chosen = resolve_backend(backend)
         try:
-            self._reader, self.backend = READERS[chosen](self._fresh(), self.path), chosen
+            self._reader, self.backend = self._make(chosen), chosen
         except VideoDecodeError as e:
             if not (self._auto and chosen == "decord"):
                 raise
@@ -179,11 +182,16 @@ class VideoSource:
     def _fresh(self) -> str | io.BytesIO:
         return self._source if isinstance(self._source, str) else io.BytesIO(self._source)
 
+    def _make(self, backend: str):
+        reader = READERS[backend](self._fresh(), self.path)
+        reader.sequential = self.sequential
+        return reader
+
     def _pyav_instead(self, error: VideoDecodeError) -> "_PyAVReader":
         """``auto``'s fallback: PyAV for a file decord failed on; decord's error if PyAV fails too.
         Recorded in ``backend``/``fallback`` for the caller to count and report (never silent)."""
         try:
-            reader = _PyAVReader(self._fresh(), self.path)
+            reader = self._make("pyav")
         except VideoDecodeError:
             raise error from None
         self.backend, self.fallback = "pyav", f"decord failed on this {reader.codec} video: {error.reason}"
@@ -254,8 +262,21 @@ class _DecordReader:
             raise VideoDecodeError(name, f"cannot open video ({_short(e)})") from None
         self.num_frames, self.fps = len(self._reader), self._reader.get_avg_fps()
 
+    sequential = False
+
     def get(self, indices: np.ndarray) -> np.ndarray:
-        return self._reader.get_batch(indices.tolist()).asnumpy()
+        if not self.sequential:
+            return self._reader.get_batch(indices.tolist()).asnumpy()
+        # consecutive runs from frame 0: decord seeks only to frame 0 (which it finds right) and
+        # then decodes forward; in chunks, so that a long video never sits in memory whole
+        out = []
+        for start in range(0, int(indices[-1]) + 1, SEQUENTIAL_CHUNK):
+            stop = min(start + SEQUENTIAL_CHUNK, int(indices[-1]) + 1)
+            chunk = self._reader.get_batch(list(range(start, stop)))
+            wanted = indices[(indices >= start) & (indices < stop)]  # ``indices``: unique, ascending
+            if len(wanted):
+                out.append(chunk.asnumpy()[wanted - start])
+        return np.concatenate(out)
 
     def close(self) -> None:
         del self._reader
@@ -294,7 +315,11 @@ class _PyAVReader:
         i = int(np.searchsorted(self._keys, pts, side="right")) - 1
         return int(self._keys[max(i, 0)])
 
+    sequential = False
+
     def get(self, indices: np.ndarray) -> np.ndarray:
+        if self.sequential:
+            return self._get_counting(indices)
         targets = self._pts[indices]  # ascending: indices are unique and sorted
         out, k = [], 0
         while k < len(targets):
@@ -312,6 +337,36 @@ class _PyAVReader:
                 raise VideoDecodeError(self.path, f"the stream ended before frame {indices[min(k, len(indices) - 1)]}")
         return np.stack(out)
 
+    def _get_counting(self, indices: np.ndarray) -> np.ndarray:
+        """Frame i as the i-th frame decoded from the start, for files whose timestamps cannot be
+        trusted to order frames (``_avi_with_b_frames``)."""
+        self._container.seek(0, stream=self._stream, backward=True, any_frame=False)
+        wanted, out = set(indices.tolist()), []
+        for i, frame in enumerate(self._container.decode(self._stream)):
+            if i in wanted:
+                out.append(_upright(frame))
+                if len(out) == len(wanted):
+                    return np.stack(out)
+        raise VideoDecodeError(self.path, f"the stream ended before frame {int(indices[len(out)])}")
+
+
+def _avi_with_b_frames(name: str, source: str | io.BytesIO) -> bool:
+    """Whether ``source`` is an AVI file with B-frames. AVI stores frames in decoding order with no
+    presentation timestamps; with B-frames the two orders differ, and after a seek decord counts
+    frames in the wrong order (its keyframe list for such a file is off by one or two) and
+    torchcodec by timestamps FFmpeg could only guess: both returned other frames than asked for
+    (decord issues #195 on HMDB51 and #252). Such a file is decoded from its first frame on, never
+    seeking (``VideoSource.sequential``). Others, and AVIs without B-frames, seek as usual."""
+    if not name.lower().endswith(".avi"):
+        return False
+    import av
+
+    try:
+        with av.open(source) as container:
+            return "avi" in container.format.name and bool(container.streams.video[0].codec_context.has_b_frames)
+    except Exception:  # noqa: BLE001 (opening it with the chosen backend reports what is wrong)
+        return False
+
 
 def _upright(frame) -> np.ndarray:
     """A decoded PyAV frame as players show it -> ``(H, W, 3)`` uint8: the container's display
@@ -326,6 +381,7 @@ class _TorchCodecReader:
     def __init__(self, source: str | io.BytesIO, name: str):
         from torchcodec.decoders import VideoDecoder
 
+        self.path = name
         try:
             self._decoder = VideoDecoder(source if isinstance(source, str) else source.getvalue(), seek_mode="exact",
                                          num_ffmpeg_threads=1)
@@ -334,7 +390,12 @@ class _TorchCodecReader:
         meta = self._decoder.metadata
         self.num_frames, self.fps = len(self._decoder), meta.average_fps
 
+    sequential = False
+
     def get(self, indices: np.ndarray) -> np.ndarray:
+        if self.sequential:  # it indexes frames by timestamps, which such a file does not store
+            raise VideoDecodeError(self.path, "torchcodec cannot find the frames of an AVI file with B-frames "
+                                              "(data.decode.backend decord or pyav decodes it)")
         return self._decoder.get_frames_at(indices.tolist()).data.permute(0, 2, 3, 1).numpy()
 
     def close(self) -> None:
