@@ -342,34 +342,63 @@ def video_dir(tmp_path_factory) -> Path:
     return root
 
 
-AV1_ENCODE = """
-import sys
+ENCODE = """
+import fractions, json, sys
 import av, numpy as np
-frames = np.load(sys.argv[2])
-with av.open(sys.argv[1], "w") as c:
-    stream = c.add_stream("libsvtav1", rate=25)
-    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-    stream.options = {"svtav1-params": "lp=1"}
-    for f in frames:
-        for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+for job in json.loads(sys.argv[1]):
+    frames = np.load(job["frames"])
+    with av.open(job["path"], "w") as c:
+        stream = c.add_stream(job["codec"], rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        if job.get("gop"):
+            stream.codec_context.gop_size = job["gop"]
+        stream.options = job.get("options", {})
+        if job.get("rotation") is not None:
+            stream.set_display_rotation(job["rotation"])
+        if job.get("vfr"):
+            stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        t = 0
+        for i, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            if job.get("vfr"):
+                frame.pts, frame.time_base = t, fractions.Fraction(1, 1000)
+                t += 30 if i % 2 else 50
+            for packet in stream.encode(frame):
+                c.mux(packet)
+        for packet in stream.encode():
             c.mux(packet)
-    for packet in stream.encode():
-        c.mux(packet)
 """
+
+
+def encode_videos(folder: Path, jobs: list[dict]) -> dict[str, Path]:
+    """Write videos with PyAV, in a fresh process: once decord is imported, PyAV's VP9 and AV1
+    encoders fail to open (both bundle FFmpeg). Each job: ``name``, ``frames`` ``(T, H, W, 3)``
+    uint8, ``codec``, and optionally ``gop``, ``options`` (the encoder's), ``rotation`` (a display
+    rotation, counter-clockwise degrees; PyAV 18 writes one), ``vfr`` (30 and 50 ms frames).
+    Raises ``subprocess.CalledProcessError`` with the encoder's message."""
+    import json
+
+    staging = folder / ".frames"
+    staging.mkdir()
+    specs = []
+    for job in jobs:
+        np.save(staging / f"{job['name']}.npy", job["frames"])
+        specs.append({**{k: v for k, v in job.items() if k != "frames"}, "path": str(folder / job["name"]),
+                      "frames": str(staging / f"{job['name']}.npy")})
+    subprocess.run([sys.executable, "-c", ENCODE, json.dumps(specs)], check=True, timeout=120, capture_output=True, text=True)
+    return {job["name"]: folder / job["name"] for job in jobs}
 
 
 @pytest.fixture(scope="session")
 def av1_video(tmp_path_factory) -> Path:
     """An AV1 .mp4 (24 frames, 64x80), the codec YouTube serves and decord 0.6's FFmpeg cannot
-    decode. Encoded with PyAV's SVT-AV1 in a fresh process: once decord is imported, PyAV's
-    encoders may fail to open (both bundle FFmpeg)."""
-    root = tmp_path_factory.mktemp("av1")
-    np.save(root / "frames.npy", make_clip(seed=5))
-    r = subprocess.run([sys.executable, "-c", AV1_ENCODE, str(root / "av1.mp4"), str(root / "frames.npy")],
-                       capture_output=True, text=True, timeout=120)
-    if r.returncode:
-        pytest.skip(f"PyAV here cannot encode AV1: {r.stderr.strip().splitlines()[-1:]}")
-    return root / "av1.mp4"
+    decode, made with PyAV's SVT-AV1."""
+    try:
+        made = encode_videos(tmp_path_factory.mktemp("av1"), [
+            {"name": "av1.mp4", "frames": make_clip(seed=5), "codec": "libsvtav1", "options": {"svtav1-params": "lp=1"}}])
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"PyAV here cannot encode AV1: {e.stderr.strip().splitlines()[-1:]}")
+    return made["av1.mp4"]
 
 
 def as_saved_on_gpu(path: Path) -> None:

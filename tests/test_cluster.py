@@ -273,8 +273,10 @@ def test_ray_job_submit_runs_pretrain_on_the_cluster_and_checkpoints_when_its_no
            "--runtime-env-json", runtime_env, "--", "python", "jobs/pretrain.py", "--stage", "mae",
            *[a for t in tiny for a in ("--set", t)], "--output-dir", str(out)]
     # `ray drain-node`'s own call, from a process ready before the run starts: the CLI takes seconds to
-    # import, in which the tiny run would be over
-    drainer = subprocess.Popen([sys.executable, "-c", DRAINER, cluster["gcs"], spot_id, "60"], env=env, text=True,
+    # import, in which the tiny run would be over. The deadline is one the run always beats: at 60 s,
+    # a run slowed by the other test worker took 60 s for its 48 steps, the node was reclaimed under
+    # the finished run, and Ray Train waited for a spot node that never came
+    drainer = subprocess.Popen([sys.executable, "-c", DRAINER, cluster["gcs"], spot_id, "600"], env=env, text=True,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert drainer.stdout.readline().strip() == "ready"
     log, metrics = tmp_path / "job.log", tmp_path / "runs/spot-mae/mae_metrics.jsonl"

@@ -83,89 +83,39 @@ def test_corrupt_inputs_raise_video_decode_error_naming_the_file(video_dir, name
     assert str(video_dir / name) in str(e.value) and words in str(e.value)
 
 
-ENCODE = """
-import fractions, sys
-import av, numpy as np
-d = sys.argv[1]
-yy, xx = np.mgrid[0:48, 0:64]
-frames = [np.stack([(xx * 4 + 9 * i) % 256, (yy * 5 + 3 * i) % 256, np.full_like(xx, 20 + 7 * i)], -1).astype(np.uint8)
-          for i in range(30)]
-for name, codec, vfr in (("h264_bframes.mp4", "libx264", False), ("vp9.webm", "libvpx-vp9", False),
-                         ("mpeg4.avi", "mpeg4", False), ("vfr.mp4", "libx264", True)):
-    with av.open(f"{d}/{name}", "w") as c:
-        stream = c.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.codec_context.gop_size = 8
-        stream.options = {"bf": "2"} if codec == "libx264" else {"qscale": "2"} if codec == "mpeg4" else {}
-        if vfr:
-            stream.codec_context.time_base = fractions.Fraction(1, 1000)
-        t = 0
-        for i, f in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
-            if vfr:
-                frame.pts, frame.time_base = t, fractions.Fraction(1, 1000)
-                t += 30 if i % 2 else 50
-            for packet in stream.encode(frame):
-                c.mux(packet)
-        for packet in stream.encode():
-            c.mux(packet)
-# AVI stores no presentation timestamps: with B-frames, decord's and torchcodec's seeks went wrong
-for name, codec, options in (("mpeg4_bframes.avi", "mpeg4", {"bf": "2", "qscale": "2"}),
-                             ("h264_bframes.avi", "libx264", {"bf": "2"})):
-    with av.open(f"{d}/{name}", "w") as c:
-        stream = c.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.codec_context.gop_size = 8
-        stream.options = options
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(packet)
-        for packet in stream.encode():
-            c.mux(packet)
-# 48 wide once turned: decord 0.6 opens it but fails to decode it (get_batch: "The size must exactly match")
-with av.open(f"{d}/narrow_rotated.mp4", "w") as c:
-    stream = c.add_stream("libx264", rate=25)
-    stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-    stream.set_display_rotation(90)
-    for f in frames[:12]:
-        for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-            c.mux(packet)
-    for packet in stream.encode():
-        c.mux(packet)
-# a phone's portrait footage: frames stored sideways, a display rotation in the container
-# (counter-clockwise degrees); PyAV writes one from version 18. 96x64 stored: decord 0.6 fails on
-# turned frames under 64 wide (get_batch: "The size must exactly match"), phones' are 360 and wider
-yy, xx = np.mgrid[0:64, 0:96]
-for name, degrees in (("rotated90.mp4", 90), ("rotated270.mp4", -90)):
-    with av.open(f"{d}/{name}", "w") as c:
-        stream = c.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
-        stream.set_display_rotation(degrees)
-        for i in range(12):
-            f = np.stack([(xx * 3 + 9 * i) % 256, (yy * 4) % 256, np.where(xx < 48, 200, 30)], -1).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(packet)
-        for packet in stream.encode():
-            c.mux(packet)
-"""
-
-
 @pytest.fixture(scope="module")
 def containers(tmp_path_factory) -> dict:
-    """30 frames of moving content in four encodings, made with PyAV: H.264 .mp4 with B-frames,
-    VP9 .webm, MPEG-4 .avi, and an H.264 .mp4 with a variable frame rate (30 and 50 ms frames); a
-    keyframe every 8 frames, so reaching a frame means seeking past earlier keyframes. Encoded in a
-    fresh process: once decord is imported, PyAV's VP9 encoder fails to open (both bundle FFmpeg)."""
-    import subprocess
-    import sys
-
+    """Moving content made with PyAV (``conftest.encode_videos``), 30 frames 48x64 with a keyframe
+    every 8, so reaching a frame means seeking past earlier keyframes: H.264 .mp4 with B-frames,
+    VP9 .webm, MPEG-4 .avi, an H.264 .mp4 with a variable frame rate (30 and 50 ms frames), and AVIs
+    with B-frames (MPEG-4 and H.264: AVI stores no presentation timestamps, and seeks went wrong).
+    With a display rotation: a phone's portrait footage (96x64 stored, turned 90 and -90 degrees)
+    and a file decord 0.6 opens but cannot decode (turned to 48 wide: "The size must exactly
+    match"; phones' are 360 and wider)."""
     import av
+
+    from conftest import encode_videos
 
     if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
         pytest.skip(f"PyAV {av.__version__} cannot write a display rotation (18 can)")
-    d = tmp_path_factory.mktemp("containers")
-    subprocess.run([sys.executable, "-c", ENCODE, str(d)], check=True, timeout=120)
-    return {p.name: p for p in d.iterdir()}
+    yy, xx = np.mgrid[0:48, 0:64]
+    frames = np.stack([np.stack([(xx * 4 + 9 * i) % 256, (yy * 5 + 3 * i) % 256, np.full_like(xx, 20 + 7 * i)], -1)
+                       for i in range(30)]).astype(np.uint8)
+    yy, xx = np.mgrid[0:64, 0:96]
+    portrait = np.stack([np.stack([(xx * 3 + 9 * i) % 256, (yy * 4) % 256, np.where(xx < 48, 200, 30)], -1)
+                         for i in range(12)]).astype(np.uint8)
+    bframes = {"bf": "2"}
+    return encode_videos(tmp_path_factory.mktemp("containers"), [
+        {"name": "h264_bframes.mp4", "frames": frames, "codec": "libx264", "gop": 8, "options": bframes},
+        {"name": "vp9.webm", "frames": frames, "codec": "libvpx-vp9", "gop": 8},
+        {"name": "mpeg4.avi", "frames": frames, "codec": "mpeg4", "gop": 8, "options": {"qscale": "2"}},
+        {"name": "vfr.mp4", "frames": frames, "codec": "libx264", "gop": 8, "options": bframes, "vfr": True},
+        {"name": "mpeg4_bframes.avi", "frames": frames, "codec": "mpeg4", "gop": 8, "options": {**bframes, "qscale": "2"}},
+        {"name": "h264_bframes.avi", "frames": frames, "codec": "libx264", "gop": 8, "options": bframes},
+        {"name": "narrow_rotated.mp4", "frames": frames[:12], "codec": "libx264", "rotation": 90},
+        {"name": "rotated90.mp4", "frames": portrait, "codec": "libx264", "rotation": 90},
+        {"name": "rotated270.mp4", "frames": portrait, "codec": "libx264", "rotation": -90},
+    ])
 
 
 @pytest.mark.parametrize("backend", DECODERS)
