@@ -187,13 +187,17 @@ class VideoSource:
         reader.sequential = self.sequential
         return reader
 
-    def _pyav_instead(self, error: VideoDecodeError) -> "_PyAVReader":
-        """``auto``'s fallback: PyAV for a file decord failed on; decord's error if PyAV fails too.
-        Recorded in ``backend``/``fallback`` for the caller to count and report (never silent)."""
+    def _pyav_instead(self, error: VideoDecodeError, num_frames: int | None = None) -> "_PyAVReader":
+        """``auto``'s fallback: PyAV for a file decord failed on; decord's error if PyAV fails too,
+        or counts other than ``num_frames`` frames. Recorded in ``backend``/``fallback`` for the
+        caller to count and report (never silent)."""
         try:
             reader = self._make("pyav")
         except VideoDecodeError:
             raise error from None
+        if num_frames is not None and reader.num_frames != num_frames:
+            reader.close()
+            raise error
         self.backend, self.fallback = "pyav", f"decord failed on this {reader.codec} video: {error.reason}"
         return reader
 
@@ -236,11 +240,7 @@ class VideoSource:
     def _decode_with_pyav(self, unique: np.ndarray, error: VideoDecodeError) -> np.ndarray:
         """``auto``: frames decord opened but could not decode, from PyAV, if PyAV counts the same
         frames (the window was drawn from decord's count); else decord's error."""
-        reader = self._pyav_instead(error)
-        if reader.num_frames != self.num_frames:
-            reader.close()
-            self.backend, self.fallback = "decord", None
-            raise error
+        reader = self._pyav_instead(error, self.num_frames)
         self._reader.close()
         self._reader = reader
         try:
@@ -269,9 +269,9 @@ class _DecordReader:
             return self._reader.get_batch(indices.tolist()).asnumpy()
         # consecutive runs from frame 0: decord seeks only to frame 0 (which it finds right) and
         # then decodes forward; in chunks, so that a long video never sits in memory whole
-        out = []
-        for start in range(0, int(indices[-1]) + 1, SEQUENTIAL_CHUNK):
-            stop = min(start + SEQUENTIAL_CHUNK, int(indices[-1]) + 1)
+        out, end = [], int(indices[-1]) + 1
+        for start in range(0, end, SEQUENTIAL_CHUNK):
+            stop = min(start + SEQUENTIAL_CHUNK, end)
             chunk = self._reader.get_batch(list(range(start, stop)))
             wanted = indices[(indices >= start) & (indices < stop)]  # ``indices``: unique, ascending
             if len(wanted):
