@@ -99,6 +99,15 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def upload_folder(local: str | os.PathLike, fs: pafs.FileSystem, path: str) -> None:
+    """Copy a local folder's files to ``path`` on ``fs``, one file at a time: pyarrow's threaded
+    ``copy_files`` to S3 deadlocks once a folder holds more files than its IO threads
+    (apache/arrow#15233, fixed in pyarrow 19; with pyarrow 17 a run's logger folder, W&B's offline
+    files among them, hung the run at its first upload). Ray's own syncing does the same
+    (ray-project/ray#32256)."""
+    pafs.copy_files(str(local), path, destination_filesystem=fs, use_threads=False)
+
+
 def list_folder(uri: str) -> list[str]:
     """The URIs of the objects directly under ``uri`` (empty when there are none)."""
     fs, path = filesystem(uri)

@@ -267,8 +267,7 @@ def prune_downloads(cache: Path, keep: Path, unused_s: float = DOWNLOAD_KEEP_S) 
 
 def upload_folder(local: Path, uri: str) -> str:
     """Copy a local folder's files to ``uri`` (object storage); returns ``uri``."""
-    fs, path = objectstore.filesystem(uri)
-    pafs.copy_files(str(local), path, destination_filesystem=fs)
+    objectstore.upload_folder(local, *objectstore.filesystem(uri))
     return uri
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ppma_ray.data.objectstore import upload_folder
 from ppma_ray.schema import flatten
 from ppma_ray.train.step import StepResult
 
@@ -89,10 +90,7 @@ class MetricsLog:
     def upload(self) -> None:
         """With object storage: the logger files, next to the checkpoints (same names as on local storage)."""
         if self.remote and self.directory is not None:
-            import pyarrow.fs as pafs
-
-            fs, path = self.remote
-            pafs.copy_files(str(self.directory), path, destination_filesystem=fs)
+            upload_folder(self.directory, *self.remote)
 
     def _download(self, name: str) -> None:
         import pyarrow.fs as pafs
