@@ -175,11 +175,29 @@ def main(argv: list[str] | None = None) -> int:
             info = api.upload_folder(folder_path=str(out), repo_id=args.push_to_hub,
                                      commit_message=f"ppma_ray export of {cfg.run.name} ({checkpoint.name})")
         except Exception as e:  # offline, refused, rate-limited: whatever the Hub client raises, the export stands
-            print(f"error: --push-to-hub {args.push_to_hub}: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+            print(f"error: --push-to-hub {args.push_to_hub}: {push_error(e)} "
                   f"(the export is in {out}: push it with `hf upload {args.push_to_hub} {out}`)", file=sys.stderr)
             return 1
         print(f"pushed to https://huggingface.co/{args.push_to_hub} ({getattr(info, 'oid', info)})")
     return 0
+
+
+def push_error(e: BaseException, limit: int = 200) -> str:
+    """``Type: first line`` of a failed push, and the error at the bottom of its chain where that line
+    does not say it: the Hub client's requests-based versions (those transformers 4.x installs) wrap a
+    refused connection in a ConnectionError of 300 characters whose reason comes last."""
+    def line(x: BaseException) -> str:
+        text = str(x).splitlines()[0] if str(x) else ""
+        return f"{type(x).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+    root, seen = e, {id(e)}
+    while (below := root.__cause__ or root.__context__) is not None and id(below) not in seen:
+        root = below
+        seen.add(id(root))
+    said = line(e)
+    if root is not e and str(root) and str(root).splitlines()[0] not in said:
+        said += f" (from {line(root)})"
+    return said
 
 
 def check_hub_repo(repo: str) -> None:
