@@ -218,6 +218,10 @@ def test_a_push_without_a_token_stops_first_and_a_failed_push_keeps_the_export(p
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
     monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{port}")
+    # The Hub client keeps one HTTP session per thread; before 1.0 (requests) that of an earlier
+    # test in this process, made while ``_hub_cache`` had turned offline mode on, refuses every request
+    from huggingface_hub import utils as hub_utils
+    (getattr(hub_utils, "reset_sessions", None) or hub_utils.close_session)()
     assert main([str(run), str(tmp_path / "hf"), "--stage", "mae", "--push-to-hub", "org/ppma-tiny"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: --push-to-hub org/ppma-tiny: ") and \
