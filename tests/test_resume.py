@@ -417,13 +417,13 @@ def test_a_failed_stage_is_one_line_per_rank_naming_its_saved_traceback(tmp_path
     from conftest import DEMO_CONFIG, TINY
 
     from ppma_ray.config import load_config
-    from ppma_ray.train.runner import failure_line, save_traceback
+    from ppma_ray.train.runner import failure_line, note_traceback
 
     cfg = load_config(DEMO_CONFIG, [*TINY, f"run.storage_path={tmp_path / 'runs'}"])
     try:
         raise RuntimeError("injected failure at step 3\nsecond line")
     except RuntimeError as e:
-        e.add_note(f"traceback: {save_traceback(cfg, RunOptions('mae', 'r-mae'), rank=0)}")
+        note_traceback(e, cfg, RunOptions('mae', 'r-mae'), rank=0)
         failed = pickle.loads(pickle.dumps(e))
     (saved,) = (tmp_path / "runs/r-mae/errors").glob("rank0-*.txt")
     assert "Traceback (most recent call last)" in saved.read_text() and "second line" in saved.read_text()

@@ -120,8 +120,16 @@ def worker_entry(loop_config: dict) -> None:
         train_loop(loop_config)
     except Exception as e:
         rank = ray.train.get_context().get_world_rank()
-        e.add_note(f"traceback: {save_traceback(loop_config['config'], loop_config['options'], rank)}")
-        raise  # the note is pickled with the exception: the driver names the file
+        note_traceback(e, loop_config["config"], loop_config["options"], rank)
+        raise
+
+
+def note_traceback(e: BaseException, cfg: PretrainConfig, options: RunOptions, rank: int) -> None:
+    """Save the exception being handled (``save_traceback``) and note the file on ``e``: the note is
+    pickled with the exception, so the driver's one line names the file (``failure_line``). The note
+    is what ``e.add_note`` adds on Python 3.11+, written so that 3.10 has it too (there an attribute
+    that the printed traceback leaves out)."""
+    e.__notes__ = [*getattr(e, "__notes__", ()), f"traceback: {save_traceback(cfg, options, rank)}"]
 
 
 def save_traceback(cfg: PretrainConfig, options: RunOptions, rank: int) -> str:
