@@ -21,6 +21,23 @@ def demo(demo_root):
     return demo_root, make_demo(demo_root, seed=0)
 
 
+@pytest.mark.integration  # starts processes
+def test_the_demo_is_written_by_fresh_processes_never_forks_of_the_caller(tmp_path, monkeypatch):
+    """The caller may run Ray's threads (the jobs generate the demo after Ray started, the tests in a
+    worker that holds a Ray session): a fork would copy them mid-flight."""
+    import os
+
+    from ppma_ray.data import demo
+
+    def no_fork():
+        raise AssertionError("make_demo forked the calling process")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    monkeypatch.setattr(demo, "LAYOUT", {"nohuman": (1, 0)})  # this process's plan: 6 videos
+    m = make_demo(tmp_path, seed=0)
+    assert len(m["nohuman"]["train"].read_text().splitlines()) == 6
+
+
 def _sources(demo):
     root, m = demo
     return [Source("nohuman", read_manifest(m["nohuman"]["train"], root=root / "nohuman")),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -222,7 +223,10 @@ def make_demo(root: str | Path, seed: int = 0, workers: int = 2) -> dict[str, di
             # group g holds GROUP_SIZE consecutive videos of one class
             for idx in range(n * NUM_CLASSES):
                 jobs.append((str(root), kind, split, idx, (idx // GROUP_SIZE) % NUM_CLASSES, seed))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # Fresh processes, not forks of this one: a caller that has started Ray (or any other threads)
+    # would fork them mid-flight, which can deadlock a child (Python 3.12+ warns; 3.14 stopped
+    # forking by default). Starting them costs about a second in all.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_job, jobs, chunksize=16))
     lines: dict[tuple[str, str], list[str]] = {}
     for (root_s, kind, split, *_), (rel, label) in zip(jobs, results):
