@@ -239,6 +239,22 @@ def test_a_random_init_probe_uses_one_seeded_trunk_in_every_extractor_process():
     assert np.array_equal(f1(batch)["features"], f2(batch)["features"])
 
 
+def test_an_extractor_reads_the_drivers_weights_without_a_warning(ray_session):
+    """torch 2.4 and 2.5 (which pyproject allows) warn at the first tensor a process unpickles; each
+    decode process of an evaluation printed that FutureWarning on the job's console."""
+    import warnings
+
+    from ppma_ray.models.config import ViTConfig
+    from ppma_ray.train.linear_probe import FeatureExtractor, trunk_weights
+
+    cfg = ViTConfig(img_size=32, num_frames=4, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    weights = trunk_weights(cfg, None, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        extractor = FeatureExtractor(cfg.to_dict(), ray_session.put(weights))
+    assert torch.equal(extractor.model.state_dict()["blocks.0.attn.qkv.weight"], weights["blocks.0.attn.qkv.weight"])
+
+
 def test_the_report_job_tables_the_runs_and_names_a_file_it_cannot_read(tmp_path, capsys):
     """``jobs/report.py``: a row per model, a column per task and protocol, a later run's entry
     replacing an earlier one; a torn or foreign results.json is one line and exit 2."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 import ray
@@ -33,7 +34,12 @@ class FeatureExtractor:
     def __init__(self, cfg: dict, weights_ref):
         self.device = reserved_device()
         self.model = VideoClassifier(ViTConfig(**{**cfg, "head_names": tuple(cfg["head_names"])}), num_classes=1)
-        weights = ray.get(weights_ref) if weights_ref is not None else None
+        with warnings.catch_warnings():
+            # torch 2.4 and 2.5 warn at every tensor unpickled in a process (``torch.load`` without
+            # weights_only, inside torch's own unpickler), and so printed one FutureWarning per decode
+            # process in each evaluation; these are the driver's weights, put in the object store by it
+            warnings.filterwarnings("ignore", "You are using `torch.load` with `weights_only=False`", FutureWarning)
+            weights = ray.get(weights_ref) if weights_ref is not None else None
         if weights is not None:
             load_trunk(self.model, weights)  # the method's transfer rule: fc_norm re-initialised
         self.model.to(self.device).eval()
