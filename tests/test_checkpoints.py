@@ -69,6 +69,55 @@ def test_a_transformers_classifier_imports_with_its_outputs(tmp_path, storage):
         assert (clf.forward_features(x) - tokens).abs().max() <= 1e-4
 
 
+def test_a_sharded_transformers_folder_loads_whole_and_a_missing_shard_is_named(tmp_path):
+    """``save_pretrained`` past ``max_shard_size`` writes ``model-0000K-of-0000N.safetensors`` and
+    their index (the Hub's large models ship so; transformers 4.x wrote ``pytorch_model-*.bin`` shards
+    the same way). Such a folder used to be refused as one without weights; it loads whole, as
+    ``from_hf`` and as ``--init-from``, and counts as one model. A missing shard or a torn index is named."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from ppma_ray.models.export import from_hf
+
+    torch.manual_seed(0)
+    hf = _randomize(transformers.VideoMAEForVideoClassification(_hf_config(transformers, num_labels=5)))
+    hf.save_pretrained(tmp_path / "whole")
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    shards = sorted(sharded.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and not (sharded / "model.safetensors").exists()
+    whole = read_state_dict(tmp_path / "whole")
+    # the same shards as .bin files with their index, as transformers 4.x wrote them (5.x still reads them)
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    (bins / "config.json").write_text((sharded / "config.json").read_text())
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    for shard in shards:
+        torch.save(load_file(str(shard)), bins / shard.name.replace("model-", "pytorch_model-").replace(".safetensors", ".bin"))
+    index["weight_map"] = {k: v.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+                           for k, v in index["weight_map"].items()}
+    (bins / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert not transformers.VideoMAEForVideoClassification.from_pretrained(bins, output_loading_info=True)[1]["missing_keys"]
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        ref = hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits
+        for folder in (sharded, bins):
+            state = read_state_dict(folder)
+            assert state.keys() == whole.keys() and all(torch.equal(state[k], whole[k]) for k in whole)
+            assert models_in(folder) == 1
+            assert (from_hf(folder).eval()(x) - ref).abs().max() <= 1e-4
+            clf = create_model("vit_tiny", "classifier", num_classes=5, embed_dim=64, num_heads=4, **SMALL)
+            report = load_trunk(clf, folder)
+            assert report.layout == "hf" and not report.missing and not report.unexpected
+    shards[1].unlink()
+    for check in (models_in, read_state_dict):
+        with pytest.raises(CheckpointError, match=f"model.safetensors.index.json: shard {shards[1].name} is missing"):
+            check(sharded)
+    (bins / "pytorch_model.bin.index.json").write_text('{"metadata": {}, "weight_map": {')
+    with pytest.raises(CheckpointError, match="pytorch_model.bin.index.json: not a shard index"):
+        load_trunk(clf, bins)
+
+
 def test_a_transformers_pretraining_model_imports_with_its_loss(tmp_path):
     transformers = pytest.importorskip("transformers")
     from ppma_ray.models.export import from_hf

@@ -53,13 +53,14 @@ def test_ppma_style_decoder_refuses_pretraining_export(tmp_path):
         to_hf(create_model("vit_tiny", "mae", **SMALL), tmp_path)
 
 
-def _hub_cache(tmp_path, monkeypatch, hf_model, repo: str = "org/tiny", commit: str = "a" * 40):
-    """``hf_model`` saved into a Hugging Face Hub cache laid out as ``snapshot_download`` leaves it
-    (``models--ORG--NAME/refs/main`` -> ``snapshots/<commit>/``), read offline: no network."""
+def _hub_cache(tmp_path, monkeypatch, hf_model, repo: str = "org/tiny", commit: str = "a" * 40, **save):
+    """``hf_model`` saved (``save_pretrained(**save)``) into a Hugging Face Hub cache laid out as
+    ``snapshot_download`` leaves it (``models--ORG--NAME/refs/main`` -> ``snapshots/<commit>/``), read
+    offline: no network."""
     from huggingface_hub import constants
 
     folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
-    hf_model.save_pretrained(folder / "snapshots" / commit)
+    hf_model.save_pretrained(folder / "snapshots" / commit, **save)
     (folder / "refs").mkdir()
     (folder / "refs" / "main").write_text(commit)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read per call, unlike the environment
@@ -94,6 +95,11 @@ def test_init_from_a_hub_id_reads_the_hub_cache_and_is_checked_before_ray(tmp_pa
 
     saved = load_file(str(tmp_path / "hub/models--org--tiny/snapshots" / ("a" * 40) / "model.safetensors"))
     assert set(read_state_dict("hf://org/tiny")) == set(saved)  # the files, as transformers named them on disk
+    # a repository in shards (the index and its files are what snapshot_download fetches): the same weights
+    _hub_cache(tmp_path, monkeypatch, hf, repo="org/sharded", max_shard_size="100KB")
+    check_weights(cfg, "hf://org/sharded")
+    state = read_state_dict("hf://org/sharded")
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
     with pytest.raises(CheckpointError, match="hf://org/missing: cannot be fetched from the Hugging Face Hub"):
         check_weights(cfg, "hf://org/missing")
     deeper = load_config(DEMO_CONFIG, [*TINY, "model.depth=3"])

@@ -4,7 +4,7 @@
 Accepted sources: our checkpoints (a checkpoint folder or its ``model.safetensors``), VideoMAE
 ``.pth`` files (pretraining or fine-tuned), the released PPMA (omnivision) ``.pt`` files, including
 the ensemble file (``ensemble_weights``: a list of state dicts), and Hugging Face VideoMAE models (a
-``save_pretrained`` folder or its ``model.safetensors`` / ``pytorch_model.bin``, or a Hub id
+``save_pretrained`` folder, whole or in shards, or its ``model.safetensors`` / ``pytorch_model.bin``, or a Hub id
 ``hf://ORG/NAME[@REVISION]``, with the attention
 biases stored as ``q_bias``/``v_bias`` (what transformers writes) or ``query.bias``/``value.bias``).
 
@@ -18,6 +18,7 @@ is an error (``strict=True``, the default), as is a trunk tensor the model has n
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import zipfile
@@ -37,8 +38,10 @@ from ppma_ray.models.mae import PretrainVideoMAE
 Layout = Literal["videomae", "omnivision", "hf"]
 NOT_TRUNK = ("decoder.", "encoder_to_decoder.", "mask_token", "decoder_pos_embed", "heads.", "head.", "pos_embed")
 PREFIXES = ("module.", "trunk.", "_orig_mod.", "encoder.")
-# files looked for in a folder, in this order: ours and transformers' safetensors, transformers' .bin
-FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")
+# files looked for in a folder, in transformers' own order: ours and transformers' safetensors, its
+# shards' index (``save_pretrained`` past ``max_shard_size``), then the legacy .bin file or its index
+FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+INDEX_SUFFIX = ".index.json"
 # our names -> Hugging Face VideoMAE's inside a block (the q/k/v projections are handled apart);
 # the one table for both directions (export.py writes with it)
 HF_BLOCK = {
@@ -62,14 +65,15 @@ class TransferReport:
 
 def weights_file(source: str | os.PathLike) -> Path:
     """The weights file of ``source``: the file itself, or a folder's ``model.safetensors`` /
-    ``pytorch_model.bin`` (our checkpoint folders and Hugging Face ``save_pretrained`` output), or
-    that of a Hugging Face Hub repository, ``hf://ORG/NAME[@REVISION]`` (fetched into the Hub cache)."""
+    ``pytorch_model.bin`` (our checkpoint folders and Hugging Face ``save_pretrained`` output) or the
+    index of its shards, or that of a Hugging Face Hub repository, ``hf://ORG/NAME[@REVISION]``
+    (fetched into the Hub cache)."""
     path = hub.snapshot(source) if hub.is_hub(source) else Path(source)
     if path.is_dir():
         for name in FOLDER_FILES:
             if (path / name).is_file():
                 return path / name
-        raise CheckpointError(f"{path}: a folder without {' or '.join(FOLDER_FILES)}")
+        raise CheckpointError(f"{path}: a folder without weights (none of {', '.join(FOLDER_FILES)})")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
     return path
@@ -85,6 +89,8 @@ def read_checkpoint(source: str | os.PathLike | dict, mmap: bool = False) -> lis
     if isinstance(source, dict):
         return _unwrap_all(source, "the given state dict")
     path = weights_file(source)
+    if path.name.endswith(INDEX_SUFFIX):
+        return [_read_shards(path)]
     if path.suffix == ".safetensors":
         return [load_file(str(path))]
     try:
@@ -94,10 +100,48 @@ def read_checkpoint(source: str | os.PathLike | dict, mmap: bool = False) -> lis
     return _unwrap_all(obj, str(path))
 
 
+def shard_files(index: Path) -> dict[str, Path]:
+    """A sharded checkpoint's index (transformers' ``*.index.json``): each tensor's shard file, every
+    one checked to be there, beside the index (a name that leaves the folder is refused)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a shard index (a JSON object whose weight_map maps each tensor to its shard file)")
+    files = {}
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard:
+            raise CheckpointError(f"{index}: shard {shard!r} is not a file beside the index")
+        if not (index.parent / shard).is_file():
+            raise CheckpointError(f"{index}: shard {shard} is missing ({len(set(weight_map.values()))} shards listed)")
+        files[shard] = index.parent / shard
+    return {name: files[shard] for name, shard in weight_map.items()}
+
+
+def _read_shards(index: Path) -> dict[str, torch.Tensor]:
+    """The one state dict a sharded checkpoint splits over its files; each tensor must be in the
+    shard its index names, and a shard may hold nothing the index does not list."""
+    where = shard_files(index)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(set(where.values())):
+        part = read_checkpoint(file)[0]
+        stray = sorted(k for k in part if where.get(k) != file)
+        if stray:
+            raise CheckpointError(f"{file}: tensors its index {index.name} does not place there: {_few(stray)}")
+        state.update(part)
+    if missing := sorted(set(where) - set(state)):
+        raise CheckpointError(f"{index}: {len(missing)} tensor(s) it lists are not in their shard: {_few(missing)}")
+    return state
+
+
 def models_in(source: str | os.PathLike) -> int:
     """Models in ``source``: one per file, K for the released ensemble file. Reads the safetensors
     header or maps the torch file; no tensor is read."""
     path = weights_file(source)
+    if path.name.endswith(INDEX_SUFFIX):  # one model in shards: the index names them, all there
+        shard_files(path)
+        return 1
     if path.suffix != ".safetensors":
         return len(read_checkpoint(path, mmap=True))
     try:

@@ -144,7 +144,7 @@ def hf_vit_config(c: dict) -> ViTConfig:
 
 def from_hf(path: str | os.PathLike) -> VideoClassifier | PretrainVideoMAE:
     """Build our model from a folder transformers wrote (``config.json`` + ``model.safetensors`` or
-    ``pytorch_model.bin``; attention biases as ``q_bias``/``v_bias`` or ``query.bias``/``value.bias``).
+    ``pytorch_model.bin``, or their shards; attention biases as ``q_bias``/``v_bias`` or ``query.bias``/``value.bias``).
     Every tensor is loaded (strict)."""
     path = Path(path)
     hf_cfg = json.loads((path / "config.json").read_text())

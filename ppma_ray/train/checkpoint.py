@@ -210,7 +210,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     if (newest := run_checkpoint(p)) is not None:
         return newest / MODEL_FILE
-    try:  # a checkpoint folder or a Hugging Face folder (model.safetensors or pytorch_model.bin)
+    try:  # a checkpoint folder or a Hugging Face folder (model.safetensors, pytorch_model.bin or their shards)
         return weights_file(p)
     except CheckpointError:
         raise FileNotFoundError(f"{path}: no weights file, checkpoint, run or Hugging Face folder there") from None
