@@ -150,13 +150,28 @@ def test_an_exported_model_loads_in_transformers_with_nothing_missing(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
+def _released_sinusoid_table(n_position, d_hid):
+    """``get_sinusoid_encoding_table`` of the released code (omnivision/models/vision_transformer.py),
+    verbatim: the buffer its ViT saves as ``pos_embed`` with ``learnable_pos_embed: False``."""
+    import numpy as np
+
+    def get_position_angle_vec(position):
+        return [position / np.power(10000, 2 * (hid_j // 2) / d_hid) for hid_j in range(d_hid)]
+
+    sinusoid_table = np.array([get_position_angle_vec(pos_i) for pos_i in range(n_position)])
+    sinusoid_table[:, 0::2] = np.sin(sinusoid_table[:, 0::2])  # dim 2i
+    sinusoid_table[:, 1::2] = np.cos(sinusoid_table[:, 1::2])  # dim 2i+1
+    return torch.FloatTensor(sinusoid_table).unsqueeze(0)
+
+
 def _omnivision(model, k_bias_seed=1) -> dict:
     """A state dict in the released PPMA code's layout (``MIMOHeadWrapper``: ``trunk.`` + ``heads.``):
     ``patch_embed.proj`` is ``Sequential(PadIm2Video, Conv3d)``, attention has one full qkv bias, the
-    trunk's ``norm`` is the pooled feature's LayerNorm, the head is ``Sequential(Linear)``."""
+    trunk's ``norm`` is the pooled feature's LayerNorm, the head is ``Sequential(Linear)``, and the
+    sinusoid ``pos_embed`` is saved (a persistent buffer there)."""
     state = model.state_dict()
     g = torch.Generator().manual_seed(k_bias_seed)
-    out = {"trunk.pos_embed": torch.zeros(1, model.cfg.num_patches, model.cfg.embed_dim)}
+    out = {"trunk.pos_embed": _released_sinusoid_table(model.cfg.num_patches, model.cfg.embed_dim)}
     for k, v in state.items():
         if k.startswith("patch_embed.proj."):
             out["trunk.patch_embed.proj.1." + k.split(".")[-1]] = v
@@ -186,6 +201,34 @@ def test_the_released_ppma_layout_loads_completely_and_gives_the_same_logits(tmp
     x = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
         assert (fresh(x) - ours(x)).abs().max() <= 1e-5
+
+
+def test_a_learned_position_table_is_refused_not_dropped(tmp_path):
+    """The released ViT's default is ``learnable_pos_embed: True`` (the paper's config turns it off),
+    and VideoMAE's ``use_learnable_pos_emb`` saves a learned ``pos_embed`` too. Our models add the
+    fixed sinusoid table, so such a table used to be dropped by the transfer rule without a word and
+    the model changed; now it has no place in the model, as any other tensor would. The released
+    sinusoid table, stored in fp16 as well, is still dropped: it is what our models add."""
+    from ppma_ray.models.averaging import LearnedAverage
+    from ppma_ray.models.checkpoint import load_trunks
+
+    ours = _randomize(create_model("vit_tiny", "classifier", num_classes=4, **SMALL))
+    state = _omnivision(ours)
+    clf = create_model("vit_tiny", "classifier", num_classes=4, **SMALL)
+    half = {**state, "trunk.pos_embed": state["trunk.pos_embed"].half()}
+    assert not load_trunk(clf, half).unexpected
+    learned = {**state, "trunk.pos_embed": state["trunk.pos_embed"] + 0.02 * torch.randn_like(state["trunk.pos_embed"])}
+    torch.save({"model": learned}, tmp_path / "learned_pos.pt")
+    with pytest.raises(CheckpointError, match="no place in the model: pos_embed; its pos_embed is a learned position table"):
+        load_trunk(clf, tmp_path / "learned_pos.pt")
+    assert load_trunk(clf, learned, strict=False).unexpected == ["pos_embed"]  # partial on purpose: reported
+    # VideoMAE with use_learnable_pos_emb: a zeros-initialised table, never the sinusoid
+    videomae = {"encoder.pos_embed": torch.zeros(1, ours.cfg.num_patches, ours.cfg.embed_dim),
+                **{f"encoder.{k}": v for k, v in ours.state_dict().items() if not k.startswith("heads.")}}
+    with pytest.raises(CheckpointError, match="videomae layout.*learned position table"):
+        load_trunk(create_model("vit_tiny", "mae", **SMALL), videomae)
+    with pytest.raises(CheckpointError, match="no place for: pos_embed"):  # learned averaging, in the worker
+        LearnedAverage(clf, load_trunks([learned, learned]))
 
 
 def test_the_released_ensemble_file_gives_its_models_for_averaging(tmp_path):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ppma_ray.models.errors import CheckpointError
 from ppma_ray.models.heads import VideoClassifier
 
 
@@ -36,8 +37,11 @@ def average_state_dicts(trunks: list[dict[str, torch.Tensor]], alphas) -> dict[s
 
 def _to_classifier_names(trunk: dict, model: VideoClassifier) -> dict:
     """The trunk tensors the classifier has: an MAE encoder's final ``norm`` has no counterpart (a
-    classifier's ``norm`` is Identity); a stage-2 checkpoint's ``fc_norm`` is kept and averaged."""
+    classifier's ``norm`` is Identity); a stage-2 checkpoint's ``fc_norm`` is kept and averaged. Any
+    other tensor without a place (a learned ``pos_embed``) is an error, not left out."""
     own = set(model.state_dict())
+    if extra := sorted(k for k in trunk if k not in own and not k.startswith("norm.")):
+        raise CheckpointError(f"the averaged checkpoints have trunk tensors the model has no place for: {', '.join(extra[:6])}")
     return {k: v for k, v in trunk.items() if k in own}
 
 

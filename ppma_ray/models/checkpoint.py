@@ -12,7 +12,8 @@ The layout is detected from the keys, then every tensor is renamed to one canoni
 classifier's trunk names (``patch_embed.*``, ``blocks.N.*``, ``norm.*``, ``fc_norm.*``). Then the
 method's transfer rule (PPMA §4.1, §5.1) drops the decoder, the mask token, the heads and the final
 norm (``norm`` of an MAE encoder, ``fc_norm`` of a classifier): the pooled-feature ``fc_norm`` is
-re-initialised at every transfer. A tensor the target model needs that the source does not provide
+re-initialised at every transfer. A saved ``pos_embed`` is dropped only if it is the fixed sinusoid
+table our models add; a learned one has no place here. A tensor the target model needs that the source does not provide
 is an error (``strict=True``, the default), as is a trunk tensor the model has no place for.
 """
 
@@ -34,6 +35,7 @@ from torch import nn
 from ppma_ray.models import hub
 from ppma_ray.models.errors import CheckpointError
 from ppma_ray.models.mae import PretrainVideoMAE
+from ppma_ray.models.vit import sinusoid_table
 
 Layout = Literal["videomae", "omnivision", "hf"]
 NOT_TRUNK = ("decoder.", "encoder_to_decoder.", "mask_token", "decoder_pos_embed", "heads.", "head.", "pos_embed")
@@ -269,11 +271,25 @@ def canonical_trunk(state: dict[str, torch.Tensor], keep_final_norm: bool = Fals
     out, dropped = {}, []
     for key, value in state.items():
         k = _strip(key)
+        if k == "pos_embed" and not is_sinusoid(value):
+            out[k] = value  # a learned table: dropping it would silently change the model; no place for it
+            continue
         if k.startswith(NOT_TRUNK) or (k.startswith(("norm.", "fc_norm.")) and not keep_final_norm):
             dropped.append(key)
             continue
         out[k] = value
     return out, dropped
+
+
+def is_sinusoid(pos_embed: torch.Tensor) -> bool:
+    """Whether a checkpoint's ``pos_embed`` is the fixed sinusoid table our models add (the released
+    PPMA config's ``learnable_pos_embed: False`` saves it as a buffer; VideoMAE's default does not
+    save it), so dropping it loses nothing. The tolerance admits a table stored in bf16 or fp16; a
+    learned table (``learnable_pos_embed`` / ``use_learnable_pos_emb``) is far from it."""
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
+        return False
+    table = sinusoid_table(pos_embed.shape[1], pos_embed.shape[2])
+    return torch.allclose(pos_embed.float(), table, rtol=0, atol=5e-3)
 
 
 def load_trunk(model: nn.Module, source: str | os.PathLike | dict, strict: bool = True,
@@ -320,6 +336,8 @@ def match_trunk(model: nn.Module, source: str | os.PathLike | dict, strict: bool
             parts.append(f"{len(report.missing)} tensor(s) the model needs are not in it: {_few(report.missing)}")
         if report.unexpected:
             parts.append(f"{len(report.unexpected)} trunk tensor(s) have no place in the model: {_few(report.unexpected)}")
+        if "pos_embed" in report.unexpected:
+            parts.append("its pos_embed is a learned position table, and this model adds the fixed sinusoid one")
         raise CheckpointError(f"{where} ({layout} layout): {'; '.join(parts)}. Load it partially only on purpose "
                               f"(strict=False; the jobs' --init-from-partial)")
     return report, target, to_load
