@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ppma_ray.config import PretrainConfig
 from ppma_ray.data import objectstore
+from ppma_ray.errors import one_line
 
 
 @dataclass
@@ -113,7 +114,7 @@ def _probe_node(storage_path: str, marker: str, sample_paths: list[str]) -> dict
         fs.delete_file(probe)
         out["marker"] = fs.get_file_info(f"{root.rstrip('/')}/{marker}").type != pafs.FileType.NotFound
     except Exception as e:  # any failure is the answer
-        out["write"] = f"{type(e).__name__}: {e}"
+        out["write"] = one_line(e, 300)
     out["missing"] = [p for p in sample_paths if not _reachable(p)]
     return out
 
@@ -141,7 +142,7 @@ def storage_checks(path: str, samples: list[str] | None = None) -> list[Check]:
         with fs.open_output_stream(f"{root.rstrip('/')}/{marker}") as f:
             f.write(b"ok")
     except Exception as e:
-        out.append(Check("storage writable (driver)", False, f"{path} is not writable: {type(e).__name__}: {e}"))
+        out.append(Check("storage writable (driver)", False, f"{path} is not writable: {one_line(e, 300)}"))
         return out
     try:
         refs = [_probe_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path, marker, samples)

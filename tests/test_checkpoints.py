@@ -317,6 +317,10 @@ def test_the_jobs_refuse_weights_that_do_not_fit_before_ray_starts(tmp_path, dem
     err = job(evaluate.main, "--checkpoint", str(tmp_path / "ensemble.pt"), "--alpha", "0.2", "0.3", "0.5",
               "--task", "demo:motion")
     assert "--alpha: 3 coefficients for 2 models" in err
+    (tmp_path / "downloading.pth").write_bytes(b"")  # a download that never got its first byte
+    for main, flag in ((evaluate.main, "--checkpoint"), (pretrain.main, "--init-from")):
+        err = job(main, flag, str(tmp_path / "downloading.pth"), *(["--task", "demo:motion"] if flag == "--checkpoint" else []))
+        assert err.endswith("downloading.pth: cannot be read as weights (EOFError)"), err  # was an IndexError's traceback
     cfg = load_config(ROOT / "jobs/configs/demo.yaml", sets)
     check_weights(cfg, str(tmp_path / "partial.safetensors"), partial=True)
     assert "missing ['blocks.0.mlp.fc1.weight']" in capsys.readouterr().err

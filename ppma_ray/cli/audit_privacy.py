@@ -24,6 +24,7 @@ from ppma_ray.cli import bad_input_exits, check_writable, number, parser
 from ppma_ray.cli.remove_humans import REMOVAL_FILE
 from ppma_ray.config import ConfigError
 from ppma_ray.data.manifest import read_manifest
+from ppma_ray.errors import one_line
 from ppma_ray.files import write_csv_atomic, write_text_atomic
 
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 removed_by = json.loads(record.read_text(encoding="utf-8"))["segmenter"]
             except (ValueError, KeyError, TypeError) as e:  # edited by hand, or not the removal's
-                raise ConfigError(f"{record}: unreadable, or without a segmenter ({type(e).__name__}: {e}); name the removal's with "
+                raise ConfigError(f"{record}: unreadable, or without a segmenter ({one_line(e)}); name the removal's with "
                                   "--removed-by SPEC") from None
         auditor, independent = pick_auditor(args.segmenter, removed_by, args.allow_same_family)
         if Path(args.out).is_dir():

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ppma_ray.cli import bad_input_exits, check_writable, parser
 from ppma_ray.config import ConfigError
+from ppma_ray.errors import one_line
 
 HUMANS = {
     "removed": "real footage with the people removed (segmented out and inpainted)",
@@ -186,17 +187,14 @@ def push_error(e: BaseException, limit: int = 200) -> str:
     """``Type: first line`` of a failed push, and the error at the bottom of its chain where that line
     does not say it: the Hub client's requests-based versions (those transformers 4.x installs) wrap a
     refused connection in a ConnectionError of 300 characters whose reason comes last."""
-    def line(x: BaseException) -> str:
-        text = str(x).splitlines()[0] if str(x) else ""
-        return f"{type(x).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
-
     root, seen = e, {id(e)}
     while (below := root.__cause__ or root.__context__) is not None and id(below) not in seen:
         root = below
         seen.add(id(root))
-    said = line(e)
-    if root is not e and str(root) and str(root).splitlines()[0] not in said:
-        said += f" (from {line(root)})"
+    said = one_line(e, limit)
+    reason = one_line(root, limit).partition(": ")[2]  # its message; empty when it has none
+    if root is not e and reason and reason not in said:
+        said += f" (from {one_line(root, limit)})"
     return said
 
 

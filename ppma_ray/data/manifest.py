@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ppma_ray.data import objectstore
+from ppma_ray.errors import one_line
 from ppma_ray.files import write_text_atomic
 
 REQUIRED = ("path", "label")
@@ -99,7 +100,7 @@ def _read_label_map(label_map) -> tuple[dict[str, int], str] | None:
     try:
         data = json.loads(file.read_text())
     except (OSError, ValueError) as e:
-        raise ManifestError(file, None, f"not a readable label map ({type(e).__name__}: {e})") from None
+        raise ManifestError(file, None, f"not a readable label map ({one_line(e)})") from None
     # Something-Something's labels.json writes its ids as strings ("43"): take those too
     if not isinstance(data, dict) or not all(str(v).isdigit() for v in data.values()):
         raise ManifestError(file, None, "a label map is a JSON object of class name -> non-negative integer id")

@@ -43,6 +43,7 @@ import numpy as np
 
 from ppma_ray.data import objectstore
 from ppma_ray.data.config import DecodeBackend as Backend
+from ppma_ray.errors import one_line
 
 # decord's bundled FFmpeg prints every demuxer complaint to stderr; errors reach us as exceptions.
 os.environ.setdefault("DECORD_LOG_LEVEL", "quiet")
@@ -516,12 +517,11 @@ def _read_image(path: str) -> np.ndarray:
 
 
 # decord's errors start with the time and its source line: "[20:10:19] /github/.../video_reader.cc:151: "
-_DECORD_PREFIX = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+_DECORD_PREFIX = re.compile(r"^(\w+: )\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 
 
 def _short(e: Exception) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {_DECORD_PREFIX.sub('', msg[0])[:200] if msg else ''}"
+    return _DECORD_PREFIX.sub(r"\1", one_line(e, 260))
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 25.0, crf: int = 23) -> None:

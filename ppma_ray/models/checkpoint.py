@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from ppma_ray.errors import one_line
 from ppma_ray.models import hub
 from ppma_ray.models.errors import CheckpointError
 from ppma_ray.models.mae import PretrainVideoMAE
@@ -98,7 +99,7 @@ def read_checkpoint(source: str | os.PathLike | dict, mmap: bool = False) -> lis
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # a pickled object, a truncated file: say which file
-        raise CheckpointError(f"{path}: cannot be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        raise CheckpointError(f"{path}: cannot be read as weights ({one_line(e)})") from e
     return _unwrap_all(obj, str(path))
 
 
@@ -151,7 +152,7 @@ def models_in(source: str | os.PathLike) -> int:
             if not list(f.keys()):
                 raise CheckpointError(f"{path}: no state dict of tensors found")
     except (OSError, SafetensorError) as e:  # a truncated or foreign file: say which file
-        raise CheckpointError(f"{path}: cannot be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        raise CheckpointError(f"{path}: cannot be read as weights ({one_line(e)})") from e
     return 1
 
 

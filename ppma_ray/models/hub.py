@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ppma_ray.errors import one_line
 from ppma_ray.models.errors import CheckpointError
 
 PREFIX = "hf://"
@@ -39,5 +40,4 @@ def snapshot(uri: str) -> Path:
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=PATTERNS))
     except Exception as e:  # not found, no access, offline without a cached copy: say which
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CheckpointError(f"{uri}: cannot be fetched from the Hugging Face Hub ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"{uri}: cannot be fetched from the Hugging Face Hub ({one_line(e, 300)})") from None

@@ -19,6 +19,7 @@ import ray
 
 from ppma_ray.config import ConfigError
 from ppma_ray.data.video import VideoDecodeError, VideoSource, write_video
+from ppma_ray.errors import one_line
 from ppma_ray.files import write_text_atomic
 from ppma_ray.privacy.inpaint import inpaint_video, person_mask
 
@@ -85,7 +86,7 @@ def fetch_weights(spec: str) -> Path | None:
             torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
         except Exception as e:  # offline, a proxy, a corrupt download
             raise ConfigError(f"--segmenter {spec}: {arch}'s {name} weights are not in the torch hub cache ({cached}) "
-                              f"and could not be downloaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
+                              f"and could not be downloaded ({one_line(e, 120)}): "
                               f"put {os.path.basename(url)} there (on every node), or pass a weights file "
                               f"({kind}:{arch}:PATH)") from None
     return cached

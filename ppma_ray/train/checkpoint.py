@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ppma_ray.data import objectstore
+from ppma_ray.errors import one_line
 from ppma_ray.models import hub
 from ppma_ray.models.checkpoint import models_in, weights_file
 from ppma_ray.models.errors import CheckpointError
@@ -101,7 +102,7 @@ def checkpoint_problem(directory: str | Path) -> str | None:
             list(f.keys())
         torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # any reader error means the same: this folder cannot be resumed from
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return one_line(e)
     return None
 
 

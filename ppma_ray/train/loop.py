@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ppma_ray.config import PretrainConfig, ScalingSettings, StageConfig, StageKind, to_dict
+from ppma_ray.errors import one_line
 from ppma_ray.train.config import RunOptions
 from ppma_ray.data import objectstore
 from ppma_ray.data.pipeline import FailureTracker
@@ -160,7 +161,7 @@ def _resume(candidates: list, stage: Stage, rank: int) -> TrainState:
                 try:
                     state = TrainState.from_saved(load_checkpoint(d, stage.model, stage.optimizer))
                 except Exception as e:  # e.g. a model of another config: reported below, with the folder
-                    problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                    problem = one_line(e, 300)
                 else:
                     if problems and rank == 0:
                         console(f"resuming from {checkpoint.path} (step {state.step})")

@@ -16,6 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from ppma_ray.config import PretrainConfig, absolute_paths
 from ppma_ray.data.demo import make_demo
+from ppma_ray.errors import one_line
 from ppma_ray.train.checkpoint import (FAILURES_FILE, REJECTS_FILE, checkpoint_dirs, location, newest_whole,
                                       open_checkpoint, ray_storage, storage, train_progress)
 from ppma_ray.models.errors import CheckpointError
@@ -165,15 +166,12 @@ def holding(cfg: PretrainConfig, run_name: str):
 
 def failure_line(run_name: str, error: Exception) -> str:
     """``<run> failed: rank R: Type: first line (traceback: FILE)`` for Ray Train's error."""
-    def first_line(e: BaseException) -> str:
-        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
-
     parts = []
     for rank, exc in sorted((getattr(error, "worker_failures", None) or {}).items()):
         base = getattr(exc, "_base_exc", exc)  # Ray wraps the worker's exception with its traceback text
         notes = [n for n in getattr(base, "__notes__", []) if n.startswith("traceback: ")]
-        parts.append(f"rank {rank}: {first_line(base)}" + (f" ({notes[0]})" if notes else ""))
-    return f"{run_name} failed: " + "; ".join(parts or [first_line(error)])  # none: the controller failed
+        parts.append(f"rank {rank}: {one_line(base, 300)}" + (f" ({notes[0]})" if notes else ""))
+    return f"{run_name} failed: " + "; ".join(parts or [one_line(error, 300)])  # none: the controller failed
 
 
 def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None = None,

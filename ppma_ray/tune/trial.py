@@ -18,6 +18,7 @@ from ppma_ray.config import PretrainConfig, SourceConfig
 from ppma_ray.data import objectstore
 from ppma_ray.data.catalog import task_name, task_source
 from ppma_ray.data.manifest import write_ppma_manifest
+from ppma_ray.errors import one_line
 from ppma_ray.ray_env import quiet, quiet_process
 from ppma_ray.train.checkpoint import ray_storage
 from ppma_ray.train.data import resolve_sources
@@ -166,5 +167,5 @@ def result_row(phase: str, result) -> dict:
                 key.startswith(("lp_top1/", "learned_alpha/")):
             row[key] = value
     if result.error:
-        row["error"] = str(result.error).splitlines()[0][:200]
+        row["error"] = one_line(result.error)
     return row
