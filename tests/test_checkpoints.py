@@ -97,7 +97,8 @@ def test_a_sharded_transformers_folder_loads_whole_and_a_missing_shard_is_named(
     index["weight_map"] = {k: v.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
                            for k, v in index["weight_map"].items()}
     (bins / "pytorch_model.bin.index.json").write_text(json.dumps(index))
-    assert not transformers.VideoMAEForVideoClassification.from_pretrained(bins, output_loading_info=True)[1]["missing_keys"]
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6):  # transformers refuses .bin with older torch
+        assert not transformers.VideoMAEForVideoClassification.from_pretrained(bins, output_loading_info=True)[1]["missing_keys"]
     x = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
         ref = hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits
