@@ -191,9 +191,20 @@ def _omnivision(model, k_bias_seed=1) -> dict:
     return out
 
 
+def _adamw_state(state: dict) -> dict:
+    """A real AdamW state dict after one step over ``state``'s tensors, as trainers save it."""
+    params = [torch.nn.Parameter(v.detach().clone().float()) for v in state.values()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    return opt.state_dict()
+
+
 def test_the_released_ppma_layout_loads_completely_and_gives_the_same_logits(tmp_path):
     ours = _randomize(create_model("vit_tiny", "classifier", num_classes=4, **SMALL))
-    torch.save({"model": _omnivision(ours)}, tmp_path / "vitb_b128_ep200_labels.pt")
+    # the whole file as the released trainer writes it (OmnivisionTrainer.save_checkpoint)
+    torch.save({"model": _omnivision(ours), "optimizer": _adamw_state(_omnivision(ours)), "epoch": 50,
+                "loss": {}, "steps": {"train": 1000, "val": 20}}, tmp_path / "vitb_b128_ep200_labels.pt")
     assert detect_layout(_omnivision(ours)) == "omnivision"
     fresh = create_model("vit_tiny", "classifier", num_classes=4, **SMALL).eval()
     report = load_trunk(fresh, tmp_path / "vitb_b128_ep200_labels.pt", keep_final_norm=True)
@@ -202,6 +213,32 @@ def test_the_released_ppma_layout_loads_completely_and_gives_the_same_logits(tmp
     x = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
         assert (fresh(x) - ours(x)).abs().max() <= 1e-5
+
+
+def test_a_checkpoint_saved_by_videomae_training_loads_with_its_args(tmp_path):
+    """VideoMAE's ``save_model`` (as facebookresearch/mae's) stores the run's ``argparse.Namespace``
+    beside the weights: ``{"model", "optimizer", "epoch", "scaler", "args"}``. Weights-only loading
+    refused the whole file for that class, so no checkpoint of a VideoMAE run could be used; the
+    Namespace is allowed now, as data. A class that is not data is still refused, and named."""
+    import argparse
+
+    import numpy as np
+
+    src = _randomize(create_model("vit_tiny", "mae", **SMALL))
+    args = argparse.Namespace(model="pretrain_videomae_base_patch16_224", mask_type="tube", mask_ratio=0.9,
+                              window_size=(2, 4, 4), num_frames=4, input_size=32, lr=1.5e-4, epochs=800,
+                              output_dir="output/pretrain", normlize_target=True, device="cuda")
+    saved = {"model": src.state_dict(), "optimizer": _adamw_state(src.state_dict()), "epoch": 799,
+             "scaler": torch.amp.GradScaler("cpu").state_dict(), "args": args}
+    torch.save(saved, tmp_path / "checkpoint-799.pth")
+    clf = create_model("vit_tiny", "classifier", num_classes=3, **SMALL)
+    report = load_trunk(clf, tmp_path / "checkpoint-799.pth")
+    assert report.layout == "videomae" and not report.missing and not report.unexpected
+    assert torch.equal(clf.blocks[1].mlp.fc2.weight, src.encoder.blocks[1].mlp.fc2.weight)
+    assert models_in(tmp_path / "checkpoint-799.pth") == 1
+    torch.save({**saved, "max_accuracy": np.float64(0.81)}, tmp_path / "with_numpy.pth")
+    with pytest.raises(CheckpointError, match=r"with_numpy.pth: holds a numpy\S*scalar, which is not weights"):
+        load_trunk(clf, tmp_path / "with_numpy.pth")
 
 
 def test_a_learned_position_table_is_refused_not_dropped(tmp_path):

@@ -19,6 +19,8 @@ is an error (``strict=True``, the default), as is a trunk tensor the model has n
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import re
@@ -45,6 +47,9 @@ PREFIXES = ("module.", "trunk.", "_orig_mod.", "encoder.")
 # shards' index (``save_pretrained`` past ``max_shard_size``), then the legacy .bin file or its index
 FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 INDEX_SUFFIX = ".index.json"
+DATA_GLOBALS = [argparse.Namespace]
+# torch's weights-only refusal of a class: "... Unsupported global: GLOBAL argparse.Namespace was not ..."
+UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 # our names -> Hugging Face VideoMAE's inside a block (the q/k/v projections are handled apart);
 # the one table for both directions (export.py writes with it)
 HF_BLOCK = {
@@ -97,10 +102,27 @@ def read_checkpoint(source: str | os.PathLike | dict, mmap: bool = False) -> lis
     if path.suffix == ".safetensors":
         return [load_file(str(path))]
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+        with _data_globals():
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # a pickled object, a truncated file: say which file
+        if found := UNSUPPORTED_GLOBAL.search(str(e)):
+            raise CheckpointError(
+                f"{path}: holds a {found.group(1)}, which is not weights and which weights-only loading does not "
+                f"construct; where you trust the file, save its state dict alone (torch.save(torch.load(FILE, "
+                f"weights_only=False)['model'], 'weights.pth')) and give that") from e
         raise CheckpointError(f"{path}: cannot be read as weights ({one_line(e)})") from e
     return _unwrap_all(obj, str(path))
+
+
+def _data_globals():
+    """Classes that checkpoints of the field pickle beside their weights and that hold data only,
+    allowed while a file is read weights-only: ``argparse.Namespace``, the ``args`` that VideoMAE's
+    and facebookresearch/mae's ``save_model`` store next to ``model``, ``optimizer`` and ``scaler``.
+    Any other class still fails, and is named."""
+    if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: for this read only
+        return torch.serialization.safe_globals(DATA_GLOBALS)
+    torch.serialization.add_safe_globals(DATA_GLOBALS)  # torch 2.4: no scoped form; process-wide
+    return contextlib.nullcontext()
 
 
 def shard_files(index: Path) -> dict[str, Path]:
