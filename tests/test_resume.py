@@ -432,6 +432,31 @@ def test_a_failed_stage_is_one_line_per_rank_naming_its_saved_traceback(tmp_path
                                             f"(traceback: {saved}); rank 1: ValueError: bad shape")
 
 
+def test_a_worker_killed_mid_stage_is_said_so_and_the_same_call_resumes(ray_session, tiny_config, tmp_path):
+    """A real fault: the training worker's process is killed at step 5 (SIGKILL, what the kernel's
+    OOM killer sends), restarts not allowed. Ray's own first line says only "A worker health check
+    failed."; the stage's line says the process died without a Python error and where the same
+    command resumes. The same call then resumes from step 4 and finishes."""
+    from ppma_ray.train.runner import StageFailed
+
+    sets = ["run.name=killed", "mae.epochs=1", "mae.batch_size=8", "mae.samples_per_epoch=64", "run.checkpoint_every=2",
+            "run.fail_at_step=5", "run.fail_mode=kill", "eval.tasks=[]"]
+    cfg = resolve_paths(tiny_config(*sets))
+    with pytest.raises(StageFailed) as failed:
+        run_stage(cfg, RunOptions("mae"))
+    run_dir = tmp_path / "runs/killed-mae"
+    (newest,) = [d for d in run_dir.glob("checkpoint_*") if d.is_dir() and torch.load(d / STATE_FILE, weights_only=True)["step"] == 4]
+    line = str(failed.value)
+    assert len(line.splitlines()) == 1, line
+    assert line.startswith("killed-mae failed: rank 0: its worker process (pid ") and (
+        "died without a Python error: killed (by the kernel's OOM killer, kill -9 or ray stop --force) or crashed "
+        f"(a segfault); the same command resumes from {newest} (step 4)") in line, line
+    assert (run_dir / "failed_at_5").exists()
+    summary = run_stage(cfg, RunOptions("mae"))
+    assert summary["steps"] == 8
+    assert [m["step"] for m in _metrics(run_dir, "mae") if m.get("event") == "resumed"] == [4]
+
+
 def _sigterm_as_it_resumes(ray_session, tmp_path: Path, sets: list[str], gone: str) -> Path:
     """(c) of the test above: ``jobs/pretrain.py --stage align --random-init`` on the damaged run
     folder gets SIGTERM once it has said where it resumes (its signal handler is in place; the

@@ -142,7 +142,9 @@ class RunSettings:
     log_every: int = option(10, ge=1, help="steps between progress lines")
     val_every: int = option(1, ge=1, help="epochs between stage-2 validations (the last epoch always validates)")
     max_steps: int | None = option(None, ge=1, help="stop after this many steps (the schedule still spans all epochs)")
-    fail_at_step: int | None = option(None, ge=0, help="test hook: rank 0 raises once at this step")
+    fail_at_step: int | None = option(None, ge=0, help="test hook: rank 0 fails once at this step")
+    fail_mode: Literal["raise", "kill"] = option("raise", help="test hook: how run.fail_at_step fails: an exception, "
+                                                 "or its process killed (SIGKILL, as the kernel's OOM killer does)")
 
 
 @dataclass

@@ -12,7 +12,9 @@ always continues from ``ray.train.get_checkpoint()`` when there is one.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -163,7 +165,7 @@ def _resume(candidates: list, stage: Stage, rank: int) -> TrainState:
                 except Exception as e:  # e.g. a model of another config: reported below, with the folder
                     problem = one_line(e, 300)
                 else:
-                    if problems and rank == 0:
+                    if rank == 0:  # said every time: which checkpoint a run continues is never left to guess
                         console(f"resuming from {checkpoint.path} (step {state.step})")
                     return state
         problems.append(f"{checkpoint.path}: {problem}")
@@ -397,9 +399,12 @@ def _load_init(model, init_from: str, strict: bool):
 
 
 def _fail_once(cfg: PretrainConfig, run_name: str, step: int) -> None:
-    """Test hook: raise once at ``run.fail_at_step`` (a marker file makes the retry pass)."""
+    """Test hook: fail once at ``run.fail_at_step`` (a marker file makes the retry pass), by raising
+    or by the worker's process being killed (``run.fail_mode``)."""
     marker = Path(cfg.run.storage_path).resolve() / run_name / f"failed_at_{step}"
     if not marker.exists():
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
+        if cfg.run.fail_mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")

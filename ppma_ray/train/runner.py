@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import traceback
 from contextlib import contextmanager
@@ -165,13 +166,51 @@ def holding(cfg: PretrainConfig, run_name: str):
 
 
 def failure_line(run_name: str, error: Exception) -> str:
-    """``<run> failed: rank R: Type: first line (traceback: FILE)`` for Ray Train's error."""
+    """``<run> failed: rank R: Type: first line (traceback: FILE)`` for Ray Train's error; a worker
+    that died without a Python error is said so (``worker_death``)."""
     parts = []
     for rank, exc in sorted((getattr(error, "worker_failures", None) or {}).items()):
         base = getattr(exc, "_base_exc", exc)  # Ray wraps the worker's exception with its traceback text
         notes = [n for n in getattr(base, "__notes__", []) if n.startswith("traceback: ")]
-        parts.append(f"rank {rank}: {one_line(base, 300)}" + (f" ({notes[0]})" if notes else ""))
+        parts.append(f"rank {rank}: {worker_death(base) or one_line(base, 300)}" + (f" ({notes[0]})" if notes else ""))
     return f"{run_name} failed: " + "; ".join(parts or [one_line(error, 300)])  # none: the controller failed
+
+
+def resume_hint(cfg: PretrainConfig, run_name: str) -> str:
+    """What the same command does after a failed stage: it resumes from the run's newest whole
+    checkpoint (named, with its step when local), or starts the stage over."""
+    fs, base, shown = storage(cfg.run.storage_path)
+    newest = newest_whole(fs, f"{base.rstrip('/')}/{run_name}")[0]
+    if newest is None:
+        return "it left no checkpoint: the same command starts the stage over"
+    step = f" (step {train_progress(newest)['step']})" if isinstance(fs, pafs.LocalFileSystem) else ""
+    return f"the same command resumes from {shown}/{run_name}/{newest.rsplit('/', 1)[1]}{step}"
+
+
+def worker_death(exc: BaseException) -> str | None:
+    """How a training worker ended that raised nothing (None: it raised). Ray Train reports such a
+    worker as a failed health check (``WorkerHealthCheckFailedError: A worker health check
+    failed.``, all its first line says) holding the actor's death, whose text names the process,
+    the node and why: its process was killed or crashed, its node died, or Ray's memory monitor
+    killed it."""
+    death = getattr(exc, "health_check_failure", None)
+    if death is None:
+        return None
+    text = str(death)
+    found = {key: re.search(rf"^\s*{key}: (\S+)$", text, re.M) for key in ("pid", "ip")}
+    where = " on ".join(f"{'pid ' if key == 'pid' else ''}{m.group(1)}" for key, m in found.items() if m)
+    where = f" ({where})" if where else ""
+    why = re.search(r"The actor is dead because (its [\w ]+?) has died\.", text)  # its worker process, node, owner
+    exit_type = re.search(r"Worker exit type: (\w+)", text)
+    if why is None:
+        return f"its worker{where} died: {one_line(death, 300)}"
+    said = f"{why.group(1)}{where} died"
+    if exit_type and exit_type.group(1) == "NODE_OUT_OF_MEMORY":
+        return f"{said}: Ray's memory monitor killed it, the node running low on memory"
+    if why.group(1) == "its worker process":
+        return (f"{said} without a Python error: killed (by the kernel's OOM killer, kill -9 or ray stop --force) or "
+                f"crashed (a segfault)")
+    return said
 
 
 def run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None = None,
@@ -212,7 +251,7 @@ def _run_stage(cfg: PretrainConfig, options: RunOptions, callbacks: list | None,
     try:
         result = trainer.fit()
     except TrainingFailedError as e:
-        raise StageFailed(failure_line(options.run_name, e)) from e
+        raise StageFailed(f"{failure_line(options.run_name, e)}; {resume_hint(cfg, options.run_name)}") from e
     wall = time.perf_counter() - t0
     m = result.metrics or {}
     checkpoint, where = result.checkpoint, None
