@@ -74,6 +74,14 @@ class PretrainConfig:
                 raise ConfigError.at(f"{name}.accum_steps", f"each worker's {per_rank} clips ({name}.batch_size / "
                                                             f"scaling.num_workers) do not split into {stage.accum_steps} "
                                                             "equal micro-batches")
+        from ppma_ray.data.objectstore import location_problem
+
+        locations = {"run.storage_path": self.run.storage_path, "data.demo_root": self.data.demo_root}
+        for name, src in self.data.sources.items():
+            locations.update({f"data.sources.{name}.{key}": getattr(src, key) for key in ("manifest", "root", "val_manifest")})
+        for key, path in locations.items():
+            if problem := location_problem(path):
+                raise ConfigError.at(key, problem)
         clip = self.data.clip
         try:
             vit_config(self.model, img_size=clip.img_size, num_frames=clip.num_frames)

@@ -193,6 +193,9 @@ def test_job_specific_bad_input_exits_2_before_ray(tmp_path, no_ray, stage1):
         "stage1": ("tune_mix", "--stage1", str(ROOT / "jobs" / "configs")),  # neither weights nor checkpoints
         "init_from": ("pretrain", "--stage", "align", "--init-from", "nope/checkpoint"),
         "storage": ("evaluate", "--set", "run.storage_path=hdfs://namenode/runs"),  # Ray would take it; we could not
+        # pyarrow's from_uri form: the query would have ended up inside every object name joined onto it
+        "storage_query": ("pretrain", "--set", "run.storage_path=s3://bucket/runs?endpoint_override=localhost:9000"),
+        "root_scheme": ("pretrain", "--set", "data.sources.nohuman.root=abfs://videos/nohuman"),  # was: a local folder
         "eval_task": ("pretrain", "--set", "eval.tasks=[demo:motion, motion]"),  # probed only after both stages
         "task_root": ("evaluate", "--task", "ucf101", "--task-root", "/nope/ucf101"),
         "test_list": ("evaluate", "--task", "mine", "--train-manifest", "/nope/train.csv"),
@@ -227,6 +230,9 @@ def test_job_specific_bad_input_exits_2_before_ray(tmp_path, no_ray, stage1):
                 "stage1": f"{ROOT / 'jobs' / 'configs'}: no weights file, checkpoint, run or Hugging Face folder there",
                 "init_from": "--init-from nope/checkpoint: does not exist",
                 "storage": "run.storage_path: hdfs://namenode/runs: a local path, or a bucket URI (s3://, gs://, gcs://)",
+                "storage_query": "run.storage_path: s3://bucket/runs?endpoint_override=localhost:9000: query parameters "
+                                 "in a bucket URI are not read; set the endpoint and region in the environment",
+                "root_scheme": "data.sources.nohuman.root: abfs://videos/nohuman: a local path, or a bucket URI",
                 "eval_task": "eval.tasks[1]: unknown task 'motion' (demo:<name>, a catalog name",
                 "task_root": "eval.task_root: /nope/ucf101: no such folder (the videos of task 'ucf101')",
                 "test_list": "--train-manifest: the task needs its test list too (--val-manifest)",

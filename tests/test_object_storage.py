@@ -293,3 +293,49 @@ def test_checkpoints_in_the_bucket_are_averaged_and_probed(s3_bucket, ray_sessio
     averaged = load_safetensors(objectstore.read_bytes(f"{runs}/b-avg-motion-lp/averaged/averaged.safetensors"))
     expected = average_state_dicts(load_trunks([str(d / "model.safetensors") for d in local]), [0.25, 0.75])
     assert averaged.keys() == expected.keys() and all(torch.equal(averaged[k], expected[k]) for k in expected)
+
+
+def test_with_runs_in_a_bucket_the_jobs_own_files_go_to_a_local_folder_it_names(s3_bucket, tmp_path, demo_root,
+                                                                                 monkeypatch, capsys):
+    """``run.storage_path: s3://...`` without ``--output-dir``: ``config.json`` and ``results.json``
+    used to be written under ``Path("s3://bucket/runs")``, a local folder named ``s3:`` in the working
+    directory, while the job printed that path as if it were the bucket's. They go to
+    ``./outputs/<run.name>`` now, and the job says so before Ray starts."""
+    import contextlib
+
+    import ppma_ray.train.runner as runner
+    import ppma_ray.train.stop as stop
+    from ppma_ray.cli import pretrain as job
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(job, "start_ray", lambda cfg, verbose: cfg)
+    monkeypatch.setattr(stop, "graceful_stop", lambda name: contextlib.nullcontext())
+    monkeypatch.setattr(runner, "pretrain", lambda cfg, stages, **kw: {})
+    sets = [*TINY, f"data.demo_root={demo_root}", f"run.storage_path={s3_bucket}/runs", "run.name=b", "eval.tasks=[]"]
+    assert job.main([a for s in sets for a in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    assert (f"note: run.storage_path is a bucket; the job's own files (results, config) go to {tmp_path / 'outputs/b'} "
+            "on this machine") in out and f"results: {tmp_path / 'outputs/b/results.json'}" in out, out
+    assert sorted(p.name for p in (tmp_path / "outputs/b").iterdir()) == ["config.json", "results.json"]
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_storage_that_cannot_be_reached_is_one_line_before_ray(s3_bucket, tmp_path, demo_root, monkeypatch, capsys):
+    """``run.storage_path`` in a bucket that is not there (a typo): the job started Ray, and Ray
+    Train's controller failed on it with 80 lines of traceback. The job now writes a probe object
+    there first: one line naming the key, the bucket and S3's answer, exit 2, Ray never started."""
+    from conftest import TINY
+
+    from ppma_ray.cli import pretrain as job
+
+    def no_ray(cfg, verbose):
+        raise AssertionError("the job started Ray")
+
+    monkeypatch.setattr(job, "start_ray", no_ray)
+    sets = [*TINY, f"data.demo_root={demo_root}", "run.storage_path=s3://ppma-tset/runs", "eval.tasks=[]"]
+    with pytest.raises(SystemExit) as exit_:
+        job.main([a for s in sets for a in ("--set", s)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: run.storage_path: s3://ppma-tset/runs cannot be written (When "), err
+    assert "in bucket 'ppma-tset'" in err and "NO_SUCH_BUCKET" in err, err

@@ -23,6 +23,7 @@ from ppma_ray.config import (TRAINING_SECTIONS, ConfigError, PretrainConfig, Sou
                              dump_yaml, load_config)
 from ppma_ray.data import objectstore
 from ppma_ray.data.manifest import ManifestError, label_map_of, read_manifest
+from ppma_ray.errors import one_line
 from ppma_ray.schema import check_all
 
 # The demo config ships beside the jobs (jobs/configs/); an installed entry point finds it from a
@@ -116,10 +117,6 @@ def finish_config(args: argparse.Namespace, cfg: PretrainConfig) -> PretrainConf
     problem = backend_problem(cfg.data.decode.backend)
     if problem:  # this machine; decode nodes of a cluster are checked by their first task
         raise ConfigError.at("data.decode.backend", problem)
-    storage_path = cfg.run.storage_path
-    if "://" in storage_path and not objectstore.is_uri(storage_path):  # Ray would take it; our readers would not
-        raise ConfigError.at("run.storage_path", f"{storage_path}: a local path, or a bucket URI "
-                                                 f"({', '.join(s + '://' for s in objectstore.SCHEMES)})")
     for tracker, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
         if tracker in cfg.run.loggers and importlib.util.find_spec(module) is None:
             raise ConfigError.at("run.loggers", f"{tracker} is not installed here (pip install -e '.[tracking]')")
@@ -128,11 +125,16 @@ def finish_config(args: argparse.Namespace, cfg: PretrainConfig) -> PretrainConf
 
 @contextmanager
 def bad_input_exits(*more: type[BaseException]):
-    """Bad input -> ``error: <one line>`` on stderr and exit code 2."""
+    """Bad input -> ``error: <one line>`` on stderr and exit code 2. Storage that cannot be read or
+    written while the job checks its input (an unreachable bucket, a folder without permission) is
+    bad input too: its error in one line, never a traceback."""
     try:
         yield
     except (ConfigError, ManifestError, FileNotFoundError, *more) as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(BAD_INPUT) from None
+    except OSError as e:
+        print(f"error: {one_line(e, 500).removeprefix('OSError: ')}", file=sys.stderr)
         raise SystemExit(BAD_INPUT) from None
 
 
@@ -277,8 +279,10 @@ def check_not_running(cfg: PretrainConfig, run_names: list[str]) -> None:
 def check_storage(cfg: PretrainConfig, checkpoints: int | None = None) -> None:
     """A local ``run.storage_path`` can hold the run: not under a file, writable, and with room for
     ``checkpoints`` (default ``run.keep`` + 1, the one being written) checkpoints of this model
-    with AdamW's state (4 + 8 bytes per parameter). Object storage is checked by the preflight."""
+    with AdamW's state (4 + 8 bytes per parameter). In object storage: an object can be written
+    there (the bucket exists, the credentials may write); a bucket has no size to check."""
     if objectstore.is_uri(cfg.run.storage_path):
+        check_bucket_writable("run.storage_path", cfg.run.storage_path)
         return
     import shutil
 
@@ -294,6 +298,39 @@ def check_storage(cfg: PretrainConfig, checkpoints: int | None = None) -> None:
     if free < need:
         raise ConfigError.at("run.storage_path", f"{path} has {free / 2**30:.1f} GiB free; {checkpoints or cfg.run.keep + 1} "
                                                  f"checkpoints of this model with optimizer state need {need / 2**30:.1f} GiB")
+
+
+def output_dir(given: str | None, cfg: PretrainConfig, suffix: str = "") -> Path:
+    """Where a job writes its own files (``config.json``, ``results.json``, label maps, reject lists):
+    ``--output-dir``, else beside its run folders, ``run.storage_path/<run.name><suffix>``, checked
+    writable before Ray starts. They are local files: with ``run.storage_path`` in a bucket the default
+    is ``./outputs/<run.name><suffix>`` on the machine the job runs on, said here (``Path`` made the
+    URI a local folder named ``s3:`` under the working directory)."""
+    if given:
+        return check_writable("--output-dir", given)
+    name = f"{cfg.run.name}{suffix}"
+    if not objectstore.is_uri(cfg.run.storage_path):
+        return Path(cfg.run.storage_path).resolve() / name  # check_storage checked the folder
+    out = check_writable("--output-dir", Path("outputs") / name)
+    print(f"note: run.storage_path is a bucket; the job's own files (results, config) go to {out} on this machine "
+          f"(--output-dir sets where)", flush=True)
+    return out
+
+
+def check_bucket_writable(key: str, uri: str) -> None:
+    """A folder in a bucket that a job writes to: a small object is written there and deleted, from
+    this machine, before Ray starts. Ray Train's controller would otherwise be the first to find a
+    bucket that is not there, or credentials that may not write, with a traceback of its own."""
+    import uuid
+
+    try:
+        fs, root = objectstore.filesystem(uri)
+        probe = f"{root.rstrip('/')}/.ppma_write_check_{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except OSError as e:
+        raise ConfigError.at(key, f"{uri} cannot be written ({one_line(e, 300).removeprefix('OSError: ')})") from None
 
 
 def check_writable(key: str, folder: str | os.PathLike) -> Path:

@@ -21,8 +21,8 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from ppma_ray.cli import (bad_input_exits, check_epoch, check_not_running, check_storage, check_tasks, check_writable,
-                          finish_config, number, parser, read_config, stage_failure_exits, start_ray, weights_source)
+from ppma_ray.cli import (bad_input_exits, check_epoch, check_not_running, check_storage, check_tasks, finish_config,
+                          number, output_dir, parser, read_config, stage_failure_exits, start_ray, weights_source)
 from ppma_ray.config import ConfigError, SourceConfig
 from ppma_ray.data.catalog import task_name
 from ppma_ray.models.errors import CheckpointError
@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.protocol == "ft" or args.learned_alpha or not args.cache_features:  # trained on Ray Train in batches
             check_epoch(cfg, args.protocol, videos, f"task {args.task}")
         check_storage(cfg)  # the probe's or fine-tuning's run folder, and the results by default
-        if args.output_dir:
-            check_writable("--output-dir", args.output_dir)
+        out = output_dir(args.output_dir, cfg, "-eval")
 
     from ppma_ray.train.checkpoint import count_models  # no Ray yet: the checks below come first
 
@@ -121,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     except StoppedBySignal as stopped:
         print(f"{stopped}: re-run the same command to resume", file=sys.stderr)
         return stopped.exit_code
-    out = Path(args.output_dir) if args.output_dir else Path(cfg.run.storage_path) / f"{cfg.run.name}-eval"
     print_results({"eval": [entry]})  # on the console first: a failed write below loses nothing
     if "learned_alpha" in entry:
         print(f"learned alpha: {entry['learned_alpha']}")

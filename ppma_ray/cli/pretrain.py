@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_not_running, check_resume_config, check_storage,
-                          check_tasks, check_weights, check_writable, finish_config, parser, read_config,
+                          check_tasks, check_weights, finish_config, output_dir, parser, read_config,
                           stage_failure_exits, start_ray, weights_source)
 from ppma_ray.config import TRAINING_SECTIONS, ConfigError, PretrainConfig, config_diff, differences, to_dict
 from ppma_ray.data.objectstore import is_uri
@@ -69,18 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         check_resume_config(cfg, stages)
         check_storage(cfg)
         check_not_running(cfg, [f"{cfg.run.name}-{stage}" for stage in (*stages, *(["align_only"] if args.ablation else []))])
-        if args.output_dir:
-            check_writable("--output-dir", args.output_dir)
+        out_dir = output_dir(args.output_dir, cfg)
         if args.init_from:
             args.init_from = weights_source("--init-from", args.init_from)
         check_weights(cfg, args.init_from, args.init_from_partial)
 
     from ppma_ray.train.report import print_results
-    from ppma_ray.train.runner import pretrain, run_dir
+    from ppma_ray.train.runner import pretrain
     from ppma_ray.train.stop import StoppedBySignal, graceful_stop
 
     cfg = start_ray(cfg, args.verbose)
-    out_dir = Path(args.output_dir) if args.output_dir else run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
     for name, labels in label_maps.items():  # named labels: the ids this run used, to pin them in later runs

@@ -14,10 +14,8 @@ same command resumes without re-running finished trials.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ppma_ray.cli import (bad_input_exits, check_manifests_exist, check_not_running, check_resume_config, check_storage,
-                          check_tasks, check_weights, check_writable, finish_config, parser, read_config,
+                          check_tasks, check_weights, finish_config, output_dir, parser, read_config,
                           stage_failure_exits, start_ray, weights_source)
 from ppma_ray.models.errors import CheckpointError
 
@@ -43,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.stage1:  # the job runs stage 1 itself: a re-run continues <run.name>-mae
             check_resume_config(cfg, ("mae",))
         check_not_running(cfg, [f"{cfg.run.name}-tune", *([] if args.stage1 else [f"{cfg.run.name}-mae"])])
-        if args.output_dir:
-            check_writable("--output-dir", args.output_dir)
+        out = output_dir(args.output_dir, cfg, "-tune")
         if args.stage1:
             args.stage1 = weights_source("--stage1", args.stage1)
         check_weights(cfg, args.stage1)  # the trunk must load whole, as in every trial
@@ -54,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     from ppma_ray.tune.search import run_experiment
 
     cfg = start_ray(cfg, args.verbose)
-    out = Path(args.output_dir) if args.output_dir else Path(cfg.run.storage_path) / f"{cfg.run.name}-tune"
     with stage_failure_exits():  # stage 1 failed, or another job took the run meanwhile: one line
         result = run_experiment(cfg, out, stage1=args.stage1)
     print(summary_table(result["rows"]))

@@ -27,6 +27,8 @@ from datetime import timedelta
 
 import pyarrow.fs as pafs
 
+from ppma_ray.errors import one_line
+
 SCHEMES = ("s3", "gs", "gcs")
 SDK_ATTEMPTS = 5  # per request, by the S3 SDK's standard retry strategy (exponential backoff)
 READ_ATTEMPTS = 4  # per whole read, here
@@ -36,6 +38,24 @@ BACKOFF_S = 0.5
 def is_uri(path: str | os.PathLike | None) -> bool:
     """Whether ``path`` names an object in a bucket (``s3://``, ``gs://``, ``gcs://``)."""
     return isinstance(path, str) and path.split("://", 1)[0] in SCHEMES and "://" in path
+
+
+def location_problem(path: str | None) -> str | None:
+    """What is wrong with a configured location (a local path, ``s3://`` or ``gs://``), or None.
+    Another scheme (``hdfs://``, ``abfs://``, ``file://``) would otherwise be taken for a local
+    folder named ``hdfs:``; query parameters (``?endpoint_override=...``, a form pyarrow's
+    ``from_uri`` reads) would end up inside object names, since paths are joined onto the URI."""
+    if not path or "://" not in path:
+        return None
+    scheme, rest = path.split("://", 1)
+    if scheme not in SCHEMES:
+        return f"{path}: a local path, or a bucket URI ({', '.join(s + '://' for s in SCHEMES)})"
+    if "?" in rest or "#" in rest:
+        return (f"{path}: query parameters in a bucket URI are not read; set the endpoint and region in the "
+                f"environment (AWS_ENDPOINT_URL, AWS_REGION), the same on every node")
+    if not rest.split("/", 1)[0]:
+        return f"{path}: no bucket named"
+    return None
 
 
 def join(root: str, relative: str) -> str:
@@ -72,7 +92,13 @@ def _filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
         protocol, _, host = endpoint.rpartition("://")
         kwargs.update(endpoint_override=host.rstrip("/"), scheme=protocol or "https")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    kwargs["region"] = region or ("us-east-1" if endpoint else pafs.resolve_s3_region(bucket))
+    if not region and not endpoint:
+        try:  # asks AWS where the bucket lives: a request that fails offline or for a bucket that is not there
+            region = pafs.resolve_s3_region(bucket)
+        except OSError as e:
+            raise OSError(f"s3://{bucket}: the bucket's region cannot be found ({one_line(e)}); set AWS_REGION, "
+                          f"and AWS_ENDPOINT_URL for an S3-compatible server") from None
+    kwargs["region"] = region or "us-east-1"
     return pafs.S3FileSystem(**kwargs)
 
 

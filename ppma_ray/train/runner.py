@@ -327,5 +327,3 @@ def pretrain(cfg: PretrainConfig, stages: tuple[str, ...] = ("mae", "align"), in
     return out
 
 
-def run_dir(cfg: PretrainConfig) -> Path:
-    return Path(cfg.run.storage_path).resolve() / cfg.run.name
