@@ -432,6 +432,27 @@ def test_a_failed_stage_is_one_line_per_rank_naming_its_saved_traceback(tmp_path
                                             f"(traceback: {saved}); rank 1: ValueError: bad shape")
 
 
+@pytest.mark.parametrize("cause, said", [
+    ("The actor is dead because its worker process has died. Worker exit type: NODE_OUT_OF_MEMORY Worker exit "
+     "detail: Task was killed due to the node running low on memory.",
+     "its worker process (pid 4711 on 10.0.0.5) died: Ray's memory monitor killed it, the node running low on memory"),
+    ("The actor died because its node has died. Node Id: 1a2b", "its node (pid 4711 on 10.0.0.5) died"),
+    ("The actor is dead because it was killed by `ray.kill`.", "its worker (pid 4711 on 10.0.0.5) died: it was killed by `ray.kill`"),
+])
+def test_each_way_a_worker_dies_is_named(cause, said):
+    """The deaths Ray reports besides a killed process (the test below), in Ray's own words (the
+    strings of its GCS): each rank's line names what happened, not Ray's health check."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from ppma_ray.train.runner import failure_line
+
+    death = RuntimeError("The actor died unexpectedly before finishing this task.\n\tclass_name: RayTrainWorker\n"
+                         f"\tactor_id: 8d94e889\n\tpid: 4711\n\tnamespace: x\n\tip: 10.0.0.5\n{cause}")
+    error = WorkerGroupError("...", {0: WorkerHealthCheckFailedError("A worker health check failed.", death)})
+    assert failure_line("r-mae", error) == f"r-mae failed: rank 0: {said}"
+
+
 def test_a_worker_killed_mid_stage_is_said_so_and_the_same_call_resumes(ray_session, tiny_config, tmp_path):
     """A real fault: the training worker's process is killed at step 5 (SIGKILL, what the kernel's
     OOM killer sends), restarts not allowed. Ray's own first line says only "A worker health check

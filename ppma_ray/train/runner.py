@@ -200,14 +200,19 @@ def worker_death(exc: BaseException) -> str | None:
     found = {key: re.search(rf"^\s*{key}: (\S+)$", text, re.M) for key in ("pid", "ip")}
     where = " on ".join(f"{'pid ' if key == 'pid' else ''}{m.group(1)}" for key, m in found.items() if m)
     where = f" ({where})" if where else ""
-    why = re.search(r"The actor is dead because (its [\w ]+?) has died\.", text)  # its worker process, node, owner
-    exit_type = re.search(r"Worker exit type: (\w+)", text)
-    if why is None:
+    # Ray's cause: "The actor is dead because its worker process has died.", "The actor died because its
+    # node has died.", "... because it was killed by `ray.kill`."
+    cause = re.search(r"^The actor (?:is dead|died) because (.+?)\.(?:\s|$)", text, re.M)
+    if cause is None:
         return f"its worker{where} died: {one_line(death, 300)}"
-    said = f"{why.group(1)}{where} died"
+    part = re.fullmatch(r"(its [\w ]+?) has died", cause.group(1))  # its worker process, its node, its owner
+    if part is None:
+        return f"its worker{where} died: {cause.group(1)}"
+    said = f"{part.group(1)}{where} died"
+    exit_type = re.search(r"Worker exit type: (\w+)", text)
     if exit_type and exit_type.group(1) == "NODE_OUT_OF_MEMORY":
         return f"{said}: Ray's memory monitor killed it, the node running low on memory"
-    if why.group(1) == "its worker process":
+    if part.group(1) == "its worker process":
         return (f"{said} without a Python error: killed (by the kernel's OOM killer, kill -9 or ray stop --force) or "
                 f"crashed (a segfault)")
     return said
