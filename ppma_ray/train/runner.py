@@ -179,11 +179,14 @@ def failure_line(run_name: str, error: Exception) -> str:
 def resume_hint(cfg: PretrainConfig, run_name: str) -> str:
     """What the same command does after a failed stage: it resumes from the run's newest whole
     checkpoint (named, with its step when local), or starts the stage over."""
-    fs, base, shown = storage(cfg.run.storage_path)
-    newest = newest_whole(fs, f"{base.rstrip('/')}/{run_name}")[0]
-    if newest is None:
-        return "it left no checkpoint: the same command starts the stage over"
-    step = f" (step {train_progress(newest)['step']})" if isinstance(fs, pafs.LocalFileSystem) else ""
+    try:  # said after a failure: a second one here (the storage itself failing) must not hide the first
+        fs, base, shown = storage(cfg.run.storage_path)
+        newest = newest_whole(fs, f"{base.rstrip('/')}/{run_name}")[0]
+        if newest is None:
+            return "it left no checkpoint: the same command starts the stage over"
+        step = f" (step {train_progress(newest)['step']})" if isinstance(fs, pafs.LocalFileSystem) else ""
+    except Exception as e:  # noqa: BLE001
+        return f"its checkpoints could not be listed ({one_line(e)})"
     return f"the same command resumes from {shown}/{run_name}/{newest.rsplit('/', 1)[1]}{step}"
 
 
