@@ -108,10 +108,7 @@ def _probe_node(storage_path: str, marker: str, sample_paths: list[str]) -> dict
     try:
         fs, root = objectstore.folder_filesystem(storage_path)
         fs.create_dir(root, recursive=True)
-        probe = f"{root.rstrip('/')}/.preflight-{uuid.uuid4().hex}"
-        with fs.open_output_stream(probe) as f:
-            f.write(b"ok")
-        fs.delete_file(probe)
+        objectstore.write_probe(fs, root)
         out["marker"] = fs.get_file_info(f"{root.rstrip('/')}/{marker}").type != pafs.FileType.NotFound
     except Exception as e:  # any failure is the answer
         out["write"] = one_line(e, 300)

@@ -321,14 +321,8 @@ def check_bucket_writable(key: str, uri: str) -> None:
     """A folder in a bucket that a job writes to: a small object is written there and deleted, from
     this machine, before Ray starts. Ray Train's controller would otherwise be the first to find a
     bucket that is not there, or credentials that may not write, with a traceback of its own."""
-    import uuid
-
     try:
-        fs, root = objectstore.filesystem(uri)
-        probe = f"{root.rstrip('/')}/.ppma_write_check_{uuid.uuid4().hex}"
-        with fs.open_output_stream(probe) as f:
-            f.write(b"ok")
-        fs.delete_file(probe)
+        objectstore.write_probe(*objectstore.filesystem(uri))
     except OSError as e:
         raise ConfigError.at(key, f"{uri} cannot be written ({one_line(e, 300).removeprefix('OSError: ')})") from None
 

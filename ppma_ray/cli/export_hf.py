@@ -191,10 +191,10 @@ def push_error(e: BaseException, limit: int = 200) -> str:
     while (below := root.__cause__ or root.__context__) is not None and id(below) not in seen:
         root = below
         seen.add(id(root))
-    said = one_line(e, limit)
-    reason = one_line(root, limit).partition(": ")[2]  # its message; empty when it has none
+    said, below = one_line(e, limit), one_line(root, limit)
+    reason = below.partition(": ")[2]  # its message; empty when it has none
     if root is not e and reason and reason not in said:
-        said += f" (from {one_line(root, limit)})"
+        said += f" (from {below})"
     return said
 
 

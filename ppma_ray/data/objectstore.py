@@ -23,6 +23,7 @@ import functools
 import os
 import posixpath
 import time
+import uuid
 from datetime import timedelta
 
 import pyarrow.fs as pafs
@@ -123,6 +124,15 @@ def exists(uri: str) -> bool:
     """Whether the object (or a folder of objects, such as a frame folder) exists."""
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_probe(fs: pafs.FileSystem, folder: str) -> None:
+    """Write a small object (or file) under ``folder`` and delete it: whether this process may write
+    there. Raises the filesystem's ``OSError`` when it may not (a bucket that is not there, no rights)."""
+    probe = f"{folder.rstrip('/')}/.ppma_write_check_{uuid.uuid4().hex}"
+    with fs.open_output_stream(probe) as f:
+        f.write(b"ok")
+    fs.delete_file(probe)
 
 
 def upload_folder(local: str | os.PathLike, fs: pafs.FileSystem, path: str) -> None:

@@ -200,8 +200,8 @@ def worker_death(exc: BaseException) -> str | None:
     if death is None:
         return None
     text = str(death)
-    found = {key: re.search(rf"^\s*{key}: (\S+)$", text, re.M) for key in ("pid", "ip")}
-    where = " on ".join(f"{'pid ' if key == 'pid' else ''}{m.group(1)}" for key, m in found.items() if m)
+    pid, ip = (re.search(rf"^\s*{key}: (\S+)$", text, re.M) for key in ("pid", "ip"))
+    where = " on ".join(([f"pid {pid.group(1)}"] if pid else []) + ([ip.group(1)] if ip else []))
     where = f" ({where})" if where else ""
     # Ray's cause: "The actor is dead because its worker process has died.", "The actor died because its
     # node has died.", "... because it was killed by `ray.kill`."
