@@ -142,10 +142,10 @@ def run_loader(loader) -> float:
 
 
 def warm_ray(table: pa.Table, clip: ClipConfig, k: int, cores: int, one_task: bool = False) -> DecodeConfig:
-    """The decode settings (the default 4 videos per task; ``one_task``: a single decode task at a
+    """The decode settings (the default task size, 16 clips' worth of videos; ``one_task``: a single decode task at a
     time, the 1-CPU rate), with Ray's decode processes started and their imports done."""
     decode = DecodeConfig(max_concurrency=1 if one_task else None)
-    for _ in build_dataset(table.slice(0, 2 * decode.rows_per_task * cores), clip, decode, seed=1, repeats=k).iter_batches(batch_size=8):
+    for _ in build_dataset(table.slice(0, 2 * decode.videos_per_task(k) * cores), clip, decode, seed=1, repeats=k).iter_batches(batch_size=8):
         pass
     return decode
 

@@ -8,7 +8,7 @@ from ppma_ray.data.demo import make_demo
 from ppma_ray.data.manifest import read_manifest
 from ppma_ray.data.mixing import plan_epoch
 from ppma_ray.data.config import ClipConfig, DecodeConfig
-from ppma_ray.data.pipeline import DataFailureError, FailureTracker, Source, build_dataset, plan_to_table
+from ppma_ray.data.pipeline import DataFailureError, FailureTracker, Source, build_dataset, plan_to_table, task_rows
 from ppma_ray.data.transforms import EvalTransform, TrainTransform
 from ppma_ray.data.video import backend_problem, sample_clip
 
@@ -78,7 +78,9 @@ def test_pipeline_batches_shapes_labels_and_planned_proportion(ray_session, demo
     sources = _sources(demo)
     plan = plan_epoch([s.table.num_rows for s in sources], [0.25, 0.75], 16, seed=0, epoch=0)
     table = plan_to_table(sources, plan)
-    batches = list(build_dataset(table, CLIP, DECODE, seed=0, repeats=2).iter_torch_batches(batch_size=8))
+    ds = build_dataset(table, CLIP, DECODE, seed=0, repeats=2).materialize()
+    assert ds.num_blocks() == 2  # a task's block each: 8 videos (16 clips), both CPUs busy
+    batches = list(ds.iter_torch_batches(batch_size=8))
     video = np.concatenate([b["video"].numpy() for b in batches])
     assert video.shape == (32, 8, 32, 32, 3) and video.dtype == np.uint8
     src = np.concatenate([b["source"].numpy() for b in batches])
@@ -86,6 +88,18 @@ def test_pipeline_batches_shapes_labels_and_planned_proportion(ray_session, demo
     label = np.concatenate([b["label"].numpy() for b in batches])
     assert np.array_equal(label, np.repeat(table.column("label").to_numpy(), 2))  # plan order is kept
     assert not np.array_equal(video[0], video[1])  # the two replicas have different crops
+
+
+def test_a_decode_task_decodes_16_clips_worth_of_videos_and_short_lists_still_use_every_cpu():
+    """Ray's cost per task is fixed (about 12 ms of CPU across its processes), so a task decodes
+    16 clips' worth; a short list is spread over the tasks that can run at once."""
+    assert task_rows(1000, DECODE, clips_per_video=1, parallel=2) == 16
+    assert task_rows(1000, DECODE, clips_per_video=4, parallel=2) == 4  # 4 repeated augmentations
+    assert task_rows(1000, DECODE, clips_per_video=6, parallel=2) == 2  # 2 clips x 3 crops (evaluation)
+    assert task_rows(1000, DECODE, clips_per_video=32, parallel=2) == 1
+    assert task_rows(10, DECODE, clips_per_video=1, parallel=2) == 5  # both CPUs, not one task of 10
+    assert task_rows(10, DECODE, clips_per_video=1, parallel=0) == 10  # no CPU node yet: one task
+    assert task_rows(1000, DecodeConfig(rows_per_task=3), clips_per_video=1, parallel=2) == 3
 
 
 def test_corrupt_videos_are_skipped_counted_and_the_threshold_stops_the_run(ray_session, demo, video_dir):

@@ -146,13 +146,28 @@ def _configure(decode: DecodeConfig) -> None:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=decode.cpu_limit)
 
 
-def _map(table: pa.Table, fn, fn_kwargs: dict, decode: DecodeConfig) -> "ray.data.Dataset":
+def task_rows(rows: int, decode: DecodeConfig, clips_per_video: int, parallel: int) -> int:
+    """Videos per decode task: ``decode.videos_per_task``, but no more than spreads ``rows`` videos
+    over the ``parallel`` tasks that can run at once (a short validation list still uses every CPU)."""
+    return max(1, min(decode.videos_per_task(clips_per_video), -(-rows // max(1, parallel))))
+
+
+def _parallel_tasks(decode: DecodeConfig) -> int:
+    """Decode tasks that can run at once under ``decode``'s limits (at least 1: an autoscaling
+    cluster may not have its CPU nodes yet)."""
+    if decode.max_concurrency:
+        return decode.max_concurrency
+    cpus = decode.cpu_limit or ray.cluster_resources().get("CPU", 0)
+    return max(1, int(cpus // decode.num_cpus_per_task))
+
+
+def _map(table: pa.Table, fn, fn_kwargs: dict, decode: DecodeConfig, clips_per_video: int) -> "ray.data.Dataset":
     _configure(decode)
     # one input block per task: no repartition (all-to-all) stage in front of the decode
-    step = decode.rows_per_task
+    step = task_rows(table.num_rows, decode, clips_per_video, _parallel_tasks(decode))
     blocks = [table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)]
     return ray.data.from_arrow(blocks).map_batches(
-        fn, fn_kwargs=fn_kwargs, batch_size=decode.rows_per_task, batch_format="numpy",
+        fn, fn_kwargs=fn_kwargs, batch_size=step, batch_format="numpy",
         num_cpus=decode.num_cpus_per_task,
         compute=ray.data.TaskPoolStrategy(size=decode.max_concurrency) if decode.max_concurrency else None,
     )
@@ -164,14 +179,14 @@ def build_dataset(plan_table: pa.Table, clip: ClipConfig, decode: DecodeConfig, 
     ``repeats`` clips per slot (repeated augmentation), each with its own crop (and RandAugment)."""
     kw = {"clip": clip, "seed": seed, "repeats": repeats, "max_retries": decode.max_retries,
           "randaug_ops": randaug_ops, "randaug_magnitude": randaug_magnitude, "backend": decode.backend}
-    return _map(plan_table, decode_batch, kw, decode)
+    return _map(plan_table, decode_batch, kw, decode, clips_per_video=repeats)
 
 
 def build_eval_dataset(table: pa.Table, clip: ClipConfig, decode: DecodeConfig, num_clips: int = 2,
                        num_crops: int = 3) -> "ray.data.Dataset":
     """Multi-view evaluation clips of every row of ``table`` (a ``plan_to_table`` table), in order."""
     kw = {"clip": clip, "num_clips": num_clips, "num_crops": num_crops, "backend": decode.backend}
-    return _map(table, decode_eval_batch, kw, decode)
+    return _map(table, decode_eval_batch, kw, decode, clips_per_video=num_clips * num_crops)
 
 
 def decode_error(path: str, fps: float | None = None, backend: str = "auto") -> str:

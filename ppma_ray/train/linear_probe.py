@@ -94,7 +94,7 @@ def extract_features(model_cfg: ViTConfig, weights: dict | None, sources: list[S
         ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs=kwargs, batch_size=8, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=gpus), num_gpus=1)
     else:
-        ds = ds.map_batches(extract_batch, fn_kwargs=kwargs, batch_size=decode.rows_per_task, batch_format="numpy",
+        ds = ds.map_batches(extract_batch, fn_kwargs=kwargs, batch_size=None, batch_format="numpy",  # a decode task's videos
                             num_cpus=decode.num_cpus_per_task)
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     cat = {key: np.concatenate([p[key] for p in parts]) for key in ("features", "label", "source", "row", "ok", "fallback")}
