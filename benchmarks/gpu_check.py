@@ -226,7 +226,7 @@ def feed_rate(manifest: Path, p: dict, repeats: int = 4) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = ray.cluster_resources().get("CPU", 1)
     plan_table, clip = feed_plan(manifest, p)
-    decode = DecodeConfig(rows_per_task=2)
+    decode = DecodeConfig()  # the task size training uses
     for _ in build_dataset(plan_table.slice(0, min(plan_table.num_rows, 2 * int(cpus))), clip, decode, 1, repeats).iter_batches():
         pass
     t0 = time.perf_counter()
@@ -278,7 +278,7 @@ def step_under_feed(manifest: Path, p: dict, device: torch.device) -> dict:
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1)
-    decode = DecodeConfig(rows_per_task=2, cpu_limit=max(1.0, cpus - trainer_cpus()))
+    decode = DecodeConfig(cpu_limit=max(1.0, cpus - trainer_cpus()))
     load = ray.remote(num_cpus=0, max_concurrency=2)(FeedLoad).remote(*feed_plan(manifest, p), decode, 4)
     running = load.run.remote()
     deadline = time.perf_counter() + 300
