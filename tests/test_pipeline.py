@@ -95,7 +95,7 @@ def test_a_decode_task_decodes_16_clips_worth_of_videos_and_short_lists_still_us
     16 clips' worth; a short list is spread over the tasks that can run at once."""
     assert task_rows(1000, DECODE, clips_per_video=1, parallel=2) == 16
     assert task_rows(1000, DECODE, clips_per_video=4, parallel=2) == 4  # 4 repeated augmentations
-    assert task_rows(1000, DECODE, clips_per_video=6, parallel=2) == 2  # 2 clips x 3 crops (evaluation)
+    assert task_rows(1000, DECODE, clips_per_video=2, parallel=2) == 8  # evaluation's 2 windows a video
     assert task_rows(1000, DECODE, clips_per_video=32, parallel=2) == 1
     assert task_rows(10, DECODE, clips_per_video=1, parallel=2) == 5  # both CPUs, not one task of 10
     assert task_rows(10, DECODE, clips_per_video=1, parallel=0) == 10  # no CPU node yet: one task

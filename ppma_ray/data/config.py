@@ -50,7 +50,8 @@ class ClipConfig:
 # with tasks of 4 videos (0.3 s of bikes.mp4 at k = 1) that took 0.18 of the 2 cores from decoding
 # (Ray / DataLoader 0.95-1.05 over five runs); with 16 videos, 0.12 (0.98-1.11, the same rounds).
 # Counted in clips, not videos, so a task's output (16 clips, ~38 MB at 16x224^2) stays the same
-# size at k = 4 repeats, where tasks of 16 videos (154 MB) were no faster.
+# size at k = 4 repeats, where tasks of 16 videos (154 MB) were no faster. Evaluation counts a
+# video's decoded windows, not its crops (``build_eval_dataset``).
 CLIPS_PER_TASK = 16
 
 DecodeBackend = Literal["auto", "decord", "pyav", "torchcodec"]

@@ -186,7 +186,9 @@ def build_eval_dataset(table: pa.Table, clip: ClipConfig, decode: DecodeConfig, 
                        num_crops: int = 3) -> "ray.data.Dataset":
     """Multi-view evaluation clips of every row of ``table`` (a ``plan_to_table`` table), in order."""
     kw = {"clip": clip, "num_clips": num_clips, "num_crops": num_crops, "backend": decode.backend}
-    return _map(table, decode_eval_batch, kw, decode, clips_per_video=num_clips * num_crops)
+    # Counted per decoded window, not per view: a window's crops are cheap, and tasks of 2 videos
+    # (12 views each) read 8% fewer videos/s than tasks of 4 or 8 (bikes, 2 x 3 views, 2 cores).
+    return _map(table, decode_eval_batch, kw, decode, clips_per_video=num_clips)
 
 
 def decode_error(path: str, fps: float | None = None, backend: str = "auto") -> str:

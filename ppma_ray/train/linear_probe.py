@@ -94,7 +94,9 @@ def extract_features(model_cfg: ViTConfig, weights: dict | None, sources: list[S
         ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs=kwargs, batch_size=8, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=gpus), num_gpus=1)
     else:
-        ds = ds.map_batches(extract_batch, fn_kwargs=kwargs, batch_size=None, batch_format="numpy",  # a decode task's videos
+        # fused into the decode tasks; the model sees 4 videos at a time (24 clips at 2 x 3 views),
+        # however many a task decodes, so its activations stay small on every CPU at once
+        ds = ds.map_batches(extract_batch, fn_kwargs=kwargs, batch_size=4, batch_format="numpy",
                             num_cpus=decode.num_cpus_per_task)
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     cat = {key: np.concatenate([p[key] for p in parts]) for key in ("features", "label", "source", "row", "ok", "fallback")}
