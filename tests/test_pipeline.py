@@ -102,6 +102,23 @@ def test_a_decode_task_decodes_16_clips_worth_of_videos_and_short_lists_still_us
     assert task_rows(1000, DecodeConfig(rows_per_task=3), clips_per_video=1, parallel=2) == 3
 
 
+def test_the_tasks_that_run_at_once_follow_the_limits_and_need_no_ray_init(monkeypatch):
+    """Before ``ray.init`` (a notebook), Ray Data starts a local instance on its own: the task size
+    must not ask the cluster (which raises then) but count this machine's CPUs."""
+    import os
+
+    import ray
+
+    from ppma_ray.data import pipeline
+
+    assert pipeline._parallel_tasks(DecodeConfig(max_concurrency=3)) == 3
+    assert pipeline._parallel_tasks(DecodeConfig(cpu_limit=6, num_cpus_per_task=2)) == 3
+    assert pipeline._parallel_tasks(DecodeConfig(cpu_limit=0.5)) == 1
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: pytest.fail("asked the cluster before ray.init"))
+    assert pipeline._parallel_tasks(DECODE) == os.cpu_count()
+
+
 def test_corrupt_videos_are_skipped_counted_and_the_threshold_stops_the_run(ray_session, demo, video_dir):
     sources = _sources(demo)
     bad = read_manifest_rows(video_dir)

@@ -14,6 +14,7 @@ counts, reports and drops them (``FailureTracker``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,10 +155,11 @@ def task_rows(rows: int, decode: DecodeConfig, clips_per_video: int, parallel: i
 
 def _parallel_tasks(decode: DecodeConfig) -> int:
     """Decode tasks that can run at once under ``decode``'s limits (at least 1: an autoscaling
-    cluster may not have its CPU nodes yet)."""
+    cluster may not have its CPU nodes yet). Before ``ray.init``, this machine's CPUs: Ray Data
+    starts a local instance with all of them."""
     if decode.max_concurrency:
         return decode.max_concurrency
-    cpus = decode.cpu_limit or ray.cluster_resources().get("CPU", 0)
+    cpus = decode.cpu_limit or (ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else os.cpu_count() or 1)
     return max(1, int(cpus // decode.num_cpus_per_task))
 
 
